@@ -1,0 +1,228 @@
+"""The command line, and the composition root: settings, model cache and engine are built here.
+
+User mistakes print one line (``error: ...``) and exit with status 2, never a traceback.
+Heavy imports (torch, diffusers) happen inside commands, so ``imagegenx --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imagegenx.config import Settings
+from imagegenx.types import JobSpec, LoraRef, Priority, Task, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="imagegenx: generate images, fast.")
+err = Console(stderr=True)
+
+# Default size by family when the user gives none (tiny random archs exist for tests: 64 px).
+_DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "sdxl-refiner": 1024, "sd3": 1024, "flux": 1024}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def _parse_lora(text: str) -> LoraRef:
+    name, _, weight = text.partition(":")
+    try:
+        return LoraRef(name.strip(), float(weight) if weight else 1.0)
+    except ValueError:
+        raise UserError(f"--lora {text!r}: expected NAME or NAME:WEIGHT") from None
+
+
+def _read_prompts(prompt: str | None, batch_file: Path | None) -> list[str]:
+    prompts = [prompt] if prompt else []
+    if batch_file is not None:
+        try:
+            lines = batch_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read --batch-file: {exc.strerror}: {batch_file}") from None
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError("give a PROMPT or --batch-file with one prompt per line")
+    return prompts
+
+
+def _read_bytes(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {what}: {exc.strerror}: {path}") from None
+
+
+@app.command()
+def generate(
+    prompt: Annotated[
+        str | None, typer.Argument(help="What to draw. A1111 (word:1.3) weighting works.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model reference (see `models`).")
+    ] = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, max=1000)] = 1,
+    seed: Annotated[int | None, typer.Option(help="Seed of the first image; image i uses seed+i.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for images and their .json metadata.")] = Path("out"),
+    negative: Annotated[str | None, typer.Option(help="Negative prompt (default: a general one).")] = None,
+    width: Annotated[int | None, typer.Option(help="Multiple of 8.")] = None,
+    height: Annotated[int | None, typer.Option(help="Multiple of 8.")] = None,
+    steps: Annotated[int, typer.Option()] = 30,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
+    scheduler: Annotated[
+        str, typer.Option(help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, lcm")
+    ] = ("dpmpp_2m_karras"),
+    clip_skip: Annotated[int, typer.Option(help="A1111 convention: 1 = last layer.")] = 1,
+    lora: Annotated[list[str] | None, typer.Option(help="NAME[:WEIGHT], repeatable.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Input image: img2img, or inpaint with --mask.")] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpaint mask: white = repaint.")] = None,
+    strength: Annotated[float, typer.Option(help="img2img/inpaint denoising strength.")] = 0.75,
+    image_format: Annotated[str, typer.Option("--format", help="webp, png, jpeg, avif")] = "webp",
+    priority: Annotated[int, typer.Option(min=0, max=3, help="0 most urgent.")] = 2,
+    batch_file: Annotated[Path | None, typer.Option(help="One prompt per line.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout.")] = False,
+    no_metadata: Annotated[bool, typer.Option(help="Embed no generation parameters.")] = False,
+) -> None:
+    """Generate images and write them, with a .json metadata record each, to --out."""
+    try:
+        settings = Settings()
+        prompts = _read_prompts(prompt, batch_file)
+        from imagegenx.pipelines.samplers import parse_sampler
+        from imagegenx.postprocess.encode import ImageFormat
+
+        fmt = ImageFormat.parse(image_format)
+        sampler = parse_sampler(scheduler)
+        loras = tuple(_parse_lora(item) for item in lora or [])
+        task = Task.TEXT2IMG if image is None else Task.INPAINT if mask is not None else Task.IMG2IMG
+        if mask is not None and image is None:
+            raise UserError("--mask needs --image")
+        init_image, mask_image = _read_bytes(image, "--image"), _read_bytes(mask, "--mask")
+        model_ref = model or settings.models.default_model
+        from imagegenx.models.sources import resolve
+
+        source = resolve(model_ref, settings.models)
+        default_size = 64 if model_ref.startswith("random:tiny-") else _DEFAULT_SIZE.get(source.family, 1024)
+        first_seed = random.randrange(2**32) if seed is None else seed
+        jobs = [
+            JobSpec(
+                prompt=text,
+                model=model_ref,
+                negative_prompt=negative,
+                width=width or default_size,
+                height=height or default_size,
+                steps=steps,
+                guidance_scale=cfg,
+                scheduler=sampler,
+                seed=first_seed + i,
+                clip_skip=clip_skip,
+                task=task,
+                strength=strength,
+                init_image=init_image,
+                mask_image=mask_image,
+                loras=loras,
+                priority=Priority(priority),
+            )
+            for text in prompts
+            for i in range(num_images)
+        ]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create --out folder {out}: {exc.strerror}") from None
+        failed = _run_jobs(
+            settings, jobs, out, fmt, as_json=as_json, embed_metadata=not no_metadata, console=err
+        )
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the models imagegenx can load: shipped random architectures and the model folder."""
+    from imagegenx.models.sources import list_models
+
+    settings = Settings()
+    found = list_models(settings.models)
+    if as_json:
+        for info in found:
+            typer.echo(json.dumps(info.__dict__))
+        return
+    table = Table(
+        "name", "source", "family", "location", "note", title=f"models (folder: {settings.models.model_dir})"
+    )
+    for info in found:
+        table.add_row(info.name, info.source, info.family, info.location, info.note)
+    Console().print(table)
+
+
+def _run_jobs(
+    settings, jobs, out: Path, fmt, *, as_json: bool, embed_metadata: bool, console: Console
+) -> int:
+    """Submit every job to one engine, write each image as it finishes; returns the failure count."""
+    from concurrent.futures import CancelledError
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from imagegenx.engine.engine import Engine, JobFailed
+    from imagegenx.postprocess.encode import encode_image, image_metadata
+    from imagegenx.types import JobStatus
+
+    failed = 0
+    total_steps = sum(job.steps for job in jobs)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=as_json or not console.is_terminal,
+    )
+    with Engine(settings) as engine, progress:
+        bar = progress.add_task(f"{len(jobs)} image(s)", total=total_steps)
+        steps_done: dict[str, int] = {}
+
+        def on_event(event) -> None:
+            if event.status in (JobStatus.RUNNING, JobStatus.SUCCEEDED) and event.total:
+                steps_done[event.job_id] = event.step
+                progress.update(bar, completed=sum(steps_done.values()))
+
+        engine.subscribe(on_event)
+        futures = [engine.submit(job) for job in jobs]
+        for index, future in enumerate(futures):
+            try:
+                image = future.result()
+            except (JobFailed, CancelledError) as exc:
+                failed += 1
+                console.print(f"[red]image {index} failed:[/red] {exc}", highlight=False)
+                continue
+            stem = out / f"{index:05d}-{image.job.seed}"
+            path = stem.with_suffix(fmt.extension)
+            meta = image_metadata(image) | {"file": path.name}
+            try:
+                path.write_bytes(encode_image(image, fmt, embed_metadata=embed_metadata))
+                stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+            except OSError as exc:
+                raise UserError(f"cannot write {path}: {exc.strerror}") from None
+            if as_json:
+                typer.echo(json.dumps(meta | {"path": str(path)}))
+    if not as_json:
+        console.print(f"wrote {len(jobs) - failed} image(s) to {out}")
+    return failed
+
+
+def main() -> None:  # pragma: no cover - console script shim
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The ``Engine`` facade: ``submit``, ``cancel``, ``subscribe``. One engine owns the device.
+
+A single worker thread runs the loop (as vLLM's engine step: schedule, execute, update):
+
+1. take a batch of compatible jobs from the ``BatchScheduler`` (after its 50 ms window);
+2. make its model resident and its LoRA set active (never reloading the base model);
+3. prepare the jobs' samples, then step the whole batch one UNet call at a time; between steps
+   cancelled samples leave, finished ones are decoded, and waiting compatible jobs join;
+4. resolve each job's future with a ``GeneratedImage``, or fail just that job with a reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+
+import torch
+
+from imagegenx.config import Settings
+from imagegenx.engine.metrics import EngineMetrics
+from imagegenx.engine.scheduler import BatchScheduler, SchedulerConfig
+from imagegenx.engine.validation import validate_job
+from imagegenx.models.cache import ModelCache
+from imagegenx.models.loader import LoadedModel
+from imagegenx.pipelines.flow import FlowRunner
+from imagegenx.pipelines.sample import Sample, to_uint8
+from imagegenx.pipelines.sd import SDRunner
+from imagegenx.types import GeneratedImage, JobSpec, JobStatus, ProgressEvent, Timings, UserError
+
+Listener = Callable[[ProgressEvent], None]
+
+
+class JobFailed(RuntimeError):
+    """The job could not produce an image; the message says why."""
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None, models: ModelCache | None = None) -> None:
+        self.settings = settings or Settings()
+        self.models = models or ModelCache(self.settings.models)
+        engine = self.settings.engine
+        self.scheduler = BatchScheduler(
+            SchedulerConfig(
+                window_s=engine.batch_window_ms / 1000,
+                aging_s=engine.aging_s,
+                max_pixels_per_batch=engine.max_pixels_per_batch,
+                max_batch=engine.max_batch,
+            )
+        )
+        self.metrics = EngineMetrics(self.models)
+        self._active: dict[str, _Entry] = {}
+        self._cancel_requested: set[str] = set()
+        self._listeners: list[Listener] = []
+        self._runners: dict[int, SDRunner | FlowRunner] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="imagegenx-engine", daemon=True)
+        self._thread.start()
+
+    # Facade -------------------------------------------------------------------------------------
+
+    def submit(self, job: JobSpec) -> Future[GeneratedImage]:
+        """Queue one image; the future resolves to a ``GeneratedImage`` or raises ``JobFailed``."""
+        validate_job(job, self.settings.engine)
+        self.models.source(job.model)  # an unknown model is the caller's mistake: say so now
+        if not job.job_id:
+            job = _with_id(job, f"{uuid.uuid4().hex[:12]}-{next(self._ids)}")
+        future: Future[GeneratedImage] = Future()
+        with self._wake:
+            if job.job_id in self._active:
+                raise UserError(f"job id {job.job_id!r} is already queued or running")
+            self._active[job.job_id] = _Entry(job, future, time.monotonic())
+            self.scheduler.add(job, time.monotonic())
+            self.metrics.waiting.set(len(self.scheduler))
+            self._wake.notify()
+        future.job_id = job.job_id  # type: ignore[attr-defined]
+        self._emit(ProgressEvent(job.job_id, JobStatus.QUEUED, 0, job.steps))
+        return future
+
+    def cancel(self, job_id: str) -> bool:
+        """A queued job never runs; a running one stops at the next step boundary."""
+        with self._wake:
+            if job_id not in self._active:
+                return False
+            if self.scheduler.cancel(job_id):
+                self._finish_canceled(job_id)
+            else:
+                self._cancel_requested.add(job_id)
+        return True
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` (on the engine thread; keep it quick) with every progress event."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=60)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Worker loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                batch: list[JobSpec] = []
+                while not self._stopping:
+                    batch = self.scheduler.next_batch(time.monotonic())
+                    if batch:
+                        break
+                    self._wake.wait(self.scheduler.seconds_until_ready(time.monotonic()))
+                if self._stopping:
+                    return
+                self.metrics.waiting.set(len(self.scheduler))
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # a bug must fail the batch's jobs, never kill the engine
+                for job in batch:
+                    self._fail(job.job_id, f"internal error: {exc!r}")
+
+    def _run_batch(self, batch: list[JobSpec]) -> None:
+        key = batch[0].batch_key
+        try:
+            model = self.models.get(key.model)
+            runner = self._runner(model)
+            if model.extras["loras"].activate(key.loras) and isinstance(runner, SDRunner):
+                runner.prompts.clear_cache()
+        except UserError as exc:
+            for job in batch:
+                self._fail(job.job_id, str(exc))
+            return
+        if isinstance(runner, FlowRunner):
+            self._run_flow(runner, model, batch)
+            return
+
+        running: list[Sample] = []
+        joining = batch
+        while joining or running:
+            running += self._prepare(runner, joining)
+            running = [s for s in running if not self._drop_if_canceled(s.job.job_id)]
+            if not running:
+                break
+            started = time.perf_counter()
+            running = self._step(runner, running)
+            elapsed = time.perf_counter() - started
+            self.metrics.step_seconds.observe(elapsed)
+            for sample in running:
+                sample.times["denoise_s"] = sample.times.get("denoise_s", 0.0) + elapsed
+                self._emit(
+                    ProgressEvent(sample.job.job_id, JobStatus.RUNNING, sample.index, sample.total_steps)
+                )
+            finished = [s for s in running if s.done]
+            running = [s for s in running if not s.done]
+            if finished:
+                self._finish(runner, model, finished, batch_size=len(finished) + len(running))
+            with self._wake:
+                free = self.scheduler.max_batch_size(key) - len(running)
+                joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
+                self.metrics.waiting.set(len(self.scheduler))
+
+    def _runner(self, model: LoadedModel) -> SDRunner | FlowRunner:
+        runner = self._runners.get(id(model.pipe))
+        if runner is None or runner.model is not model:
+            runner = SDRunner(model) if model.uses_engine_loop else FlowRunner(model)
+            self._runners = {id(model.pipe): runner} | {
+                k: r for k, r in self._runners.items() if r.model.pipe is not None
+            }
+        return runner
+
+    def _prepare(self, runner: SDRunner, jobs: list[JobSpec]) -> list[Sample]:
+        samples = []
+        for job in jobs:
+            try:
+                samples.extend(runner.prepare([job]))
+            except UserError as exc:
+                self._fail(job.job_id, str(exc))
+                continue
+            self._emit(ProgressEvent(job.job_id, JobStatus.RUNNING, 0, samples[-1].total_steps))
+        return samples
+
+    def _step(self, runner: SDRunner, samples: list[Sample]) -> list[Sample]:
+        """One step for all, in chunks no larger than the key's current limit; returns the survivors.
+
+        After CUDA out-of-memory the chunk is halved and the key's limit lowered for good, so later
+        steps and later batches fit; an image that does not fit even alone fails with the reason.
+        """
+        key = samples[0].job.batch_key
+        limit = self.scheduler.max_batch_size(key)
+        survivors: list[Sample] = []
+        for start in range(0, len(samples), limit):
+            chunk = samples[start : start + limit]
+            try:
+                runner.step(chunk)
+                self.metrics.batch_size.observe(len(chunk))
+                survivors += chunk
+            except torch.OutOfMemoryError:
+                _empty_cache(runner.device)
+                if len(chunk) == 1:
+                    job = chunk[0].job
+                    self._fail(job.job_id, f"out of device memory even for one {job.width}x{job.height} image")
+                    continue
+                self.metrics.oom_splits.inc()
+                self.scheduler.shrink(key, len(chunk) // 2)
+                survivors += self._step(runner, chunk)
+        return survivors
+
+    def _finish(self, runner: SDRunner, model: LoadedModel, samples: list[Sample], batch_size: int) -> None:
+        started = time.perf_counter()
+        try:
+            images = runner.decode(samples)
+        except torch.OutOfMemoryError:
+            _empty_cache(runner.device)
+            images = [img for s in samples for img in runner.decode([s])]
+        decode_s = (time.perf_counter() - started) / len(samples)
+        for sample, image in zip(samples, images, strict=True):
+            sample.times["decode_s"] = decode_s
+            self._deliver(sample.job, image, model, batch_size, sample.times, sample.total_steps)
+
+    def _run_flow(self, runner: FlowRunner, model: LoadedModel, batch: list[JobSpec]) -> None:
+        def step_done(job_ids: list[str], step: int, total: int) -> bool:
+            for job_id in job_ids:
+                self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total))
+            return all(job_id in self._cancel_requested for job_id in job_ids)
+
+        started = time.perf_counter()
+        images = runner.run(batch, step_done)
+        elapsed = time.perf_counter() - started
+        for job, image in zip(batch, images, strict=True):
+            if not self._drop_if_canceled(job.job_id):
+                self._deliver(job, image, model, len(batch), {"denoise_s": elapsed}, job.steps)
+
+    # Outcomes -----------------------------------------------------------------------------------
+
+    def _deliver(
+        self, job: JobSpec, image, model: LoadedModel, batch_size: int, times: dict, steps: int
+    ) -> None:
+        if image is None:
+            self._fail(
+                job.job_id, "the image came out as NaN/infinite values (numerical overflow); not returned"
+            )
+            return
+        pixels = to_uint8(image)
+        entry = self._pop(job.job_id)
+        queued = time.monotonic() - entry.submitted_at - sum(times.values()) if entry else 0.0
+        result = GeneratedImage(
+            job=job,
+            width=pixels.shape[1],
+            height=pixels.shape[0],
+            rgb=pixels.tobytes(),
+            model_name=model.source.name,
+            batch_size=batch_size,
+            timings=Timings(
+                queued_s=max(0.0, queued),
+                encode_prompt_s=times.get("encode_prompt_s", 0.0),
+                denoise_s=times.get("denoise_s", 0.0),
+                decode_s=times.get("decode_s", 0.0),
+            ),
+        )
+        self.metrics.images.labels(job.model, "succeeded").inc()
+        self._emit(ProgressEvent(job.job_id, JobStatus.SUCCEEDED, steps, steps))
+        if entry is not None:
+            entry.future.set_result(result)
+
+    def _fail(self, job_id: str, reason: str) -> None:
+        entry = self._pop(job_id)
+        self._emit(ProgressEvent(job_id, JobStatus.FAILED, message=reason))
+        if entry is not None:
+            self.metrics.images.labels(entry.job.model, "failed").inc()
+            entry.future.set_exception(JobFailed(reason))
+
+    def _drop_if_canceled(self, job_id: str) -> bool:
+        with self._wake:
+            if job_id not in self._cancel_requested:
+                return False
+            self._finish_canceled(job_id)
+        return True
+
+    def _finish_canceled(self, job_id: str) -> None:
+        """Called with the lock held."""
+        self._cancel_requested.discard(job_id)
+        entry = self._active.pop(job_id, None)
+        self._emit(ProgressEvent(job_id, JobStatus.CANCELED))
+        if entry is not None:
+            self.metrics.images.labels(entry.job.model, "canceled").inc()
+            entry.future.cancel()
+
+    def _pop(self, job_id: str) -> _Entry | None:
+        with self._wake:
+            self._cancel_requested.discard(job_id)
+            return self._active.pop(job_id, None)
+
+    def _emit(self, event: ProgressEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not stop the engine
+                continue
+
+
+@dataclass
+class _Entry:
+    job: JobSpec
+    future: Future[GeneratedImage]
+    submitted_at: float
+
+
+def _with_id(job: JobSpec, job_id: str) -> JobSpec:
+    return replace(job, job_id=job_id)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

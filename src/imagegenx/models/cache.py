@@ -1,0 +1,69 @@
+"""Model residency: each model is loaded once and stays until the least recently used must make room.
+
+Every load is counted (``loads``), so tests and metrics can prove that switching tasks or LoRA sets
+never reloads a base model.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections import Counter, OrderedDict
+from typing import Any
+
+from imagegenx.config import ModelSettings
+from imagegenx.models.loader import LoadedModel, load_model
+from imagegenx.models.lora import LoraLibrary, LoraSet
+from imagegenx.models.sources import ModelSource, resolve
+
+
+class ModelCache:
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self.loras = LoraLibrary(settings.lora_dir)
+        self.loads: Counter[str] = Counter()
+        self.load_seconds: Counter[str] = Counter()
+        self._resident: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def source(self, ref: str) -> ModelSource:
+        return resolve(ref, self.settings)
+
+    def get(self, ref: str) -> LoadedModel:
+        """The resident model for ``ref``, loading it (and evicting the LRU one) if needed."""
+        with self._lock:
+            model = self._resident.get(ref)
+            if model is not None:
+                self._resident.move_to_end(ref)
+                return model
+            while len(self._resident) >= max(1, self.settings.max_resident_models):
+                _, evicted = self._resident.popitem(last=False)
+                _release(evicted)
+            model = load_model(self.source(ref), self.settings)
+            model.extras["loras"] = LoraSet(model.pipe, self.loras)
+            self.loads[ref] += 1
+            self.load_seconds[ref] += model.load_seconds
+            self._resident[ref] = model
+            return model
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._resident)
+
+    def lora_loads(self) -> dict[str, int]:
+        with self._lock:
+            return {ref: m.extras["loras"].loads for ref, m in self._resident.items()}
+
+
+def _release(model: LoadedModel) -> None:
+    model.extras.clear()
+    model.pipe = None
+    gc.collect()
+    _empty_device_cache(model)
+
+
+def _empty_device_cache(model: Any) -> None:
+    import torch
+
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()

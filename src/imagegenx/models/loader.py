@@ -1,0 +1,196 @@
+"""Build the components of a model from its source, once.
+
+A loaded model is a diffusers pipeline object used as a container of components (UNet or
+transformer, VAE, text encoders, tokenizers, scheduler config) and as the LoRA loader. The engine
+runs its own denoising loop over those components for the UNet families; diffusers' ``__call__``
+is used as-is only for SD 3.5 and Flux.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagegenx.config import ModelSettings
+from imagegenx.models.sources import ARCH_FOR_FAMILY, ModelSource, arch_dir, family_of_folder, hub_offline
+from imagegenx.models.tokenizers import tokenizer_for
+from imagegenx.types import UserError
+
+_FAMILY_BY_PIPELINE_CLASS = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    pipe: Any
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    extras: dict[str, Any] = field(default_factory=dict)  # per-model caches owned by other rooms
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def uses_engine_loop(self) -> bool:
+        """The UNet families run through the engine's own batched loop."""
+        return self.family in {"sd15", "sd21", "sdxl", "sdxl-refiner"}
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if setting not in _DTYPES:
+        raise UserError(f"unknown dtype {setting!r}; use one of {', '.join(_DTYPES)} or auto")
+    return _DTYPES[setting]
+
+
+def load_model(source: ModelSource, settings: ModelSettings) -> LoadedModel:
+    """Read or build every component of ``source`` and put it on the configured device."""
+    # 1. Where and in what precision.
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    started = time.perf_counter()
+
+    # 2. Components from the source.
+    if source.kind == "random":
+        pipe = _build_random(source.location, device, dtype)
+    elif source.kind == "diffusers-folder":
+        pipe = _from_pretrained(Path(source.location), dtype, local_only=True)
+    elif source.kind == "single-file":
+        pipe = _from_single_file(source, dtype)
+    elif source.kind == "hub":
+        pipe = _from_hub(source.location, dtype, settings.allow_downloads)
+    else:
+        raise ValueError(f"unknown source kind {source.kind}")
+
+    # 3. Device, eval mode, quiet.
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    family = _FAMILY_BY_PIPELINE_CLASS.get(type(pipe).__name__, source.family)
+    if family == "sd15" and pipe.unet.config.cross_attention_dim == 1024:
+        family = "sd21"
+    return LoadedModel(source, pipe, family, device, dtype, time.perf_counter() - started)
+
+
+def _pipeline_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise UserError(f"unsupported pipeline class {name!r}")
+    return cls
+
+
+def _build_random(arch: str, device: torch.device, dtype: torch.dtype):
+    """Random weights from a shipped architecture config; seeded, so the same arch gives the same model."""
+    import diffusers
+    import transformers
+
+    folder = arch_dir(arch)
+    index = json.loads((folder / "model_index.json").read_text())
+    family = family_of_folder(folder)
+    components: dict[str, Any] = {}
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list):
+                continue
+            library, class_name = spec
+            if class_name is None:
+                components[name] = None
+            elif name.startswith("tokenizer"):
+                components[name] = tokenizer_for(family, name)
+            elif name == "scheduler":
+                components[name] = getattr(diffusers, class_name).from_pretrained(folder, subfolder=name)
+            elif library == "diffusers":
+                cls = getattr(diffusers, class_name)
+                with torch.device(device):
+                    components[name] = _cast(cls.from_config(cls.load_config(folder / name)), dtype)
+            else:
+                cls = getattr(transformers, class_name)
+                config = transformers.AutoConfig.from_pretrained(folder / name)
+                with torch.device(device):
+                    components[name] = _cast(cls(config), dtype)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for model in components.values():
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+    extra = {"requires_safety_checker": False} if family in {"sd15", "sd21"} else {}
+    return _pipeline_class(index["_class_name"])(**components, **extra)
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def _from_pretrained(folder: Path | str, dtype: torch.dtype, local_only: bool):
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(folder, local_files_only=local_only)
+    cls = _pipeline_class(config["_class_name"])
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": local_only}
+    if "safety_checker" in config:
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+    return cls.from_pretrained(folder, **kwargs)
+
+
+def _from_single_file(source: ModelSource, dtype: torch.dtype):
+    """An original-layout checkpoint, read with diffusers' converter and our shipped configs: no network."""
+    arch = ARCH_FOR_FAMILY[source.family]
+    folder = arch_dir(arch)
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = _pipeline_class(index["_class_name"])
+    tokenizers = {
+        name: tokenizer_for(source.family, name)
+        for name, spec in index.items()
+        if name.startswith("tokenizer") and isinstance(spec, list) and spec[1]
+    }
+    kwargs: dict[str, Any] = {"config": str(folder), "local_files_only": True, "torch_dtype": dtype}
+    if "safety_checker" in index:
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+    if source.inpaint_unet:
+        kwargs["num_in_channels"] = 9
+    return cls.from_single_file(source.location, **tokenizers, **kwargs)
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype, allow_downloads: bool):
+    """From the local cache; downloaded only when allowed and online. Never needed at run time."""
+    from huggingface_hub import constants
+
+    try:
+        return _from_pretrained(repo_id, dtype, local_only=True)
+    except (OSError, ValueError) as cached_error:
+        if hub_offline() or not allow_downloads:
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else "downloads are disabled"
+            raise UserError(
+                f"model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                f"and {why}: download it once on a machine with network (`hf download {repo_id}`), "
+                f"or pass a local diffusers folder or .safetensors file ({cached_error.__class__.__name__})"
+            ) from None
+    try:
+        return _from_pretrained(repo_id, dtype, local_only=False)
+    except OSError as exc:
+        raise UserError(f"model {repo_id!r} could not be downloaded: {exc}") from None

@@ -1,0 +1,199 @@
+"""Where a model comes from: turn what the user typed into a ``ModelSource``, and list what is there.
+
+Four kinds of source, one registry:
+- ``random:<arch>``: random weights built from an architecture config shipped in the package;
+- a diffusers folder (has ``model_index.json``);
+- a single-file ``.safetensors`` checkpoint in the original (A1111/ComfyUI) key layout;
+- a Hugging Face hub id (``org/name``), from the local cache or, when allowed and online, downloaded.
+
+Only reading headers happens here (no weights, no torch), so listing models is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from imagegenx.config import ModelSettings
+from imagegenx.types import ModelInfo, UserError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Pipeline class → family, for diffusers folders.
+_FAMILY_BY_PIPELINE = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionImg2ImgPipeline": "sd15",
+    "StableDiffusionInpaintPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+
+# The shipped architecture config used to read a single-file checkpoint of each family.
+ARCH_FOR_FAMILY = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # the reference as the user wrote it; also the model's name in metadata
+    kind: str  # random, diffusers-folder, single-file, hub
+    family: str  # sd15, sd21, sdxl, sdxl-refiner, sd3, flux
+    location: str  # arch name, path, or hub id
+    inpaint_unet: bool = False  # a 9-channel inpainting UNet
+
+    def info(self, note: str = "") -> ModelInfo:
+        return ModelInfo(self.name, self.kind, self.family, self.location, note)
+
+
+def archs_root() -> Path:
+    return Path(str(resources.files("imagegenx.models") / "archs"))
+
+
+def arch_dir(arch: str) -> Path:
+    path = archs_root() / arch
+    if not (path / "model_index.json").is_file():
+        known = ", ".join(sorted(list_archs()))
+        raise UserError(f"unknown architecture {arch!r}; shipped architectures: {known}")
+    return path
+
+
+def list_archs() -> list[str]:
+    return sorted(p.name for p in archs_root().iterdir() if (p / "model_index.json").is_file())
+
+
+def arch_family(arch: str) -> str:
+    return family_of_folder(arch_dir(arch))
+
+
+def family_of_folder(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
+    if family is None:
+        raise UserError(f"{folder}: unsupported pipeline class {index.get('_class_name')!r}")
+    if family == "sd15" and _unet_config(folder).get("cross_attention_dim") == 1024:
+        family = "sd21"
+    return family
+
+
+def _unet_config(folder: Path) -> dict:
+    path = folder / "unet" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a .safetensors file (names, shapes, dtypes) without reading any weights."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise UserError(f"{path}: not a .safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise UserError(f"{path}: not a .safetensors file (header size {size} is implausible)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: not a .safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def family_of_single_file(path: Path) -> tuple[str, bool]:
+    """Detect the family of an original-layout checkpoint from its key names; also whether it inpaints."""
+    header = read_safetensors_header(path)
+    keys = header.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight", {}).get("shape", [0, 4])
+    inpaint = conv_in[1] == 9
+    if has("conditioner.embedders.1.model."):
+        return "sdxl", inpaint
+    if has("conditioner.embedders.0.model."):
+        return "sdxl-refiner", inpaint
+    if has("cond_stage_model.model."):
+        return "sd21", inpaint
+    if has("cond_stage_model.transformer."):
+        return "sd15", inpaint
+    raise UserError(
+        f"{path}: not a Stable Diffusion 1.x/2.x/XL checkpoint in the original key layout; "
+        "for SD 3.5 and Flux use a diffusers folder or a hub id"
+    )
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(
+            f"{path.name}: refusing to load a pickle checkpoint ({path.suffix}): unpickling can execute "
+            "arbitrary code. Convert it to .safetensors (for example with diffusers or a trusted tool) "
+            "and load that instead."
+        )
+
+
+def resolve(ref: str, settings: ModelSettings) -> ModelSource:
+    """Turn a model reference into a source, or raise ``UserError`` saying what is wrong."""
+    ref = ref.strip()
+    if not ref:
+        raise UserError("no model given")
+    if ref.startswith("random:"):
+        arch = ref.removeprefix("random:")
+        return ModelSource(ref, "random", arch_family(arch), arch)
+
+    path = _find_local(ref, settings.model_dir)
+    if path is not None:
+        return _local_source(ref, path)
+    if Path(ref).suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(Path(ref))
+    if HUB_ID.match(ref) and not ref.startswith((".", "/")):
+        return ModelSource(ref, "hub", "unknown", ref)
+    raise UserError(
+        f"model {ref!r} not found: give random:<arch> ({', '.join(list_archs())}), a diffusers folder, "
+        f"a .safetensors file, a name in {settings.model_dir}, or a Hugging Face hub id (org/name)"
+    )
+
+
+def _find_local(ref: str, model_dir: Path) -> Path | None:
+    candidates = [Path(ref).expanduser()]
+    if not Path(ref).is_absolute():
+        candidates += [model_dir / ref, model_dir / f"{ref}.safetensors"]
+    return next((p for p in candidates if p.exists()), None)
+
+
+def _local_source(ref: str, path: Path) -> ModelSource:
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path}: a folder but not a diffusers model (no model_index.json)")
+        inpaint = _unet_config(path).get("in_channels") == 9
+        return ModelSource(ref, "diffusers-folder", family_of_folder(path), str(path), inpaint)
+    refuse_pickle(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"{path}: unsupported model file type {path.suffix!r}; use .safetensors")
+    family, inpaint = family_of_single_file(path)
+    return ModelSource(ref, "single-file", family, str(path), inpaint)
+
+
+def list_models(settings: ModelSettings) -> list[ModelInfo]:
+    """Everything ``imagegenx models`` shows: shipped random architectures, then the model folder."""
+    found = [
+        ModelInfo(f"random:{arch}", "random", arch_family(arch), f"shipped config {arch}", "random weights")
+        for arch in list_archs()
+    ]
+    if settings.model_dir.is_dir():
+        for entry in sorted(settings.model_dir.iterdir()):
+            try:
+                found.append(_local_source(entry.name, entry).info())
+            except UserError as exc:
+                found.append(ModelInfo(entry.name, "refused", "-", str(entry), str(exc).split(": ", 1)[-1]))
+    return found
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}

@@ -1,0 +1,67 @@
+"""SD 3.5 and Flux: diffusers' own pipelines, batched per group of equal step count and guidance.
+
+The engine's loop covers the UNet families; these transformer families run through diffusers'
+``__call__`` until the loop covers them. Per-image seeds still hold (one generator per image).
+Cancelling one image stops its group at the next step only when every image of the group is
+cancelled; otherwise its result is discarded when the group finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import groupby
+
+import numpy as np
+import torch
+
+from imagegenx.models.loader import LoadedModel
+from imagegenx.types import JobSpec
+
+# step_done(job_ids, step, total) -> True when every job of the group is cancelled.
+StepCallback = Callable[[list[str], int, int], bool]
+
+
+class FlowRunner:
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.pipe = model.pipe
+
+    def run(self, jobs: list[JobSpec], step_done: StepCallback) -> list[np.ndarray | None]:
+        """[0, 1] float images in the order of ``jobs``; ``None`` where the output is not finite."""
+        results: dict[str, np.ndarray | None] = {}
+
+        def group_key(job: JobSpec):
+            return (job.steps, job.guidance_scale)
+
+        for _, group_iter in groupby(sorted(jobs, key=group_key), key=group_key):
+            group = list(group_iter)
+            for job, image in zip(group, self._run_group(group, step_done), strict=True):
+                results[job.job_id] = image
+        return [results[job.job_id] for job in jobs]
+
+    @torch.inference_mode()
+    def _run_group(self, jobs: list[JobSpec], step_done: StepCallback) -> list[np.ndarray | None]:
+        first = jobs[0]
+        ids = [job.job_id for job in jobs]
+
+        def on_step(pipe, i, t, callback_kwargs):
+            if step_done(ids, i + 1, first.steps):
+                pipe._interrupt = True
+            return callback_kwargs
+
+        kwargs = {}
+        if self.model.family == "sd3":
+            kwargs["negative_prompt"] = [job.effective_negative_prompt for job in jobs]
+        out = self.pipe(
+            prompt=[job.prompt for job in jobs],
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+            output_type="np",
+            callback_on_step_end=on_step,
+            **kwargs,
+        )
+        images = out.images
+        return [img if np.isfinite(img).all() else None for img in images]

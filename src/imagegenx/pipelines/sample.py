@@ -1,0 +1,76 @@
+"""The per-image state of the engine's denoising loop.
+
+A ``Sample`` is one image on its way: its own scheduler, generator, prompt embeddings and latents.
+Nothing in it depends on which other samples share its UNet batch, which is what makes an image
+depend only on its own seed and parameters, and lets samples join and leave a batch at any step.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from imagegenx.types import JobSpec, UserError
+
+
+@dataclass
+class Sample:
+    job: JobSpec
+    scheduler: object
+    timesteps: torch.Tensor
+    generator: torch.Generator
+    latents: torch.Tensor  # (1, C, h, w)
+    cond: torch.Tensor  # (1, L, D) prompt embeddings
+    uncond: torch.Tensor | None  # None: no classifier-free guidance for this image
+    cond_pooled: torch.Tensor | None = None  # SDXL only
+    uncond_pooled: torch.Tensor | None = None
+    cond_time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
+    uncond_time_ids: torch.Tensor | None = None
+    # inpaint: original image latents, the noise they are re-noised with, and the latent-size mask
+    image_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    masked_image_latents: torch.Tensor | None = None  # 9-channel inpainting UNets only
+    index: int = 0
+    canceled: bool = False
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None
+
+    @property
+    def rows(self) -> int:
+        """UNet batch rows this sample needs: uncond + cond with guidance, cond alone without."""
+        return 2 if self.guided else 1
+
+
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def decode_input_image(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
+    """An uploaded image, decoded with a pixel cap; bad bytes are the user's error, not ours."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_INPUT_PIXELS:
+                raise UserError(f"{what} is {img.width}x{img.height}; the limit is {MAX_INPUT_PIXELS} pixels")
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{what} is not a readable image: {exc}") from None
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats → uint8, rounded as diffusers' numpy_to_pil does."""
+    return (images * 255).round().astype(np.uint8)

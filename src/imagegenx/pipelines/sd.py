@@ -1,0 +1,297 @@
+"""The engine's own denoising loop for the UNet families (SD 1.5, SD 2.x, SDXL base and refiner).
+
+One ``SDRunner`` per loaded model. The engine calls, in order:
+
+1. ``prepare(jobs)``: prompt embeddings, timesteps and initial latents, one ``Sample`` per job
+   (text-to-image, img2img and inpaint all start here, from the same loaded components);
+2. ``step(samples)``: one UNet call for every sample in the batch, each at its own timestep, then
+   each sample's own scheduler step;
+3. ``decode(samples)``: VAE decode of finished samples, NaN check, [0, 1] float images.
+
+It reproduces diffusers' pipelines (same seed and parameters, same image within tolerance), which
+the tests check; what it adds is that samples with different prompts, seeds, guidance scales,
+samplers, step counts and tasks share one UNet batch and can join or leave it at any step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from imagegenx.models.loader import LoadedModel
+from imagegenx.pipelines.prompts import PromptEncoder
+from imagegenx.pipelines.sample import Sample, decode_input_image
+from imagegenx.pipelines.samplers import make_scheduler, step_kwargs_supported
+from imagegenx.types import JobSpec, Task, UserError
+
+REFINER_AESTHETIC_SCORE = (6.0, 2.5)  # (cond, uncond): diffusers' defaults for the SDXL refiner
+
+
+class NaNImageError(RuntimeError):
+    """A sample's latents or pixels became NaN or infinite (for example an fp16 overflow)."""
+
+
+class SDRunner:
+    def __init__(self, model: LoadedModel) -> None:
+        pipe = model.pipe
+        self.model = model
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.device = model.device
+        self.dtype = model.dtype
+        self.family = model.family
+        self.scale_factor = model.vae_scale_factor
+        self.is_xl = self.family in {"sdxl", "sdxl-refiner"}
+        self.nine_channel = self.unet.config.in_channels == 9
+        self.distilled_guidance = self.unet.config.time_cond_proj_dim is not None
+        # The SDXL VAE overflows in fp16 (diffusers' force_upcast): keep it in fp32.
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(torch.float32)
+        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+        encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+        self.prompts = PromptEncoder(tokenizers, encoders, self.family)
+        self.image_processor = pipe.image_processor
+        # As diffusers' inpaint pipelines prepare masks: grayscale, binarized, not normalized.
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.scale_factor,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
+        # Test hook: called with the UNet's input batch size before each call (fault injection).
+        self.before_unet: Callable[[int], None] | None = None
+
+    # 1. Prepare ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prepare(self, jobs: list[JobSpec]) -> list[Sample]:
+        return [self._prepare_one(job) for job in jobs]
+
+    def _prepare_one(self, job: JobSpec) -> Sample:
+        started = time.perf_counter()
+        if self.nine_channel and job.task is not Task.INPAINT:
+            raise UserError(f"model {job.model!r} is an inpainting model: it only does inpaint tasks")
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+
+        # 1a. Prompt embeddings (cached per prompt); guidance needs the negative prompt too.
+        guided = job.guidance_scale > 1.0 and not self.distilled_guidance
+        cond = self.prompts.encode(job.prompt, job.clip_skip)
+        uncond = self.prompts.encode(job.effective_negative_prompt, job.clip_skip) if guided else None
+
+        # 1b. Timesteps, shortened by ``strength`` for img2img and partial inpaint.
+        scheduler = make_scheduler(job.scheduler, self.model.pipe.scheduler.config)
+        scheduler.set_timesteps(job.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        if job.task is not Task.TEXT2IMG:
+            timesteps = _strength_timesteps(scheduler, job.steps, job.strength)
+
+        sample = Sample(
+            job,
+            scheduler,
+            timesteps,
+            generator,
+            latents=torch.empty(0),
+            cond=cond.hidden,
+            uncond=None if uncond is None else uncond.hidden,
+        )
+        if self.is_xl:
+            self._add_xl_conditioning(sample, cond, uncond)
+
+        # 1c. Initial latents: pure noise, or the input image re-noised to the first timestep.
+        shape = (
+            1,
+            self.vae.config.latent_channels,
+            job.height // self.scale_factor,
+            job.width // self.scale_factor,
+        )
+        if job.task is Task.TEXT2IMG:
+            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+            sample.latents = noise * scheduler.init_noise_sigma
+        elif job.task is Task.IMG2IMG:
+            image = self._load_image(job)
+            image_latents = self._encode_latents(image, generator)
+            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+            sample.latents = scheduler.add_noise(image_latents, noise, timesteps[:1])
+        else:
+            self._prepare_inpaint(sample, shape)
+        sample.times["encode_prompt_s"] = time.perf_counter() - started
+        return sample
+
+    def _add_xl_conditioning(self, sample: Sample, cond, uncond) -> None:
+        job = sample.job
+        size = [job.height, job.width]
+        if self.family == "sdxl-refiner":
+            cond_ids, uncond_ids = ([*size, 0, 0, score] for score in REFINER_AESTHETIC_SCORE)
+        else:
+            cond_ids = uncond_ids = [*size, 0, 0, *size]
+        sample.cond_pooled = cond.pooled
+        sample.cond_time_ids = torch.tensor([cond_ids], device=self.device, dtype=self.dtype)
+        if uncond is not None:
+            sample.uncond_pooled = uncond.pooled
+            sample.uncond_time_ids = torch.tensor([uncond_ids], device=self.device, dtype=self.dtype)
+
+    def _load_image(self, job: JobSpec) -> torch.Tensor:
+        if job.init_image is None:
+            raise UserError(f"{job.task} needs an input image")
+        pil = decode_input_image(job.init_image, "the input image")
+        return self.image_processor.preprocess(pil, height=job.height, width=job.width)
+
+    def _encode_latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        image = image.to(self.device, self.vae.dtype)
+        dist = self.vae.encode(image).latent_dist
+        latents = dist.sample(generator=generator)
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    def _prepare_inpaint(self, sample: Sample, shape: tuple[int, ...]) -> None:
+        """As diffusers' inpaint pipeline: 4-channel UNets blend the kept area back after every step;
+        9-channel inpainting UNets get the mask and the masked image as extra input channels."""
+        job, generator, scheduler = sample.job, sample.generator, sample.scheduler
+        if job.mask_image is None:
+            raise UserError("inpaint needs a mask image (white = repaint, black = keep)")
+        image = self._load_image(job)
+        mask_pil = decode_input_image(job.mask_image, "the mask image", mode="L")
+        mask = self.mask_processor.preprocess(mask_pil, height=job.height, width=job.width)
+        full_strength = job.strength >= 1.0
+        image_latents = None
+        if not self.nine_channel or not full_strength:
+            image_latents = self._encode_latents(image, generator)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        if full_strength:
+            sample.latents = noise * scheduler.init_noise_sigma
+        else:
+            sample.latents = scheduler.add_noise(image_latents, noise, sample.timesteps[:1])
+        latent_size = (shape[2], shape[3])
+        sample.mask = torch.nn.functional.interpolate(mask, size=latent_size).to(self.device, self.dtype)
+        sample.image_latents, sample.noise = image_latents, noise
+        if self.nine_channel:
+            masked = image * (mask < 0.5)
+            sample.masked_image_latents = self._encode_latents(masked, generator)
+
+    # 2. Denoise ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, samples: list[Sample]) -> None:
+        """Advance every sample by one step with a single UNet call."""
+        noise_pred = self._unet(samples)
+        row = 0
+        for sample in samples:
+            if sample.guided:
+                uncond, cond = noise_pred[row : row + 1], noise_pred[row + 1 : row + 2]
+                prediction = uncond + sample.job.guidance_scale * (cond - uncond)
+            else:
+                prediction = noise_pred[row : row + 1]
+            row += sample.rows
+            self._scheduler_step(sample, prediction)
+
+    def _unet(self, samples: list[Sample]) -> torch.Tensor:
+        inputs, timesteps, hidden, pooled, time_ids, guidance = [], [], [], [], [], []
+        for s in samples:
+            t = s.timesteps[s.index]
+            x = s.scheduler.scale_model_input(s.latents, t)
+            if self.nine_channel:
+                x = torch.cat([x, s.mask, s.masked_image_latents], dim=1)
+            pairs = [(s.uncond, s.uncond_pooled, s.uncond_time_ids)] if s.guided else []
+            pairs.append((s.cond, s.cond_pooled, s.cond_time_ids))
+            for embeds, pool, ids in pairs:
+                inputs.append(x)
+                timesteps.append(t.reshape(1).float())
+                hidden.append(embeds)
+                pooled.append(pool)
+                time_ids.append(ids)
+                guidance.append(s.job.guidance_scale)
+        encoder_states, attention_mask = _pad_sequences(hidden)
+        kwargs = {}
+        if self.is_xl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}
+        if self.distilled_guidance:
+            w = torch.tensor(guidance, device=self.device) - 1.0
+            kwargs["timestep_cond"] = _guidance_embedding(w, self.unet.config.time_cond_proj_dim, self.dtype)
+        if self.before_unet is not None:
+            self.before_unet(len(inputs))
+        return self.unet(
+            torch.cat(inputs),
+            torch.cat(timesteps).to(self.device),
+            encoder_hidden_states=encoder_states,
+            encoder_attention_mask=attention_mask,
+            return_dict=False,
+            **kwargs,
+        )[0]
+
+    def _scheduler_step(self, sample: Sample, prediction: torch.Tensor) -> None:
+        scheduler, t = sample.scheduler, sample.timesteps[sample.index]
+        extra = {}
+        supported = step_kwargs_supported(type(scheduler))
+        if "generator" in supported:
+            extra["generator"] = sample.generator
+        if "eta" in supported:
+            extra["eta"] = 0.0
+        sample.latents = scheduler.step(prediction, t, sample.latents, return_dict=False, **extra)[0]
+        if sample.mask is not None and not self.nine_channel:
+            # Keep the unmasked area on the original image, re-noised to the next timestep.
+            kept = sample.image_latents
+            if sample.index + 1 < sample.total_steps:
+                next_t = sample.timesteps[sample.index + 1].reshape(1)
+                kept = scheduler.add_noise(kept, sample.noise, next_t)
+            sample.latents = (1 - sample.mask) * kept + sample.mask * sample.latents
+        sample.index += 1
+
+    # 3. Decode ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, samples: list[Sample]) -> list[np.ndarray | None]:
+        """[0, 1] float HxWx3 images; ``None`` for a sample whose output is not finite."""
+        latents = torch.cat([s.latents for s in samples]).to(self.vae.dtype)
+        pixels = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1).tolist()
+        images = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return [image if ok else None for image, ok in zip(images, finite, strict=True)]
+
+
+def _strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """Skip the first (1 - strength) of the schedule, as diffusers' img2img ``get_timesteps`` does."""
+    init = min(int(steps * strength), steps)
+    start = max(steps - init, 0) * scheduler.order
+    timesteps = scheduler.timesteps[start:]
+    if len(timesteps) == 0:
+        raise UserError(f"strength {strength} with {steps} steps leaves no step to run; raise either")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return timesteps
+
+
+def _pad_sequences(hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack prompt embeddings of different lengths (long prompts have 77·k tokens).
+
+    Shorter rows are zero-padded and the padding is masked out of cross-attention, so a row's
+    result is the same as without neighbours; when all lengths agree, no mask is used at all.
+    """
+    longest = max(h.shape[1] for h in hidden)
+    if all(h.shape[1] == longest for h in hidden):
+        return torch.cat(hidden), None
+    padded, mask = [], []
+    for h in hidden:
+        missing = longest - h.shape[1]
+        padded.append(torch.nn.functional.pad(h, (0, 0, 0, missing)))
+        row = torch.ones(longest, device=h.device)
+        row[h.shape[1] :] = 0
+        mask.append(row)
+    return torch.cat(padded), torch.stack(mask)
+
+
+def _guidance_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale for LCM-distilled UNets (Luo et al., 2023)."""
+    w = w * 1000.0
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=w.device, dtype=torch.float32) * -(np.log(10000.0) / (half - 1))
+    )
+    emb = w.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)

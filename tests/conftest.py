@@ -1,0 +1,27 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline before anything imports it."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models on a 2-core machine: one intra-op thread is several times faster than two that
+# contend with everything else running.
+torch.set_num_threads(1)
+
+from imagegenx.config import EngineSettings, ModelSettings, Settings  # noqa: E402
+
+
+def make_settings(tmp_path, **engine) -> Settings:
+    models = ModelSettings(model_dir=tmp_path / "models", lora_dir=tmp_path / "loras", device="cpu")
+    (tmp_path / "models").mkdir(exist_ok=True)
+    (tmp_path / "loras").mkdir(exist_ok=True)
+    return Settings(models=models, engine=EngineSettings(**engine))
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return make_settings(tmp_path)
