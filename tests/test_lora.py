@@ -135,6 +135,10 @@ def lora_dir(tmp_path_factory):
         seed=3,
         hub_layout=False,  # text encoder keys as the installed transformers names its modules
     )
+    te_prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    write_kohya_lora(folder / "xl_kohya_te.safetensors", xl, unet_targets=(), text_prefixes=te_prefixes)
+    # UNet + text_encoder keys like an SD 1.5 LoRA, but shaped for the SDXL UNet.
+    write_peft_lora(folder / "xl_unet.safetensors", StableDiffusionXLPipeline, xl, seed=4)
     (folder / "evil.ckpt").write_bytes(b"not really a pickle")
     return folder
 
@@ -251,17 +255,27 @@ def test_kohya_and_diffusers_formats_change_unet_and_text_encoder(sd):
     assert not torch.allclose(kohya_full, base_unet, atol=1e-4)
 
 
-def test_sdxl_lora_with_both_text_encoders(lora_dir, sd):
+def test_sdxl_loras_in_both_formats_reach_both_text_encoders(lora_dir, sd):
     pipe = StableDiffusionXLPipeline(**sdxl_components())
     loras = LoraSet(pipe, LoraLibrary(lora_dir))
     added = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.zeros(1, 6)}
-    base = unet_out(pipe, 64, added_cond_kwargs=added), text_out(pipe, "text_encoder_2")
+
+    def outputs():
+        unet = unet_out(pipe, 64, added_cond_kwargs=added)
+        return unet, text_out(pipe, "text_encoder"), text_out(pipe, "text_encoder_2")
+
+    base = outputs()
     assert loras.activate(refs(("xl_style", 1.5))) is True
-    assert not torch.allclose(unet_out(pipe, 64, added_cond_kwargs=added), base[0], atol=1e-4)
-    assert not torch.allclose(text_out(pipe, "text_encoder_2"), base[1], atol=1e-4)
+    for out, ref in zip(outputs(), base, strict=True):
+        assert not torch.allclose(out, ref, atol=1e-4)
+    assert loras.activate(refs(("xl_kohya_te", 1.0))) is True  # lora_te1_ / lora_te2_ keys only
+    kohya = outputs()
+    assert torch.equal(kohya[0], base[0])
+    assert not torch.allclose(kohya[1], base[1], atol=1e-4)
+    assert not torch.allclose(kohya[2], base[2], atol=1e-4)
     loras.activate(())
-    assert torch.equal(unet_out(pipe, 64, added_cond_kwargs=added), base[0])
-    assert torch.equal(text_out(pipe, "text_encoder_2"), base[1])
+    for out, ref in zip(outputs(), base, strict=True):
+        assert torch.equal(out, ref)
     with pytest.raises(UserError, match="the model has no text_encoder_2"):  # SDXL LoRA, SD 1.5 model
         sd[1].activate(refs(("xl_style", 1.0)))
     assert sd[1].loads == 0
@@ -274,7 +288,7 @@ def test_sdxl_lora_with_both_text_encoders(lora_dir, sd):
         (refs(("style", -0.1)), "outside 0..2"),
         (refs(("style", float("nan"))), "must be a number"),
         (refs(("style", 1.0), ("style", 0.5)), "given twice"),
-        (refs(("nope", 1.0)), "available LoRAs: detail, kohya_film, style, xl_style"),
+        (refs(("nope", 1.0)), "available LoRAs: detail, kohya_film, style, xl_kohya_te, xl_style, xl_unet"),
     ],
 )
 def test_activate_refuses_bad_sets_without_changing_anything(sd, loras, message):
@@ -286,11 +300,26 @@ def test_activate_refuses_bad_sets_without_changing_anything(sd, loras, message)
     assert lora_set.loads == 1
 
 
+def test_a_lora_that_does_not_fit_is_refused_and_leaves_the_pipeline_as_it_was(sd):
+    pipe, loras = sd
+    loras.activate(refs(("detail", 1.0)))
+    detail = unet_out(pipe), text_out(pipe)
+    with pytest.raises(UserError, match=r"^LoRA 'xl_unet' does not fit this model .*size mismatch") as err:
+        loras.activate(refs(("style", 1.0), ("xl_unet", 1.0)))  # style loads, xl_unet fails
+    assert "\n" not in str(err.value)
+    assert loras.active() == refs(("detail", 1.0)) and loras.loads == 2
+    assert torch.equal(unet_out(pipe), detail[0]) and torch.equal(text_out(pipe), detail[1])
+    assert "lora_xl_unet" not in str(pipe.get_list_adapters())
+    loras.activate(())
+    assert loras.activate(refs(("style", 1.0))) is True  # the pipeline still works
+
+
 def test_library_names_and_refusals(lora_dir):
     lib = LoraLibrary(lora_dir)
-    assert lib.names() == ["detail", "kohya_film", "style", "xl_style"]
+    assert lib.names() == ["detail", "kohya_film", "style", "xl_kohya_te", "xl_style", "xl_unet"]
     assert lib.path_for("style") == lora_dir / "style.safetensors"
-    assert lib.path_for("style.safetensors") == lora_dir / "style.safetensors"
+    with pytest.raises(UserError, match=r"without \.safetensors: 'style'"):
+        lib.path_for("style.safetensors")
     for bad in ("../x", "/abs", "a/b", "a\\b", "..", ""):
         with pytest.raises(UserError, match=r"not a plain name|empty LoRA name"):
             lib.path_for(bad)

@@ -407,7 +407,7 @@ def test_a_p3_job_is_not_starved_by_an_endless_p0_stream(aging_s, p3_arrives, ga
             waited = now - p3_at
             assert batch == [p3]
             assert waited <= bound
-            assert waited >= 2 * aging_s  # the P0 stream really did hold it back until it aged
+            assert waited >= 3 * aging_s  # P0 jobs wait all along, so it had to climb to their lane
             return
         assert not p3_added or now - p3_at <= bound, f"P3 job still waiting after {now - p3_at:.3f} s"
         if batch:

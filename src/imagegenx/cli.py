@@ -31,6 +31,15 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _quiet_libraries() -> None:
+    """transformers and diffusers log warnings that mean nothing to a user of the CLI."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def _parse_lora(text: str) -> LoraRef:
     name, _, weight = text.partition(":")
     try:
@@ -78,8 +87,12 @@ def generate(
     steps: Annotated[int, typer.Option()] = 30,
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
     scheduler: Annotated[
-        str, typer.Option(help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, lcm")
-    ] = ("dpmpp_2m_karras"),
+        str | None,
+        typer.Option(
+            help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, lcm "
+            "[default: dpmpp_2m_karras; euler for SD 3.5 and Flux]"
+        ),
+    ] = None,
     clip_skip: Annotated[int, typer.Option(help="A1111 convention: 1 = last layer.")] = 1,
     lora: Annotated[list[str] | None, typer.Option(help="NAME[:WEIGHT], repeatable.")] = None,
     image: Annotated[Path | None, typer.Option(help="Input image: img2img, or inpaint with --mask.")] = None,
@@ -92,6 +105,7 @@ def generate(
     no_metadata: Annotated[bool, typer.Option(help="Embed no generation parameters.")] = False,
 ) -> None:
     """Generate images and write them, with a .json metadata record each, to --out."""
+    _quiet_libraries()
     try:
         settings = Settings()
         prompts = _read_prompts(prompt, batch_file)
@@ -99,7 +113,6 @@ def generate(
         from imagegenx.postprocess.encode import ImageFormat
 
         fmt = ImageFormat.parse(image_format)
-        sampler = parse_sampler(scheduler)
         loras = tuple(_parse_lora(item) for item in lora or [])
         task = Task.TEXT2IMG if image is None else Task.INPAINT if mask is not None else Task.IMG2IMG
         if mask is not None and image is None:
@@ -109,6 +122,8 @@ def generate(
         from imagegenx.models.sources import resolve
 
         source = resolve(model_ref, settings.models)
+        flow = source.family in {"sd3", "flux"}
+        sampler = parse_sampler(scheduler or ("euler" if flow else "dpmpp_2m_karras"))
         default_size = 64 if model_ref.startswith("random:tiny-") else _DEFAULT_SIZE.get(source.family, 1024)
         first_seed = random.randrange(2**32) if seed is None else seed
         jobs = [

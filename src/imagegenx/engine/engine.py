@@ -210,7 +210,9 @@ class Engine:
                 _empty_cache(runner.device)
                 if len(chunk) == 1:
                     job = chunk[0].job
-                    self._fail(job.job_id, f"out of device memory even for one {job.width}x{job.height} image")
+                    self._fail(
+                        job.job_id, f"out of device memory even for one {job.width}x{job.height} image"
+                    )
                     continue
                 self.metrics.oom_splits.inc()
                 self.scheduler.shrink(key, len(chunk) // 2)

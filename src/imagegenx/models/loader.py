@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from imagegenx.config import ModelSettings
-from imagegenx.models.sources import ARCH_FOR_FAMILY, ModelSource, arch_dir, family_of_folder, hub_offline
+from imagegenx.models.sources import (
+    ARCH_FOR_FAMILY,
+    ModelSource,
+    arch_dir,
+    family_of_folder,
+    hub_offline,
+    is_sd2,
+)
 from imagegenx.models.tokenizers import tokenizer_for
 from imagegenx.types import UserError
 
@@ -88,7 +95,8 @@ def load_model(source: ModelSource, settings: ModelSettings) -> LoadedModel:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     family = _FAMILY_BY_PIPELINE_CLASS.get(type(pipe).__name__, source.family)
-    if family == "sd15" and pipe.unet.config.cross_attention_dim == 1024:
+    encoder = getattr(pipe, "text_encoder", None)
+    if family == "sd15" and is_sd2(dict(pipe.unet.config), encoder.config.to_dict() if encoder else {}):
         family = "sd21"
     return LoadedModel(source, pipe, family, device, dtype, time.perf_counter() - started)
 
@@ -159,7 +167,7 @@ def _from_pretrained(folder: Path | str, dtype: torch.dtype, local_only: bool):
 
 def _from_single_file(source: ModelSource, dtype: torch.dtype):
     """An original-layout checkpoint, read with diffusers' converter and our shipped configs: no network."""
-    arch = ARCH_FOR_FAMILY[source.family]
+    arch = source.arch or ARCH_FOR_FAMILY[source.family]
     folder = arch_dir(arch)
     index = json.loads((folder / "model_index.json").read_text())
     cls = _pipeline_class(index["_class_name"])
@@ -173,7 +181,14 @@ def _from_single_file(source: ModelSource, dtype: torch.dtype):
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     if source.inpaint_unet:
         kwargs["num_in_channels"] = 9
-    return cls.from_single_file(source.location, **tokenizers, **kwargs)
+    try:
+        return cls.from_single_file(source.location, **tokenizers, **kwargs)
+    except (ValueError, KeyError, RuntimeError) as exc:  # diffusers: weights that do not fit the config
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(
+            f"{source.location}: does not fit the shipped {arch!r} architecture ({reason}); for a "
+            f"checkpoint of another shape, name a shipped config: {source.location}#arch=<arch>"
+        ) from None
 
 
 def _from_hub(repo_id: str, dtype: torch.dtype, allow_downloads: bool):
@@ -184,7 +199,11 @@ def _from_hub(repo_id: str, dtype: torch.dtype, allow_downloads: bool):
         return _from_pretrained(repo_id, dtype, local_only=True)
     except (OSError, ValueError) as cached_error:
         if hub_offline() or not allow_downloads:
-            why = "HF_HUB_OFFLINE is set" if hub_offline() else "downloads are disabled"
+            why = (
+                "this machine is offline (HF_HUB_OFFLINE is set)"
+                if hub_offline()
+                else "downloads are disabled"
+            )
             raise UserError(
                 f"model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
                 f"and {why}: download it once on a machine with network (`hf download {repo_id}`), "

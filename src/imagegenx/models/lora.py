@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,14 @@ class LoraLibrary:
             )
         if Path(name).suffix.lower() in PICKLE_SUFFIXES:
             refuse_pickle(Path(name))
-        stem = name.removesuffix(".safetensors")
-        path = self.folder / f"{stem}.safetensors"
+        if name.lower().endswith(".safetensors"):  # one spelling per LoRA, so it loads only once
+            raise UserError(f"give the LoRA name without .safetensors: {Path(name).stem!r}")
+        path = self.folder / f"{name}.safetensors"
         if path.is_file():
             return path
         for suffix in sorted(PICKLE_SUFFIXES):
-            if (self.folder / f"{stem}{suffix}").is_file():
-                pass
+            if (self.folder / f"{name}{suffix}").is_file():
+                refuse_pickle(self.folder / f"{name}{suffix}")
         known = ", ".join(self.names()) or "none"
         raise UserError(f"LoRA {name!r} not found in {self.folder}; available LoRAs: {known}")
 
@@ -112,8 +114,17 @@ class LoraSet:
         _validate(loras)
         if loras == self._active:
             return False
-        for ref in loras:
-            self._ensure_loaded(ref.name)
+        try:
+            for ref in loras:
+                self._ensure_loaded(ref.name)
+        except UserError:
+            # Loading touches the adapter layers (new ones start enabled and active): restore.
+            self._apply(self._active or ())
+            raise
+        self._apply(loras)
+        return True
+
+    def _apply(self, loras: tuple[LoraRef, ...]) -> None:
         self._active = None
         if loras:
             self.pipe.enable_lora()  # undo an earlier disable_lora(); set_adapters alone does not
@@ -124,7 +135,6 @@ class LoraSet:
         elif self._adapters:
             self.pipe.disable_lora()
         self._active = loras
-        return True
 
     def _ensure_loaded(self, name: str) -> None:
         if name in self._adapters:
@@ -142,11 +152,15 @@ class LoraSet:
             )
         adapter = _adapter_name(name, set(self._adapters.values()))
         try:
-            # use_safetensors=True: never fall back to unpickling a .bin next to it.
-            self.pipe.load_lora_weights(str(path), adapter_name=adapter, use_safetensors=True)
+            with warnings.catch_warnings():  # several adapters per model is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # use_safetensors=True: never fall back to unpickling a .bin next to it.
+                self.pipe.load_lora_weights(str(path), adapter_name=adapter, use_safetensors=True)
         except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
             self._forget(adapter)
-            raise UserError(f"LoRA {name!r} could not be loaded into this model: {exc}") from None
+            raise UserError(
+                f"LoRA {name!r} does not fit this model (made for another base model?): {_one_line(exc)}"
+            ) from None
         if not any(adapter in names for names in self.pipe.get_list_adapters().values()):
             raise UserError(f"LoRA {name!r} matched no layer of this model (made for another family?)")
         self._adapters[name] = adapter
@@ -156,6 +170,12 @@ class LoraSet:
         """Remove what a failed load may have left behind (say, the UNet half of a LoRA)."""
         with contextlib.suppress(Exception):
             self.pipe.delete_adapters([adapter])
+
+
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = " ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _validate(loras: tuple[LoraRef, ...]) -> None:

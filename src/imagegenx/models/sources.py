@@ -3,7 +3,10 @@
 Four kinds of source, one registry:
 - ``random:<arch>``: random weights built from an architecture config shipped in the package;
 - a diffusers folder (has ``model_index.json``);
-- a single-file ``.safetensors`` checkpoint in the original (A1111/ComfyUI) key layout;
+- a single-file ``.safetensors`` checkpoint in the original (A1111/ComfyUI) key layout, read with the
+  shipped full-size config of its family (detected from the key names); a checkpoint of another shape
+  names the shipped config to read it with by a suffix: ``path/to/model.safetensors#arch=tiny-sdxl``
+  (the arch must be of the checkpoint's family);
 - a Hugging Face hub id (``org/name``), from the local cache or, when allowed and online, downloaded.
 
 Only reading headers happens here (no weights, no torch), so listing models is instant.
@@ -15,7 +18,7 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from imagegenx.types import ModelInfo, UserError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ARCH_SUFFIX = re.compile(r"^(?P<ref>.+)#arch=(?P<arch>[^#/\\]*)$")
 
 # Pipeline class → family, for diffusers folders.
 _FAMILY_BY_PIPELINE = {
@@ -48,6 +52,7 @@ class ModelSource:
     family: str  # sd15, sd21, sdxl, sdxl-refiner, sd3, flux
     location: str  # arch name, path, or hub id
     inpaint_unet: bool = False  # a 9-channel inpainting UNet
+    arch: str | None = None  # single file: the shipped config to read it with (None: ARCH_FOR_FAMILY)
 
     def info(self, note: str = "") -> ModelInfo:
         return ModelInfo(self.name, self.kind, self.family, self.location, note)
@@ -59,7 +64,7 @@ def archs_root() -> Path:
 
 def arch_dir(arch: str) -> Path:
     path = archs_root() / arch
-    if not (path / "model_index.json").is_file():
+    if arch not in list_archs():  # a name, never a path out of the shipped folder
         known = ", ".join(sorted(list_archs()))
         raise UserError(f"unknown architecture {arch!r}; shipped architectures: {known}")
     return path
@@ -78,14 +83,23 @@ def family_of_folder(folder: Path) -> str:
     family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
     if family is None:
         raise UserError(f"{folder}: unsupported pipeline class {index.get('_class_name')!r}")
-    if family == "sd15" and _unet_config(folder).get("cross_attention_dim") == 1024:
+    if family == "sd15" and is_sd2(_config(folder, "unet"), _config(folder, "text_encoder")):
         family = "sd21"
     return family
 
 
-def _unet_config(folder: Path) -> dict:
-    path = folder / "unet" / "config.json"
+def is_sd2(unet_config: dict, text_encoder_config: dict) -> bool:
+    """SD 2.x, told from 1.x by its OpenCLIP-H text encoder (1024 wide, GELU; CLIP-L uses quick GELU)."""
+    return unet_config.get("cross_attention_dim") == 1024 or text_encoder_config.get("hidden_act") == "gelu"
+
+
+def _config(folder: Path, component: str) -> dict:
+    path = folder / component / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _unet_config(folder: Path) -> dict:
+    return _config(folder, "unet")
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
@@ -101,6 +115,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: not a .safetensors file ({exc})") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise UserError(f"{path}: not a .safetensors file (its header is not a table of tensors)")
     header.pop("__metadata__", None)
     return header
 
@@ -147,17 +163,36 @@ def resolve(ref: str, settings: ModelSettings) -> ModelSource:
         arch = ref.removeprefix("random:")
         return ModelSource(ref, "random", arch_family(arch), arch)
 
+    suffix = ARCH_SUFFIX.match(ref)
+    if suffix is not None:
+        return _with_arch(ref, suffix["ref"], suffix["arch"], settings)
     path = _find_local(ref, settings.model_dir)
     if path is not None:
         return _local_source(ref, path)
     if Path(ref).suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(Path(ref))
-    if HUB_ID.match(ref) and not ref.startswith((".", "/")):
+    if HUB_ID.match(ref) and Path(ref).suffix.lower() != ".safetensors":  # a missing file is no hub id
         return ModelSource(ref, "hub", "unknown", ref)
     raise UserError(
         f"model {ref!r} not found: give random:<arch> ({', '.join(list_archs())}), a diffusers folder, "
         f"a .safetensors file, a name in {settings.model_dir}, or a Hugging Face hub id (org/name)"
     )
+
+
+def _with_arch(ref: str, file_ref: str, arch: str, settings: ModelSettings) -> ModelSource:
+    """``<single file>#arch=<shipped arch>``: read the checkpoint with that arch's config."""
+    path = _find_local(file_ref, settings.model_dir)
+    if path is None:
+        raise UserError(f"model {file_ref!r} not found (a #arch= suffix needs a local .safetensors file)")
+    source = _local_source(ref, path)
+    if source.kind != "single-file":
+        raise UserError(f"{path}: #arch= applies only to single-file .safetensors checkpoints")
+    family = arch_family(arch)
+    if family != source.family:
+        raise UserError(
+            f"{path}: a {source.family} checkpoint cannot be read with the {family} architecture {arch!r}"
+        )
+    return replace(source, arch=arch)
 
 
 def _find_local(ref: str, model_dir: Path) -> Path | None:

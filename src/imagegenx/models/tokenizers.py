@@ -28,7 +28,7 @@ def _clip(pad_token: str):
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_files()
-    return CLIPTokenizer(str(vocab), str(merges), pad_token=pad_token)
+    return CLIPTokenizer(str(vocab), str(merges), pad_token=pad_token, model_max_length=77)
 
 
 @cache

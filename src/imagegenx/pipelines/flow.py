@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from imagegenx.models.loader import LoadedModel
-from imagegenx.types import JobSpec
+from imagegenx.types import JobSpec, SchedulerName, UserError
 
 # step_done(job_ids, step, total) -> True when every job of the group is cancelled.
 StepCallback = Callable[[list[str], int, int], bool]
@@ -28,6 +28,12 @@ class FlowRunner:
 
     def run(self, jobs: list[JobSpec], step_done: StepCallback) -> list[np.ndarray | None]:
         """[0, 1] float images in the order of ``jobs``; ``None`` where the output is not finite."""
+        for job in jobs:
+            if job.scheduler is not SchedulerName.EULER:
+                raise UserError(
+                    f"{self.model.family} models sample with their own flow-matching Euler scheduler; "
+                    f"use scheduler 'euler' (got {job.scheduler.value!r})"
+                )
         results: dict[str, np.ndarray | None] = {}
 
         def group_key(job: JobSpec):

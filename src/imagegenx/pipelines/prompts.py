@@ -252,5 +252,9 @@ def _emphasize(hidden: torch.Tensor, mults: torch.Tensor) -> torch.Tensor:
     h = hidden.float()
     mean = h.mean(dim=(1, 2), keepdim=True)
     h = h * mults[..., None]
-    h = h * (mean / h.mean(dim=(1, 2), keepdim=True))
+    new_mean = h.mean(dim=(1, 2), keepdim=True)
+    # Layer-normed states can have a mean of ~0 (random or unusual encoders): dividing by it would
+    # blow up, so the rescale is skipped when the mean is negligible next to the values themselves.
+    meaningful = new_mean.abs() > 1e-3 * h.abs().mean(dim=(1, 2), keepdim=True)
+    h = h * torch.where(meaningful, mean / new_mean, torch.ones_like(mean))
     return h.to(hidden.dtype)
