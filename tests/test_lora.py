@@ -7,6 +7,7 @@ from importlib import resources
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -139,6 +140,11 @@ def lora_dir(tmp_path_factory):
     write_kohya_lora(folder / "xl_kohya_te.safetensors", xl, unet_targets=(), text_prefixes=te_prefixes)
     # UNet + text_encoder keys like an SD 1.5 LoRA, but shaped for the SDXL UNet.
     write_peft_lora(folder / "xl_unet.safetensors", StableDiffusionXLPipeline, xl, seed=4)
+    # The UNet half fits an SD 1.5 model, the text encoder half does not.
+    tensors = load_file(folder / "style.safetensors")
+    bad_key = next(k for k in tensors if k.startswith("text_encoder.") and ".lora_A." in k)
+    tensors[bad_key] = torch.zeros(4, 16)
+    save_file(tensors, str(folder / "half_fit.safetensors"))
     (folder / "evil.ckpt").write_bytes(b"not really a pickle")
     return folder
 
@@ -288,7 +294,10 @@ def test_sdxl_loras_in_both_formats_reach_both_text_encoders(lora_dir, sd):
         (refs(("style", -0.1)), "outside 0..2"),
         (refs(("style", float("nan"))), "must be a number"),
         (refs(("style", 1.0), ("style", 0.5)), "given twice"),
-        (refs(("nope", 1.0)), "available LoRAs: detail, kohya_film, style, xl_kohya_te, xl_style, xl_unet"),
+        (
+            refs(("nope", 1.0)),
+            "available LoRAs: detail, half_fit, kohya_film, style, xl_kohya_te, xl_style, xl_unet",
+        ),
     ],
 )
 def test_activate_refuses_bad_sets_without_changing_anything(sd, loras, message):
@@ -310,13 +319,17 @@ def test_a_lora_that_does_not_fit_is_refused_and_leaves_the_pipeline_as_it_was(s
     assert loras.active() == refs(("detail", 1.0)) and loras.loads == 2
     assert torch.equal(unet_out(pipe), detail[0]) and torch.equal(text_out(pipe), detail[1])
     assert "lora_xl_unet" not in str(pipe.get_list_adapters())
+    with pytest.raises(UserError, match="LoRA 'half_fit' does not fit"):
+        loras.activate(refs(("half_fit", 1.0)))  # loads into the UNet, then fails in the text encoder
+    assert "half_fit" not in str(pipe.get_list_adapters())  # the UNet half was removed again
+    assert torch.equal(unet_out(pipe), detail[0]) and torch.equal(text_out(pipe), detail[1])
     loras.activate(())
     assert loras.activate(refs(("style", 1.0))) is True  # the pipeline still works
 
 
 def test_library_names_and_refusals(lora_dir):
     lib = LoraLibrary(lora_dir)
-    assert lib.names() == ["detail", "kohya_film", "style", "xl_kohya_te", "xl_style", "xl_unet"]
+    assert lib.names() == ["detail", "half_fit", "kohya_film", "style", "xl_kohya_te", "xl_style", "xl_unet"]
     assert lib.path_for("style") == lora_dir / "style.safetensors"
     with pytest.raises(UserError, match=r"without \.safetensors: 'style'"):
         lib.path_for("style.safetensors")
@@ -326,7 +339,9 @@ def test_library_names_and_refusals(lora_dir):
     for pickle_name in ("evil", "evil.ckpt", "other.pt"):
         with pytest.raises(UserError, match="refusing to load a pickle checkpoint"):
             lib.path_for(pickle_name)
-    with pytest.raises(UserError, match=r"'missing' not found .*available LoRAs: detail, kohya_film, style"):
+    with pytest.raises(
+        UserError, match=r"'missing' not found .*available LoRAs: detail, half_fit, kohya_film"
+    ):
         lib.path_for("missing")
     assert LoraLibrary(lora_dir / "absent").names() == []
 

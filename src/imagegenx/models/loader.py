@@ -23,6 +23,7 @@ from imagegenx.models.sources import (
     arch_dir,
     family_of_folder,
     hub_offline,
+    hub_unavailable,
     is_sd2,
 )
 from imagegenx.models.tokenizers import tokenizer_for
@@ -193,22 +194,11 @@ def _from_single_file(source: ModelSource, dtype: torch.dtype):
 
 def _from_hub(repo_id: str, dtype: torch.dtype, allow_downloads: bool):
     """From the local cache; downloaded only when allowed and online. Never needed at run time."""
-    from huggingface_hub import constants
-
     try:
         return _from_pretrained(repo_id, dtype, local_only=True)
     except (OSError, ValueError) as cached_error:
         if hub_offline() or not allow_downloads:
-            why = (
-                "this machine is offline (HF_HUB_OFFLINE is set)"
-                if hub_offline()
-                else "downloads are disabled"
-            )
-            raise UserError(
-                f"model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                f"and {why}: download it once on a machine with network (`hf download {repo_id}`), "
-                f"or pass a local diffusers folder or .safetensors file ({cached_error.__class__.__name__})"
-            ) from None
+            raise hub_unavailable(repo_id, cached_error.__class__.__name__) from None
     try:
         return _from_pretrained(repo_id, dtype, local_only=False)
     except OSError as exc:

@@ -168,7 +168,8 @@ class LoraSet:
 
     def _forget(self, adapter: str) -> None:
         """Remove what a failed load may have left behind (say, the UNet half of a LoRA)."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             self.pipe.delete_adapters([adapter])
 
 

@@ -172,6 +172,8 @@ def resolve(ref: str, settings: ModelSettings) -> ModelSource:
     if Path(ref).suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(Path(ref))
     if HUB_ID.match(ref) and Path(ref).suffix.lower() != ".safetensors":  # a missing file is no hub id
+        if (hub_offline() or not settings.allow_downloads) and not hub_cached(ref):
+            raise hub_unavailable(ref)  # say so now, not when the first image would need it
         return ModelSource(ref, "hub", "unknown", ref)
     raise UserError(
         f"model {ref!r} not found: give random:<arch> ({', '.join(list_archs())}), a diffusers folder, "
@@ -232,3 +234,25 @@ def list_models(settings: ModelSettings) -> list[ModelInfo]:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of ``repo_id`` (its model_index.json)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except ValueError:  # not a valid repo id for the hub
+        return False
+
+
+def hub_unavailable(repo_id: str, detail: str = "") -> UserError:
+    """The error for a hub id that is not in the local cache and may not be downloaded now."""
+    from huggingface_hub import constants
+
+    why = "this machine is offline (HF_HUB_OFFLINE is set)" if hub_offline() else "downloads are disabled"
+    return UserError(
+        f"model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        f"and {why}: download it once on a machine with network (`hf download {repo_id}`), "
+        f"or pass a local diffusers folder or .safetensors file" + (f" ({detail})" if detail else "")
+    )

@@ -159,7 +159,8 @@ class SDRunner:
         full_strength = job.strength >= 1.0
         image_latents = None
         if not self.nine_channel or not full_strength:
-            image_latents = self._encode_latents(image, generator)
+            # contiguous, as diffusers' inpaint pipeline makes them: same rounding in the UNet's convolutions
+            image_latents = self._encode_latents(image, generator).contiguous()
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         if full_strength:
             sample.latents = noise * scheduler.init_noise_sigma
