@@ -25,7 +25,8 @@ def test_tool_passes(command):
 
 
 def test_importing_the_package_loads_nothing_heavy():
-    code = "import sys, imagegenx, imagegenx.types, imagegenx.config, imagegenx.cli, imagegenx.engine.scheduler; "
+    code = "import sys, imagegenx, imagegenx.types, imagegenx.config, imagegenx.cli, "
+    code += "imagegenx.engine.scheduler; "
     code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr

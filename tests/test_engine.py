@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_settings
 from imagegenx.engine.engine import Engine, JobFailed
 from imagegenx.types import JobSpec, JobStatus, Priority, SchedulerName, Task, UserError
-
-from conftest import make_settings
 
 MODEL = "random:tiny-sdxl"
 
@@ -213,3 +212,11 @@ def test_metrics_count_loads_and_images(settings):
         text = generate_latest(engine.metrics.registry).decode()
     assert f'imagegenx_model_loads_total{{model="{MODEL}"}} 1.0' in text
     assert f'imagegenx_images_total{{model="{MODEL}",status="succeeded"}} 2.0' in text
+
+
+def test_close_cancels_jobs_that_never_started(tmp_path):
+    engine = Engine(make_settings(tmp_path, batch_window_ms=5000))
+    future = engine.submit(job(job_id="late"))
+    engine.close()
+    with pytest.raises(CancelledError):
+        future.result(timeout=10)

@@ -148,6 +148,16 @@ def test_diffusers_folder_by_name_and_by_path(tmp_path, random_models, no_networ
     assert not no_network
 
 
+def test_diffusers_folder_with_pickle_weights_is_refused(tmp_path, random_models):
+    settings = _models(tmp_path)
+    folder = settings.model_dir / "binfolder"
+    random_models["tiny-sd15"].pipe.save_pretrained(folder, safe_serialization=False)
+    for weights in folder.rglob("*.safetensors"):  # leave only the pickled .bin weights
+        weights.unlink()
+    with pytest.raises(UserError, match="unpickling can execute arbitrary code"):
+        load_model(resolve("binfolder", settings), settings)
+
+
 def test_sd2_is_told_from_sd1_by_its_text_encoder(tmp_path):
     """tiny-sd21's UNet is narrow (cross_attention_dim 32, not 1024): its OpenCLIP encoder says SD 2."""
     settings = _models(tmp_path)

@@ -100,6 +100,7 @@ class Engine:
         return lambda: self._listeners.remove(listener)
 
     def close(self) -> None:
+        """Finish the batch in flight, cancel jobs that have not started, stop the worker."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -123,6 +124,10 @@ class Engine:
                         break
                     self._wake.wait(self.scheduler.seconds_until_ready(time.monotonic()))
                 if self._stopping:
+                    # Nothing is left hanging: jobs that never started are cancelled.
+                    for job_id in list(self._active):
+                        self.scheduler.cancel(job_id)
+                        self._finish_canceled(job_id)
                     return
                 self.metrics.waiting.set(len(self.scheduler))
             try:

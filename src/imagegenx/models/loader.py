@@ -147,8 +147,11 @@ def _build_random(arch: str, device: torch.device, dtype: torch.dtype):
     for model in components.values():
         if isinstance(model, torch.nn.Module):
             model.eval()
-    extra = {"requires_safety_checker": False} if family in {"sd15", "sd21"} else {}
-    return _pipeline_class(index["_class_name"])(**components, **extra)
+    # Pipeline options stored beside the components (requires_aesthetics_score, force_zeros_...).
+    options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    if family in {"sd15", "sd21"}:
+        options["requires_safety_checker"] = False
+    return _pipeline_class(index["_class_name"])(**components, **options)
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -160,10 +163,19 @@ def _from_pretrained(folder: Path | str, dtype: torch.dtype, local_only: bool):
 
     config = DiffusionPipeline.load_config(folder, local_files_only=local_only)
     cls = _pipeline_class(config["_class_name"])
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": local_only}
+    # Only .safetensors weights: a folder of .bin pickles is refused, not unpickled.
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": local_only, "use_safetensors": True}
     if "safety_checker" in config:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
-    return cls.from_pretrained(folder, **kwargs)
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise
+        raise UserError(
+            f"{folder}: {str(exc).rstrip('.')}. Only .safetensors weights are loaded: pickle weights "
+            "(.bin, .ckpt) are refused because unpickling can execute arbitrary code"
+        ) from None
 
 
 def _from_single_file(source: ModelSource, dtype: torch.dtype):
@@ -196,6 +208,8 @@ def _from_hub(repo_id: str, dtype: torch.dtype, allow_downloads: bool):
     """From the local cache; downloaded only when allowed and online. Never needed at run time."""
     try:
         return _from_pretrained(repo_id, dtype, local_only=True)
+    except UserError:
+        raise
     except (OSError, ValueError) as cached_error:
         if hub_offline() or not allow_downloads:
             raise hub_unavailable(repo_id, cached_error.__class__.__name__) from None

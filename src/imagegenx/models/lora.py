@@ -154,6 +154,7 @@ class LoraSet:
         try:
             with warnings.catch_warnings():  # several adapters per model is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 # use_safetensors=True: never fall back to unpickling a .bin next to it.
                 self.pipe.load_lora_weights(str(path), adapter_name=adapter, use_safetensors=True)
         except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
