@@ -41,8 +41,35 @@ class EngineSettings(BaseModel):
     max_steps: int = 150
 
 
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{_data_home() / 'imagegenx.db'}")
+    blob_url: str = Field(default_factory=lambda: str(_data_home() / "blobs"))  # a folder (S3 later)
+    spool_dir: Path = Field(default_factory=lambda: _data_home() / "spool")
+    history_days: int = 90
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""  # base for result URLs; empty: derived from each request
+    queued_task_ttl_s: float = 300.0  # queued longer than this: expired (seed 003: 5 minutes)
+    max_queued_tasks: int = 10_000  # beyond this new tasks get 503: memory stays bounded
+    lease_s: float = 30.0  # a worker's hold on a job before another may take it
+    max_deliveries: int = 3  # a job leased this often without finishing fails with the reason
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_lora_bytes: int = 512 * 1024 * 1024
+    require_keys: bool = True  # false only for local experiments: every request is an anonymous free user
+    webhook_retries: int = 5
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEGENX_", env_nested_delimiter="__", frozen=True)
 
     models: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)

@@ -168,3 +168,65 @@ class ModelInfo:
     family: str  # sd15, sd21, sdxl, sdxl-refiner, sd3, flux
     location: str
     note: str = ""
+
+
+class TaskStatus(enum.StrEnum):
+    """A task's life in the service (the ImageGenX API's vocabulary)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self in {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.EXPIRED}
+
+
+class Tier(enum.StrEnum):
+    """Free: up to 1024x1024. Paid: up to 2048x2048, 4x upscale and LoRA upload."""
+
+    FREE = "free"
+    PAID = "paid"
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task row as the service sees it. ``params`` is the JSON form of the request."""
+
+    task_id: str
+    user_id: str
+    task_type: str  # generate, img2img, inpaint
+    status: TaskStatus
+    priority: int
+    params: dict
+    created_at: float  # unix seconds
+    batch_id: str | None = None
+    model: str = ""
+    width: int = 0
+    height: int = 0
+    style: str | None = None
+    progress: int = 0  # 0-100
+    attempts: int = 0
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    results: dict = field(default_factory=dict)  # {"original": blob key, "512": ..., "256": ...}
+    metadata: dict = field(default_factory=dict)
+    callback_url: str | None = None
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: only the hash of its secret is kept."""
+
+    key_id: str
+    name: str
+    tier: Tier
+    rate_limit_per_s: float
+    queue_quota: int
+    created_at: float
+    revoked_at: float | None = None

@@ -1,0 +1,1 @@
+"""queue room: the JobQueue interface and its backends."""

@@ -1,0 +1,1 @@
+"""storage room: TaskStore (SQLAlchemy 2 + Alembic) and BlobStore (obstore)."""
