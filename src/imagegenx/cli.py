@@ -180,6 +180,98 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     Console().print(table)
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Default model (see `models`).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: 8000].")] = None,
+) -> None:
+    """Start the HTTP API and the engine in one process (SQLite, a local folder, the embedded queue)."""
+    _quiet_libraries()
+    import uvicorn
+
+    from imagegenx.api.app import create_app
+
+    settings = Settings()
+    try:
+        if model:
+            from imagegenx.models.sources import resolve
+
+            resolve(model, settings.models)
+        settings = _with(
+            settings,
+            models={"default_model": model} if model else {},
+            service={k: v for k, v in (("host", host), ("port", port)) if v is not None},
+        )
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    service = settings.service
+    uvicorn.run(create_app(settings), host=service.host, port=service.port, log_level="info")
+
+
+keys_app = typer.Typer(help="API keys: only their hashes are stored; a secret is shown once, at creation.")
+app.add_typer(keys_app, name="keys")
+
+
+def _task_store(settings: Settings):
+    from imagegenx.storage.tasks import TaskStore
+
+    return TaskStore(settings.storage.database_url)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A label for the key's owner.")],
+    tier: Annotated[str, typer.Option(help="free (up to 1024x1024) or paid")] = "free",
+    rate: Annotated[float, typer.Option(help="Requests per second.")] = 30.0,
+    quota: Annotated[int, typer.Option(help="Tasks queued or running at once.")] = 100,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the secret.")] = False,
+) -> None:
+    """Create a key and print its secret (the only time it is shown)."""
+    from imagegenx.types import Tier
+
+    try:
+        tier_value = Tier(tier)
+    except ValueError:
+        raise _fail(f"unknown tier {tier!r}; use free or paid") from None
+    key, secret = _task_store(Settings()).create_key(name, tier_value, rate, quota)
+    if quiet:
+        typer.echo(secret)
+    else:
+        typer.echo(f"key id: {key.key_id}  tier: {key.tier}\nsecret (shown once): {secret}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """All keys, without secrets."""
+    table = Table("key id", "name", "tier", "rate/s", "quota", "revoked")
+    for key in _task_store(Settings()).list_keys():
+        table.add_row(
+            key.key_id,
+            key.name,
+            str(key.tier),
+            f"{key.rate_limit_per_s:g}",
+            str(key.queue_quota),
+            "yes" if key.revoked_at else "",
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument()]) -> None:
+    """Revoke a key: refused on the next request."""
+    if not _task_store(Settings()).revoke_key(key_id):
+        raise _fail(f"no key {key_id!r}")
+    typer.echo(f"revoked {key_id}")
+
+
+def _with(settings: Settings, **slices: dict) -> Settings:
+    """A copy of the settings with some fields of some slices replaced."""
+    return settings.model_copy(
+        update={name: getattr(settings, name).model_copy(update=values) for name, values in slices.items()}
+    )
+
+
 def _run_jobs(
     settings, jobs, out: Path, fmt, *, as_json: bool, embed_metadata: bool, console: Console
 ) -> int:

@@ -64,6 +64,9 @@ class ServiceSettings(BaseModel):
     max_lora_bytes: int = 512 * 1024 * 1024
     require_keys: bool = True  # false only for local experiments: every request is an anonymous free user
     webhook_retries: int = 5
+    # "host:port" entries that image_url and callback_url may reach although they are private
+    # (an operator's internal services; tests). Everything else private is refused (SSRF guard).
+    allowed_private_hosts: tuple[str, ...] = ()
 
 
 class Settings(BaseSettings):

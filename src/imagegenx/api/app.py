@@ -1,0 +1,188 @@
+"""The FastAPI app factory: heavy objects are built in ``lifespan``, routes stay thin.
+
+``create_app(settings)`` wires the embedded defaults of one process (``imagegenx serve``): SQLite
+task store, local-folder blob store, the queue in the task database, the engine and its worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from imagegenx.api.ratelimit import RateLimiter
+from imagegenx.api.ssrf import check_url
+from imagegenx.api.webhooks import WebhookSender, new_secret
+from imagegenx.config import Settings
+from imagegenx.engine.service import Forbidden, QuotaExceeded, Service, ServiceBusy
+from imagegenx.storage.tasks import StorageUnavailable
+from imagegenx.types import UserError
+
+log = logging.getLogger("imagegenx.api")
+
+
+class RateLimited(UserError):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"rate limit exceeded; retry after {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+
+class Unauthorized(UserError):
+    """No key, an unknown key or a revoked key (HTTP 401)."""
+
+
+class NotFound(UserError):
+    """No such task, model or LoRA for this key (HTTP 404)."""
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    service: Service
+    limiter: RateLimiter
+    engine: Any = None  # imagegenx.engine.engine.Engine where this process generates
+    worker: Any = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx = build_context(settings, run_worker=run_worker)
+        app.state.ctx = ctx
+        try:
+            yield
+        finally:
+            close_context(ctx)
+
+    app = FastAPI(
+        title="imagegenx",
+        version=_version(),
+        description="Image generation service: ImageGenX v1, OpenAI Images and AUTOMATIC1111 APIs.",
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+    from imagegenx.api import routes_ops, routes_v1
+
+    app.include_router(routes_ops.router)
+    app.include_router(routes_v1.router)
+    return app
+
+
+def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
+    from imagegenx.queue.embedded import EmbeddedQueue
+    from imagegenx.storage.blobs import BlobStore
+    from imagegenx.storage.tasks import TaskStore
+
+    store = TaskStore(settings.storage.database_url)
+    service = Service(
+        settings=settings,
+        store=store,
+        queue=EmbeddedQueue(store.engine),
+        blobs=BlobStore(settings.storage.blob_url, settings.storage.spool_dir),
+    )
+    allowed = settings.service.allowed_private_hosts
+    service.webhooks = WebhookSender(
+        _webhook_secret(settings),
+        retries=settings.service.webhook_retries,
+        check=functools.partial(check_url, allow_hosts=allowed),
+    )
+    ctx = AppContext(settings, service, RateLimiter())
+    if run_worker:
+        from imagegenx.engine.engine import Engine
+        from imagegenx.engine.worker import ServiceWorker
+
+        ctx.engine = Engine(settings)
+        ctx.worker = ServiceWorker(service, ctx.engine)
+        ctx.worker.start()
+        threading.Thread(target=_warm_up, args=(ctx,), name="imagegenx-warmup", daemon=True).start()
+    else:
+        ctx.ready.set()
+    return ctx
+
+
+def close_context(ctx: AppContext) -> None:
+    if ctx.worker is not None:
+        ctx.worker.stop()
+    if ctx.engine is not None:
+        ctx.engine.close()
+    ctx.service.webhooks.close()
+    ctx.service.store.close()
+
+
+def _warm_up(ctx: AppContext) -> None:
+    """Load the default model and run one tiny image, so /readyz means the first request is fast."""
+    from imagegenx.engine.validation import TINY_SIZE_RANGE
+    from imagegenx.types import JobSpec
+
+    model = ctx.settings.models.default_model
+    side = TINY_SIZE_RANGE[0] if model.startswith("random:tiny-") else ctx.settings.engine.min_size
+    try:
+        ctx.engine.submit(
+            JobSpec("warm-up", model, width=side, height=side, steps=1, job_id="warm-up")
+        ).result()
+    except Exception as exc:  # a broken default model must not stop the service answering
+        log.error("warm-up of %s failed: %s", model, exc)
+        return
+    ctx.ready.set()
+
+
+def _webhook_secret(settings: Settings) -> str:
+    """One signing secret per installation, kept beside the spool folder."""
+    path = Path(settings.storage.spool_dir).parent / "webhook_secret"
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    path.write_text(secret)
+    path.chmod(0o600)
+    return secret
+
+
+def _version() -> str:
+    from imagegenx import __version__
+
+    return __version__
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"code": status, "message": message, "data": None}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def reply(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+        return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> Response:
+        if isinstance(exc, RateLimited):
+            return reply(429, str(exc), exc.retry_after)
+        if isinstance(exc, QuotaExceeded):
+            return reply(429, str(exc), 5)
+        status = {Unauthorized: 401, Forbidden: 403, NotFound: 404}.get(type(exc), 400)
+        return reply(status, str(exc))
+
+    @app.exception_handler(ServiceBusy)
+    async def busy(request: Request, exc: ServiceBusy) -> Response:
+        return reply(503, str(exc), 5)
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage_down(request: Request, exc: StorageUnavailable) -> Response:
+        return reply(503, "the task database is unavailable; nothing was lost, retry shortly", 2)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return reply(422, f"{where}: {first.get('msg', 'invalid request')}".strip(": "))

@@ -1,0 +1,53 @@
+"""Request dependencies: the app context, the caller's API key, the per-key rate limit."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from imagegenx.api.app import AppContext, RateLimited, Unauthorized
+from imagegenx.engine.service import ANONYMOUS, Service
+from imagegenx.types import ApiKey
+
+
+def context(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+ContextDep = Annotated[AppContext, Depends(context)]
+
+
+def service(ctx: ContextDep) -> Service:
+    return ctx.service
+
+
+ServiceDep = Annotated[Service, Depends(service)]
+
+
+def api_key(
+    ctx: ContextDep,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    x_api_key: Annotated[str | None, Header(description="The API key (alternative header)")] = None,
+) -> ApiKey:
+    """The caller's key, checked on every request (a revoked key is refused at once)."""
+    secret = x_api_key or (authorization or "").removeprefix("Bearer ").strip() or None
+    if secret is None:
+        if not ctx.settings.service.require_keys:
+            return ANONYMOUS
+        raise Unauthorized("an API key is required (Authorization: Bearer <key> or X-API-Key)")
+    key = ctx.service.store.verify_key(secret)
+    if key is None:
+        raise Unauthorized("unknown or revoked API key")
+    return key
+
+
+def limited_key(ctx: ContextDep, key: Annotated[ApiKey, Depends(api_key)]) -> ApiKey:
+    """The key, after charging one request to its rate limit."""
+    wait = ctx.limiter.hit(key.key_id, key.rate_limit_per_s)
+    if wait is not None:
+        raise RateLimited(wait)
+    return key
+
+
+KeyDep = Annotated[ApiKey, Depends(limited_key)]

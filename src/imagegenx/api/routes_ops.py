@@ -1,0 +1,55 @@
+"""Operations routes: liveness, readiness, Prometheus metrics. No key needed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from imagegenx.api.deps import ContextDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="The process is alive")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz", summary="Ready: models loaded and warm", responses={503: {"description": "Not ready yet"}}
+)
+def readyz(ctx: ContextDep) -> Response:
+    if ctx.ready.is_set():
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "2"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(ctx: ContextDep) -> Response:
+    registry = CollectorRegistry()
+    registry.register(_QueueCollector(ctx))
+    body = generate_latest(registry)
+    if ctx.engine is not None:
+        body += generate_latest(ctx.engine.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+class _QueueCollector(Collector):
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+
+    def collect(self):
+        queue = self.ctx.service.queue
+        depth = GaugeMetricFamily("imagegenx_queue_depth", "Jobs waiting, by priority lane", labels=["lane"])
+        for lane, count in sorted(queue.depth().items()):
+            depth.add_metric([f"P{lane}"], count)
+        yield depth
+        wait = GaugeMetricFamily(
+            "imagegenx_queue_oldest_wait_seconds", "Wait of the oldest job, by lane", labels=["lane"]
+        )
+        for lane, seconds in sorted(queue.oldest_wait().items()):
+            wait.add_metric([f"P{lane}"], seconds)
+        yield wait

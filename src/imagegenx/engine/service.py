@@ -1,0 +1,223 @@
+"""The service facade the HTTP API calls: accept tasks durably, answer questions about them, cancel.
+
+No torch here: an API node can run this without a GPU. Accepting a task means, in order,
+input images into the blob store, the task row(s) into the database, the job(s) into the queue;
+a crash between steps leaves at worst a row that the expiry sweep finalises, never a lost or
+duplicated task. Results are produced by ``engine.worker.ServiceWorker``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from imagegenx.config import Settings
+from imagegenx.engine.events import TaskEvents
+from imagegenx.engine.validation import validate_job
+from imagegenx.queue.base import JobQueue
+from imagegenx.storage.blobs import BlobStore
+from imagegenx.storage.tasks import TaskStore
+from imagegenx.types import (
+    ApiKey,
+    JobSpec,
+    LoraRef,
+    Priority,
+    SchedulerName,
+    Task,
+    TaskRecord,
+    TaskStatus,
+    Tier,
+    UserError,
+)
+
+TIER_MAX_SIDE = {Tier.FREE: 1024, Tier.PAID: 2048}
+ANONYMOUS = ApiKey("anonymous", "anonymous", Tier.FREE, rate_limit_per_s=30, queue_quota=100, created_at=0)
+
+
+class QuotaExceeded(UserError):
+    """Too many tasks of this key in flight (HTTP 429)."""
+
+
+class ServiceBusy(RuntimeError):
+    """The queue is full (HTTP 503): nothing more is accepted until it drains."""
+
+
+class Forbidden(UserError):
+    """The key's tier does not allow this (HTTP 403)."""
+
+
+@dataclass
+class TaskInput:
+    """One image to make, as the API parsed it. ``params`` holds JobSpec's fields by name."""
+
+    params: dict[str, Any]
+    priority: int = int(Priority.P2)
+    callback_url: str | None = None
+    style: str | None = None
+    init_image: bytes | None = None
+    mask_image: bytes | None = None
+    output_format: str = "webp"
+
+
+@dataclass
+class Service:
+    settings: Settings
+    store: TaskStore
+    queue: JobQueue
+    blobs: BlobStore
+    events: TaskEvents = field(default_factory=TaskEvents)
+    webhooks: Any = None  # api.webhooks.WebhookSender, set by the app factory
+    on_cancel: Callable[[str], None] | None = None  # the in-process worker's cancel
+    avg_task_s: float = 1.0  # moving average, fed by the worker, for estimated times
+
+    # Accepting work -----------------------------------------------------------------------------
+
+    def submit(
+        self, user: ApiKey, inputs: list[TaskInput], *, batch_id: str | None = None
+    ) -> list[TaskRecord]:
+        """Validate everything first, then write inputs, rows and queue entries."""
+        # 1. Limits: queue capacity, the key's quota, the key's tier.
+        if self.store.queued_total() + len(inputs) > self.settings.service.max_queued_tasks:
+            raise ServiceBusy("the queue is full; try again shortly")
+        if self.store.active_count(user.key_id) + len(inputs) > user.queue_quota:
+            raise QuotaExceeded(f"this key may have at most {user.queue_quota} tasks queued or running")
+        records, jobs = [], []
+        now = time.time()
+        for item in inputs:
+            task_id = uuid.uuid4().hex
+            job = job_from_params(task_id, item.params, item.init_image, item.mask_image)
+            self._check_tier(user, job)
+            validate_job(job, self.settings.engine)
+            jobs.append(job)
+            records.append(
+                TaskRecord(
+                    task_id=task_id,
+                    user_id=user.key_id,
+                    task_type=str(job.task),
+                    status=TaskStatus.QUEUED,
+                    priority=item.priority,
+                    params=item.params | {"format": item.output_format},
+                    created_at=now,
+                    batch_id=batch_id,
+                    model=job.model,
+                    width=job.width,
+                    height=job.height,
+                    style=item.style,
+                    callback_url=item.callback_url,
+                )
+            )
+        # 2. Inputs, then rows, then queue entries.
+        for item, record in zip(inputs, records, strict=True):
+            if item.init_image is not None:
+                self.blobs.put(input_key(record.task_id, "image"), item.init_image)
+            if item.mask_image is not None:
+                self.blobs.put(input_key(record.task_id, "mask"), item.mask_image)
+        self.store.create(records)
+        for record, job in zip(records, jobs, strict=True):
+            self.queue.submit(record.task_id, record.priority, batch_key_text(job))
+        return records
+
+    def _check_tier(self, user: ApiKey, job: JobSpec) -> None:
+        side = TIER_MAX_SIDE[user.tier]
+        if job.width > side or job.height > side:
+            raise Forbidden(
+                f"the {user.tier} tier allows up to {side}x{side}; {job.width}x{job.height} asked"
+            )
+
+    # Questions ----------------------------------------------------------------------------------
+
+    def get(self, task_id: str, user: ApiKey) -> TaskRecord:
+        record = self.store.get(task_id, user.key_id)
+        if record is None:
+            raise KeyError(task_id)
+        return record
+
+    def estimated_seconds(self, record: TaskRecord) -> float:
+        if record.status.final:
+            return 0.0
+        if record.status is TaskStatus.PROCESSING:
+            return round(self.avg_task_s * (100 - record.progress) / 100, 2)
+        return round(
+            self.avg_task_s * (1 + self.store.queued_total() / max(1, self.settings.engine.max_batch)), 2
+        )
+
+    # Cancel -------------------------------------------------------------------------------------
+
+    def cancel(self, task_id: str, user: ApiKey) -> TaskStatus:
+        status = self.store.cancel(task_id, user.key_id)
+        if status is None:
+            raise KeyError(task_id)
+        if status is TaskStatus.CANCELED:
+            self.queue.remove(task_id)
+            self.notify(task_id)
+        elif status is TaskStatus.PROCESSING and self.on_cancel is not None:
+            self.on_cancel(task_id)
+        return status
+
+    def expire_stale(self) -> list[str]:
+        """Queued tasks older than the limit become ``expired`` and leave the queue."""
+        expired = self.store.expire_queued(self.settings.service.queued_task_ttl_s)
+        for task_id in expired:
+            self.queue.remove(task_id)
+            self.notify(task_id)
+        return expired
+
+    # Outcomes -----------------------------------------------------------------------------------
+
+    def notify(self, task_id: str) -> None:
+        """A task changed status: tell SSE subscribers and, when final, its webhook."""
+        record = self.store.get(task_id)
+        if record is None:
+            return
+        self.events.publish(task_id, {"status": str(record.status), "progress": record.progress})
+        if record.status.final and record.callback_url and self.webhooks is not None:
+            self.webhooks.send(record.callback_url, f"task.{record.status}", task_summary(record))
+
+
+def input_key(task_id: str, name: str) -> str:
+    return f"inputs/{task_id}/{name}"
+
+
+def result_key(task_id: str, version: str, extension: str) -> str:
+    return f"results/{task_id}/{version}{extension}"
+
+
+def batch_key_text(job: JobSpec) -> str:
+    key = job.batch_key
+    loras = ",".join(f"{lora.name}:{lora.weight:g}" for lora in key.loras)
+    return f"{key.model}|{key.width}x{key.height}|{key.task}|{loras}"
+
+
+def job_from_params(
+    task_id: str, params: dict[str, Any], init_image: bytes | None, mask_image: bytes | None
+) -> JobSpec:
+    """The JobSpec a task's stored parameters describe (pure: no torch, no I/O)."""
+    known = {f for f in JobSpec.__dataclass_fields__} - {"init_image", "mask_image", "job_id", "loras"}
+    values = {k: v for k, v in params.items() if k in known}
+    try:
+        job = JobSpec(**values)
+        return replace(
+            job,
+            job_id=task_id,
+            task=Task(job.task),
+            scheduler=SchedulerName(job.scheduler),
+            priority=Priority(int(job.priority)),
+            loras=tuple(
+                LoraRef(str(lora["name"]), float(lora.get("weight", 1.0))) for lora in params.get("loras", [])
+            ),
+            init_image=init_image,
+            mask_image=mask_image,
+        )
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"invalid task parameters: {exc}") from None
+
+
+def task_summary(record: TaskRecord) -> dict[str, Any]:
+    """What a webhook or a list entry says about a task (no secrets, no image bytes)."""
+    data = asdict(record)
+    data["status"] = str(record.status)
+    data.pop("callback_url", None)
+    return data

@@ -1,0 +1,203 @@
+"""The GPU side of the service: lease jobs, run them on the engine, store results, acknowledge.
+
+Durability order for every job: result blobs written (fixed keys, so a retry overwrites), then
+the task row committed (fenced by attempt number, so a stale attempt never wins), then the queue
+lease acknowledged. A process killed anywhere in between leaves a lease that comes back and is
+either finished again or, if the row is already final, simply acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import CancelledError, Future
+
+from PIL import Image
+
+from imagegenx.engine.engine import Engine, JobFailed
+from imagegenx.engine.service import Service, input_key, job_from_params, result_key
+from imagegenx.postprocess.encode import ImageFormat, encode_image, image_metadata, to_pil
+from imagegenx.queue.base import Lease
+from imagegenx.storage.blobs import BlobWriteError
+from imagegenx.storage.tasks import StorageUnavailable
+from imagegenx.types import GeneratedImage, JobStatus, ProgressEvent, TaskStatus, UserError
+
+log = logging.getLogger("imagegenx.worker")
+THUMBNAILS = (512, 256)
+
+
+def default_owner() -> str:
+    """Stable per host and role, so a restarted single-process server reclaims its own leases."""
+    return f"serve@{socket.gethostname()}"[:64]
+
+
+class ServiceWorker:
+    def __init__(
+        self, service: Service, engine: Engine, *, owner: str | None = None, capacity: int = 32
+    ) -> None:
+        self.service = service
+        self.engine = engine
+        self.owner = owner or default_owner()
+        self.capacity = capacity
+        self.lease_s = service.settings.service.lease_s
+        self._in_flight: dict[str, tuple[Lease, Future]] = {}
+        self._done: queue.Queue[str] = queue.Queue()
+        self._stop = threading.Event()
+        self._last_progress: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._loop, name="imagegenx-worker", daemon=True)
+        service.on_cancel = self.cancel
+        engine.subscribe(self._on_engine_event)
+
+    def start(self) -> None:
+        # A previous process with our owner id is dead (one server per host in embedded mode).
+        reclaimed = self.service.queue.release_owner(self.owner)
+        if reclaimed:
+            log.info("reclaimed %d job(s) from a previous run", reclaimed)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def cancel(self, task_id: str) -> None:
+        self.engine.cancel(task_id)
+
+    # Loop ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_heartbeat = last_sweep = 0.0
+        while not self._stop.is_set():
+            try:
+                now = time.monotonic()
+                self._drain_done()
+                self._lease_more()
+                if now - last_heartbeat > self.lease_s / 3:
+                    self.service.queue.heartbeat(self.owner, list(self._in_flight), self.lease_s)
+                    last_heartbeat = now
+                if now - last_sweep > 1.0:
+                    self.service.expire_stale()
+                    self.service.queue.recover_expired()
+                    self.service.blobs.sync_spool()
+                    last_sweep = now
+                self._wait_for_work()
+            except StorageUnavailable as exc:  # the database is down: wait, lose nothing
+                log.warning("storage unavailable, retrying: %s", exc)
+                self._stop.wait(1.0)
+            except Exception:  # never let one bad job kill the worker
+                log.exception("worker loop error")
+                self._stop.wait(0.5)
+
+    def _wait_for_work(self) -> None:
+        try:
+            task_id = self._done.get(timeout=0.05)
+        except queue.Empty:
+            return
+        self._done.put(task_id)
+
+    def _lease_more(self) -> None:
+        free = self.capacity - len(self._in_flight)
+        if free <= 0:
+            return
+        for lease in self.service.queue.lease(self.owner, free, self.lease_s):
+            self._begin(lease)
+
+    def _begin(self, lease: Lease) -> None:
+        service, task_id = self.service, lease.task_id
+        record = service.store.get(task_id)
+        if record is None or record.status.final:
+            service.queue.ack(self.owner, task_id)
+            return
+        if lease.delivery > service.settings.service.max_deliveries:
+            service.store.fail(task_id, f"gave up after {lease.delivery - 1} attempts that did not finish")
+            self._finish(task_id)
+            return
+        if record.cancel_requested or not service.store.start(task_id, lease.delivery):
+            service.store.mark_canceled(task_id)
+            self._finish(task_id)
+            return
+        try:
+            image = service.blobs.get(input_key(task_id, "image")) if record.task_type != "text2img" else None
+            mask = service.blobs.get(input_key(task_id, "mask")) if record.task_type == "inpaint" else None
+            job = job_from_params(task_id, record.params, image, mask)
+            future = self.engine.submit(job)
+        except (UserError, KeyError) as exc:
+            service.store.fail(task_id, str(exc), lease.delivery)
+            self._finish(task_id)
+            return
+        service.notify(task_id)
+        self._in_flight[task_id] = (lease, future)
+        future.add_done_callback(lambda _f, task_id=task_id: self._done.put(task_id))
+
+    def _drain_done(self) -> None:
+        while True:
+            try:
+                task_id = self._done.get_nowait()
+            except queue.Empty:
+                return
+            entry = self._in_flight.pop(task_id, None)
+            if entry is not None:
+                self._complete(*entry)
+
+    # Outcomes -----------------------------------------------------------------------------------
+
+    def _complete(self, lease: Lease, future: Future) -> None:
+        service, task_id = self.service, lease.task_id
+        try:
+            image = future.result()
+        except CancelledError:
+            service.store.mark_canceled(task_id)
+            self._finish(task_id)
+            return
+        except JobFailed as exc:
+            service.store.fail(task_id, str(exc), lease.delivery)
+            self._finish(task_id)
+            return
+        record = service.store.get(task_id)
+        try:
+            results = self._store_images(task_id, image, record.params.get("format", "webp"))
+        except BlobWriteError as exc:  # neither store nor spool took it: try the job again later
+            log.error("could not store results of %s: %s", task_id, exc)
+            service.queue.nack(self.owner, task_id, delay_s=5.0)
+            return
+        metadata = image_metadata(image)
+        if service.store.succeed(task_id, lease.delivery, results, metadata):
+            elapsed = image.timings.total_s
+            service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
+        self._finish(task_id)
+
+    def _store_images(self, task_id: str, image: GeneratedImage, fmt_name: str) -> dict[str, str]:
+        fmt = ImageFormat.parse(fmt_name)
+        results = {"original": result_key(task_id, "original", fmt.extension)}
+        self.service.blobs.put(results["original"], encode_image(image, fmt))
+        pil = to_pil(image)
+        for side in THUMBNAILS:
+            thumb = pil.copy()
+            thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            thumb.save(buf, "WEBP", quality=85)
+            results[str(side)] = result_key(task_id, str(side), ".webp")
+            self.service.blobs.put(results[str(side)], buf.getvalue())
+        return results
+
+    def _finish(self, task_id: str) -> None:
+        self.service.queue.ack(self.owner, task_id)
+        self._last_progress.pop(task_id, None)
+        self.service.notify(task_id)
+
+    def _on_engine_event(self, event: ProgressEvent) -> None:
+        """Runs on the engine thread: keep it quick; the database hears at most every 5%."""
+        if event.status is not JobStatus.RUNNING or not event.total:
+            return
+        progress = min(99, int(100 * event.step / event.total))
+        self.service.events.publish(
+            event.job_id, {"status": str(TaskStatus.PROCESSING), "progress": progress}
+        )
+        if progress - self._last_progress.get(event.job_id, -100) >= 5:
+            self._last_progress[event.job_id] = progress
+            with contextlib.suppress(StorageUnavailable):
+                self.service.store.set_progress(event.job_id, progress)

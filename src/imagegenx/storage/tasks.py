@@ -1,0 +1,589 @@
+"""The task store: durable task rows and API keys in SQLite or PostgreSQL, through SQLAlchemy 2 Core.
+
+The database is the source of truth for a task's status, progress and history (DESIGN.md); queue
+messages carry only ids. Every method is one short transaction and takes or returns plain
+``TaskRecord`` / ``ApiKey`` dataclasses, so no SQLAlchemy object leaves this module.
+
+State changes are single conditional ``UPDATE``s whose ``WHERE`` states the allowed transition, so two
+processes racing on one task cannot both win: the row count says who did. Attempts are fencing tokens:
+
+* ``start(task_id, attempt)`` records the attempt; an attempt lower than the recorded one is refused,
+  so a worker whose lease expired cannot take the task back from its successor.
+* ``succeed`` needs ``status == processing`` and ``attempts == attempt``: a stale attempt never
+  overwrites a newer one, and a task completes at most once.
+
+Engines (``make_engine``):
+
+* SQLite: ``check_same_thread=False``, WAL journal, ``busy_timeout=5000`` and foreign keys, set on each
+  new connection. SQLAlchemy emits ``BEGIN`` itself (the recipe in SQLAlchemy's SQLite docs), and a
+  transaction is ``BEGIN IMMEDIATE`` unless the connection carries the execution option
+  ``READ_ONLY`` (``conn.execution_options(**{READ_ONLY: True})``): a writer takes the write lock
+  before its first read, so read-then-write transactions (the queue's lease) never fail with
+  ``SQLITE_BUSY`` halfway, and concurrent writers wait up to 5 s instead.
+* PostgreSQL: a pool (5 + 10 overflow), ``pool_pre_ping`` (a restarted server costs no failed
+  request) and a 5 s connect timeout.
+
+``TaskStore.engine`` is that engine; the embedded queue runs its statements on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from imagegenx.types import ApiKey, TaskRecord, TaskStatus, Tier
+
+__all__ = [
+    "READ_ONLY",
+    "StorageUnavailable",
+    "TaskExists",
+    "TaskStore",
+    "api_keys_table",
+    "make_engine",
+    "metadata",
+    "storage_errors",
+    "tasks_table",
+]
+
+READ_ONLY = "imagegenx_read_only"  # execution option: plain deferred BEGIN on SQLite
+KEY_PREFIX = "igx_"
+
+_ACTIVE = (TaskStatus.QUEUED.value, TaskStatus.PROCESSING.value)
+_FINAL = tuple(s.value for s in TaskStatus if s.final)
+
+
+class StorageUnavailable(RuntimeError):
+    """The database cannot be reached (or is locked beyond the busy timeout): answer 503 and retry."""
+
+
+class TaskExists(ValueError):
+    """``create`` was given a task id that is already stored; nothing of the batch was written."""
+
+
+# --- schema ------------------------------------------------------------------------------------------
+# Mirrors migrations/versions/0001_initial.py (a test compares the two). ``queue_jobs`` is the queue
+# room's table and deliberately absent here.
+
+metadata = sa.MetaData()
+
+tasks_table = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("task_id", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String(64), nullable=False),
+    sa.Column("batch_id", sa.String(64), nullable=True),
+    sa.Column("task_type", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer(), nullable=False),
+    sa.Column("params", sa.JSON(), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False, server_default=""),
+    sa.Column("width", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("height", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("style", sa.String(128), nullable=True),
+    sa.Column("progress", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("created_at", sa.Double(), nullable=False),
+    sa.Column("started_at", sa.Double(), nullable=True),
+    sa.Column("finished_at", sa.Double(), nullable=True),
+    sa.Column("updated_at", sa.Double(), nullable=False),
+    sa.Column("results", sa.JSON(), nullable=False),
+    sa.Column("meta", sa.JSON(), nullable=False),  # TaskRecord.metadata ("metadata" is reserved in ORMs)
+    sa.Column("callback_url", sa.Text(), nullable=True),
+    sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Index("ix_tasks_task_id_user_id", "task_id", "user_id", unique=True),
+    sa.Index("ix_tasks_user_id_created_at", "user_id", "created_at"),
+    sa.Index("ix_tasks_status_created_at", "status", "created_at"),
+    sa.Index("ix_tasks_batch_id", "batch_id"),
+)
+
+api_keys_table = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("rate_limit_per_s", sa.Double(), nullable=False),
+    sa.Column("queue_quota", sa.Integer(), nullable=False),
+    sa.Column("created_at", sa.Double(), nullable=False),
+    sa.Column("revoked_at", sa.Double(), nullable=True),
+    sa.Index("ix_api_keys_secret_hash", "secret_hash", unique=True),
+)
+
+_t = tasks_table.c
+_k = api_keys_table.c
+
+
+# --- engines -----------------------------------------------------------------------------------------
+
+
+def make_engine(database_url: str | URL, *, pooled: bool = True) -> Engine:
+    """A configured engine for SQLite or PostgreSQL (see the module docs). Connects lazily.
+
+    ``pooled=False`` (one-off work such as migrations) opens a fresh connection each time.
+    """
+    url = make_url(database_url)
+    backend = url.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    if not pooled:
+        kwargs["poolclass"] = sa.NullPool
+    if backend == "sqlite":
+        in_memory = url.database in (None, "", ":memory:")
+        if in_memory:
+            # One shared connection, or every checkout would see its own empty database.
+            kwargs["poolclass"] = sa.StaticPool
+        else:
+            # Best effort: if the folder cannot be made, connecting fails with StorageUnavailable.
+            with contextlib.suppress(OSError):
+                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
+        _configure_sqlite(engine, wal=not in_memory)
+        return engine
+    if backend == "postgresql":
+        connect_args = {}
+        if url.get_driver_name() in ("psycopg2", "psycopg") and "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = 5
+        if pooled:
+            kwargs.update(pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+        return sa.create_engine(url, connect_args=connect_args, **kwargs)
+    return sa.create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Hand transaction control to SQLAlchemy (see _on_begin), then set per-connection pragmas.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout = 5000")
+            if wal:
+                # synchronous stays FULL: a commit survives power loss, not only a crash of the process.
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _is_unavailable(error: exc.DBAPIError) -> bool:
+    return isinstance(error, exc.OperationalError) or error.connection_invalidated
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn "cannot reach / lost / locked database" errors into ``StorageUnavailable``."""
+    try:
+        yield
+    except exc.DBAPIError as error:
+        if _is_unavailable(error):
+            raise StorageUnavailable(f"database unavailable: {error.orig or error}") from error
+        raise
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+
+class TaskStore:
+    """Tasks and API keys over one SQLAlchemy engine. Thread-safe: each call checks out a connection.
+
+    ``migrate=True`` brings the schema to head first (and so connects at once: an unreachable
+    database raises ``StorageUnavailable`` here). With ``migrate=False`` nothing connects until the
+    first call, so a service can start while its database is still down and answer 503 meanwhile.
+    """
+
+    def __init__(self, database_url: str, *, migrate: bool = True) -> None:
+        self.engine: Engine = make_engine(database_url)
+        if migrate:
+            from imagegenx.storage.migrate import upgrade_connection
+
+            try:
+                with self._tx() as conn:
+                    upgrade_connection(conn)
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    def close(self) -> None:
+        """Close pooled connections. The store must not be used afterwards."""
+        self.engine.dispose()
+
+    def __enter__(self) -> TaskStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self, *, read_only: bool = False) -> Iterator[Connection]:
+        with storage_errors(), self.engine.connect() as conn:
+            if read_only:
+                conn.execution_options(**{READ_ONLY: True})
+            with conn.begin():
+                yield conn
+
+    # --- tasks ---------------------------------------------------------------------------------------
+
+    def create(self, records: list[TaskRecord]) -> None:
+        """Insert tasks in one transaction: a batch is stored whole or not at all.
+
+        Raises ``TaskExists`` (and stores nothing) when an id is taken.
+        """
+        if not records:
+            return
+        now = time.time()
+        rows = [_task_row(r, now) for r in records]
+        try:
+            with self._tx() as conn:
+                conn.execute(sa.insert(tasks_table), rows)
+        except exc.IntegrityError as error:
+            raise TaskExists(f"batch not stored (duplicate task id?): {error.orig}") from error
+
+    def get(self, task_id: str, user_id: str | None = None) -> TaskRecord | None:
+        """The task, or None; with ``user_id`` only if it belongs to that user."""
+        stmt = sa.select(tasks_table).where(_t.task_id == task_id)
+        if user_id is not None:
+            stmt = stmt.where(_t.user_id == user_id)
+        with self._tx(read_only=True) as conn:
+            row = conn.execute(stmt).mappings().first()
+        return None if row is None else _task_record(row)
+
+    def query(
+        self,
+        user_id: str,
+        *,
+        status: TaskStatus | str | Iterable[TaskStatus | str] | None = None,
+        style: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[TaskRecord], int]:
+        """A user's tasks, newest first, and how many match in all (for pagination).
+
+        ``status`` is one status or several; ``since`` <= created_at < ``until``.
+        """
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must be >= 0, got {limit} and {offset}")
+        where = [_t.user_id == user_id]
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            where.append(_t.status.in_([TaskStatus(s).value for s in statuses]))
+        if style is not None:
+            where.append(_t.style == style)
+        if width is not None:
+            where.append(_t.width == width)
+        if height is not None:
+            where.append(_t.height == height)
+        if since is not None:
+            where.append(_t.created_at >= since)
+        if until is not None:
+            where.append(_t.created_at < until)
+        page = (
+            sa.select(tasks_table)
+            .where(*where)
+            .order_by(_t.created_at.desc(), _t.task_id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        count = sa.select(sa.func.count()).select_from(tasks_table).where(*where)
+        with self._tx(read_only=True) as conn:
+            total = conn.execute(count).scalar_one()
+            rows = conn.execute(page).mappings().all() if limit else []
+        return [_task_record(r) for r in rows], total
+
+    def active_count(self, user_id: str) -> int:
+        """The user's queued + processing tasks (the per-key queue quota counts these)."""
+        stmt = sa.select(sa.func.count()).where(_t.user_id == user_id, _t.status.in_(_ACTIVE))
+        with self._tx(read_only=True) as conn:
+            return conn.execute(stmt).scalar_one()
+
+    def queued_total(self) -> int:
+        """All queued tasks (the service refuses new work beyond ``max_queued_tasks``)."""
+        stmt = sa.select(sa.func.count()).where(_t.status == TaskStatus.QUEUED.value)
+        with self._tx(read_only=True) as conn:
+            return conn.execute(stmt).scalar_one()
+
+    def start(self, task_id: str, attempt: int) -> bool:
+        """queued/processing → processing for ``attempt`` (progress restarts at 0).
+
+        False when the task is final, cancel was requested, or a newer attempt already started.
+        """
+        now = time.time()
+        stmt = (
+            sa.update(tasks_table)
+            .where(
+                _t.task_id == task_id,
+                _t.status.in_(_ACTIVE),
+                sa.not_(_t.cancel_requested),
+                _t.attempts <= attempt,
+            )
+            .values(
+                status=TaskStatus.PROCESSING.value,
+                attempts=attempt,
+                started_at=now,
+                progress=0,
+                updated_at=now,
+            )
+        )
+        return self._changed(stmt)
+
+    def set_progress(self, task_id: str, progress: int) -> None:
+        """Progress 0-100 of a processing task (ignored once the task is no longer processing)."""
+        progress = max(0, min(100, int(progress)))
+        stmt = (
+            sa.update(tasks_table)
+            .where(_t.task_id == task_id, _t.status == TaskStatus.PROCESSING.value)
+            .values(progress=progress, updated_at=time.time())
+        )
+        self._changed(stmt)
+
+    def succeed(self, task_id: str, attempt: int, results: dict, metadata: dict) -> bool:
+        """processing → succeeded, only for the current attempt; True if this call completed the task."""
+        now = time.time()
+        stmt = (
+            sa.update(tasks_table)
+            .where(
+                _t.task_id == task_id,
+                _t.status == TaskStatus.PROCESSING.value,
+                _t.attempts == attempt,
+            )
+            .values(
+                status=TaskStatus.SUCCEEDED.value,
+                progress=100,
+                results=results,
+                meta=metadata,
+                error=None,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        return self._changed(stmt)
+
+    def fail(self, task_id: str, error: str, attempt: int | None = None) -> bool:
+        """queued/processing → failed with ``error``; with ``attempt``, only for that attempt."""
+        now = time.time()
+        where = [_t.task_id == task_id, _t.status.in_(_ACTIVE)]
+        if attempt is not None:
+            where.append(_t.attempts == attempt)
+        stmt = (
+            sa.update(tasks_table)
+            .where(*where)
+            .values(status=TaskStatus.FAILED.value, error=error, finished_at=now, updated_at=now)
+        )
+        return self._changed(stmt)
+
+    def cancel(self, task_id: str, user_id: str | None = None) -> TaskStatus | None:
+        """Cancel a task: queued → CANCELED at once; processing → cancel requested (returns PROCESSING,
+        the worker stops at its next step and calls ``mark_canceled``); final → its status, unchanged.
+        None when there is no such task (or it belongs to another user).
+        """
+        now = time.time()
+        own = [_t.task_id == task_id] + ([] if user_id is None else [_t.user_id == user_id])
+        with self._tx() as conn:
+            queued = conn.execute(
+                sa.update(tasks_table)
+                .where(*own, _t.status == TaskStatus.QUEUED.value)
+                .values(status=TaskStatus.CANCELED.value, finished_at=now, updated_at=now)
+            )
+            if queued.rowcount:
+                return TaskStatus.CANCELED
+            processing = conn.execute(
+                sa.update(tasks_table)
+                .where(*own, _t.status == TaskStatus.PROCESSING.value)
+                .values(cancel_requested=True, updated_at=now)
+            )
+            if processing.rowcount:
+                return TaskStatus.PROCESSING
+            status = conn.execute(sa.select(_t.status).where(*own)).scalar_one_or_none()
+        return None if status is None else TaskStatus(status)
+
+    def mark_canceled(self, task_id: str) -> bool:
+        """processing → canceled (the worker honoured a cancel request)."""
+        now = time.time()
+        stmt = (
+            sa.update(tasks_table)
+            .where(_t.task_id == task_id, _t.status == TaskStatus.PROCESSING.value)
+            .values(status=TaskStatus.CANCELED.value, finished_at=now, updated_at=now)
+        )
+        return self._changed(stmt)
+
+    def expire_queued(self, older_than_s: float, now: float | None = None) -> list[str]:
+        """Queued tasks created before ``now - older_than_s`` → expired; returns their ids."""
+        now = time.time() if now is None else now
+        stmt = (
+            sa.update(tasks_table)
+            .where(_t.status == TaskStatus.QUEUED.value, _t.created_at < now - older_than_s)
+            .values(
+                status=TaskStatus.EXPIRED.value,
+                error=f"expired: queued longer than {older_than_s:g} s",
+                finished_at=now,
+                updated_at=now,
+            )
+            .returning(_t.task_id)
+        )
+        with self._tx() as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def purge_before(self, cutoff: float, *, limit: int | None = None) -> list[TaskRecord]:
+        """Delete final tasks created before ``cutoff`` and return them (their blobs go next).
+
+        ``limit`` bounds one call (call again until it returns fewer); None deletes all at once.
+        """
+        where = [_t.status.in_(_FINAL), _t.created_at < cutoff]
+        if limit is not None:
+            ids = sa.select(_t.task_id).where(*where).order_by(_t.created_at).limit(limit)
+            where.append(_t.task_id.in_(ids.scalar_subquery()))
+        stmt = sa.delete(tasks_table).where(*where).returning(*tasks_table.c)
+        with self._tx() as conn:
+            rows = conn.execute(stmt).mappings().all()
+        return sorted((_task_record(r) for r in rows), key=lambda r: (r.created_at, r.task_id))
+
+    # --- API keys ------------------------------------------------------------------------------------
+
+    def create_key(
+        self, name: str, tier: Tier, rate_limit_per_s: float, queue_quota: int
+    ) -> tuple[ApiKey, str]:
+        """A new key and its secret ``igx_<key_id>_<32 random chars>``. The secret is shown this once:
+        only its SHA-256 is stored.
+        """
+        key = ApiKey(
+            key_id=secrets.token_hex(8),
+            name=name,
+            tier=Tier(tier),
+            rate_limit_per_s=float(rate_limit_per_s),
+            queue_quota=int(queue_quota),
+            created_at=time.time(),
+        )
+        secret = f"{KEY_PREFIX}{key.key_id}_{secrets.token_urlsafe(24)}"  # 24 bytes → 32 chars
+        row = {
+            "key_id": key.key_id,
+            "name": key.name,
+            "secret_hash": _hash_secret(secret),
+            "tier": key.tier.value,
+            "rate_limit_per_s": key.rate_limit_per_s,
+            "queue_quota": key.queue_quota,
+            "created_at": key.created_at,
+            "revoked_at": None,
+        }
+        with self._tx() as conn:
+            conn.execute(sa.insert(api_keys_table), row)
+        return key, secret
+
+    def verify_key(self, secret: str) -> ApiKey | None:
+        """The key a secret belongs to, or None if unknown or revoked. Looks up by hash."""
+        if not secret.startswith(KEY_PREFIX):
+            return None
+        stmt = sa.select(api_keys_table).where(
+            _k.secret_hash == _hash_secret(secret), _k.revoked_at.is_(None)
+        )
+        with self._tx(read_only=True) as conn:
+            row = conn.execute(stmt).mappings().first()
+        return None if row is None else _api_key(row)
+
+    def list_keys(self) -> list[ApiKey]:
+        """All keys, revoked ones included, oldest first."""
+        stmt = sa.select(api_keys_table).order_by(_k.created_at, _k.key_id)
+        with self._tx(read_only=True) as conn:
+            return [_api_key(r) for r in conn.execute(stmt).mappings()]
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key; False if it does not exist or was revoked already."""
+        now = time.time()
+        stmt = (
+            sa.update(api_keys_table)
+            .where(_k.key_id == key_id, _k.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        return self._changed(stmt)
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _changed(self, stmt: sa.Update) -> bool:
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _task_row(r: TaskRecord, now: float) -> dict[str, Any]:
+    return {
+        "task_id": r.task_id,
+        "user_id": r.user_id,
+        "batch_id": r.batch_id,
+        "task_type": r.task_type,
+        "status": TaskStatus(r.status).value,
+        "priority": int(r.priority),
+        "params": r.params,
+        "model": r.model,
+        "width": r.width,
+        "height": r.height,
+        "style": r.style,
+        "progress": r.progress,
+        "attempts": r.attempts,
+        "error": r.error,
+        "created_at": r.created_at,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+        "updated_at": now,
+        "results": r.results,
+        "meta": r.metadata,
+        "callback_url": r.callback_url,
+        "cancel_requested": r.cancel_requested,
+    }
+
+
+def _task_record(row: Mapping[str, Any]) -> TaskRecord:
+    return TaskRecord(
+        task_id=row["task_id"],
+        user_id=row["user_id"],
+        task_type=row["task_type"],
+        status=TaskStatus(row["status"]),
+        priority=row["priority"],
+        params=row["params"] or {},
+        created_at=row["created_at"],
+        batch_id=row["batch_id"],
+        model=row["model"],
+        width=row["width"],
+        height=row["height"],
+        style=row["style"],
+        progress=row["progress"],
+        attempts=row["attempts"],
+        error=row["error"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        results=row["results"] or {},
+        metadata=row["meta"] or {},
+        callback_url=row["callback_url"],
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+def _api_key(row: Mapping[str, Any]) -> ApiKey:
+    return ApiKey(
+        key_id=row["key_id"],
+        name=row["name"],
+        tier=Tier(row["tier"]),
+        rate_limit_per_s=row["rate_limit_per_s"],
+        queue_quota=row["queue_quota"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
