@@ -6,8 +6,8 @@ import json
 import threading
 import time
 import zipfile
-from typing import ClassVar
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pytest
