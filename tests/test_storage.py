@@ -385,15 +385,16 @@ def test_lifecycle_start_progress_succeed(store):
 def test_fencing_a_newer_attempt_wins(store):
     store.create([rec("t")])
     assert store.start("t", 1)
-    assert store.start("t", 2)  # the lease expired and the job was delivered again
-    assert not store.start("t", 1)  # the old worker cannot take it back
+    assert store.start("t", 2)  # the lease expired and the job was delivered again: attempt 2 owns it
     before = store.get("t")
-    assert not store.succeed("t", 1, {"original": "old"}, {})
+    assert before.attempts == 2
+    assert not store.succeed("t", 1, {"original": "old"}, {})  # the old worker finishes late: refused
     assert not store.fail("t", "old worker crashed", attempt=1)
     assert store.get("t") == before
     assert store.start("t", 2)  # the same attempt may start again
     assert store.succeed("t", 2, {"original": "new"}, {})
     assert store.get("t").results == {"original": "new"}
+    assert not store.succeed("t", 1, {"original": "old"}, {})
 
 
 def test_only_one_of_racing_completions_wins(store):

@@ -44,6 +44,8 @@ def api_key(
 
 def limited_key(ctx: ContextDep, key: Annotated[ApiKey, Depends(api_key)]) -> ApiKey:
     """The key, after charging one request to its rate limit."""
+    if key.rate_limit_per_s <= 0:  # 0 means unlimited (internal keys)
+        return key
     wait = ctx.limiter.hit(key.key_id, key.rate_limit_per_s)
     if wait is not None:
         raise RateLimited(wait)

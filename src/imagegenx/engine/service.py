@@ -162,6 +162,8 @@ class Service:
         expired = self.store.expire_queued(self.settings.service.queued_task_ttl_s)
         for task_id in expired:
             self.queue.remove(task_id)
+            if self.on_cancel is not None:  # it may wait in this process's engine
+                self.on_cancel(task_id)
             self.notify(task_id)
         return expired
 

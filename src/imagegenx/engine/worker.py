@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -28,6 +29,16 @@ from imagegenx.storage.tasks import StorageUnavailable
 from imagegenx.types import GeneratedImage, JobStatus, ProgressEvent, TaskStatus, UserError
 
 log = logging.getLogger("imagegenx.worker")
+
+
+@dataclass
+class _InFlight:
+    lease: Lease
+    attempt: int
+    future: Future | None = None
+    started: bool = False
+
+
 THUMBNAILS = (512, 256)
 
 
@@ -38,14 +49,15 @@ def default_owner() -> str:
 
 class ServiceWorker:
     def __init__(
-        self, service: Service, engine: Engine, *, owner: str | None = None, capacity: int = 32
+        self, service: Service, engine: Engine, *, owner: str | None = None, capacity: int | None = None
     ) -> None:
         self.service = service
         self.engine = engine
         self.owner = owner or default_owner()
-        self.capacity = capacity
+        # Lease only what the engine can start soon: the rest stays queued for other workers.
+        self.capacity = capacity or 2 * service.settings.engine.max_batch
         self.lease_s = service.settings.service.lease_s
-        self._in_flight: dict[str, tuple[Lease, Future]] = {}
+        self._in_flight: dict[str, _InFlight] = {}
         self._done: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._last_progress: dict[str, int] = {}
@@ -116,22 +128,23 @@ class ServiceWorker:
             service.store.fail(task_id, f"gave up after {lease.delivery - 1} attempts that did not finish")
             self._finish(task_id)
             return
-        if record.cancel_requested or not service.store.start(task_id, lease.delivery):
+        if record.cancel_requested:
             service.store.mark_canceled(task_id)
             self._finish(task_id)
             return
+        # The attempt counts real starts (the engine's first step), not leases.
+        job = _InFlight(lease, attempt=record.attempts + 1)
+        self._in_flight[task_id] = job  # before submit: the engine may report the first step at once
         try:
             image = service.blobs.get(input_key(task_id, "image")) if record.task_type != "text2img" else None
             mask = service.blobs.get(input_key(task_id, "mask")) if record.task_type == "inpaint" else None
-            job = job_from_params(task_id, record.params, image, mask)
-            future = self.engine.submit(job)
+            job.future = self.engine.submit(job_from_params(task_id, record.params, image, mask))
         except (UserError, KeyError) as exc:
-            service.store.fail(task_id, str(exc), lease.delivery)
+            self._in_flight.pop(task_id, None)
+            service.store.fail(task_id, str(exc))
             self._finish(task_id)
             return
-        service.notify(task_id)
-        self._in_flight[task_id] = (lease, future)
-        future.add_done_callback(lambda _f, task_id=task_id: self._done.put(task_id))
+        job.future.add_done_callback(lambda _f, task_id=task_id: self._done.put(task_id))
 
     def _drain_done(self) -> None:
         while True:
@@ -141,20 +154,20 @@ class ServiceWorker:
                 return
             entry = self._in_flight.pop(task_id, None)
             if entry is not None:
-                self._complete(*entry)
+                self._complete(entry)
 
     # Outcomes -----------------------------------------------------------------------------------
 
-    def _complete(self, lease: Lease, future: Future) -> None:
-        service, task_id = self.service, lease.task_id
+    def _complete(self, job: _InFlight) -> None:
+        service, task_id = self.service, job.lease.task_id
         try:
-            image = future.result()
+            image = job.future.result()
         except CancelledError:
             service.store.mark_canceled(task_id)
             self._finish(task_id)
             return
         except JobFailed as exc:
-            service.store.fail(task_id, str(exc), lease.delivery)
+            service.store.fail(task_id, str(exc))
             self._finish(task_id)
             return
         record = service.store.get(task_id)
@@ -165,7 +178,7 @@ class ServiceWorker:
             service.queue.nack(self.owner, task_id, delay_s=5.0)
             return
         metadata = image_metadata(image)
-        if service.store.succeed(task_id, lease.delivery, results, metadata):
+        if service.store.succeed(task_id, job.attempt, results, metadata):
             elapsed = image.timings.total_s
             service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
         self._finish(task_id)
@@ -193,6 +206,13 @@ class ServiceWorker:
         """Runs on the engine thread: keep it quick; the database hears at most every 5%."""
         if event.status is not JobStatus.RUNNING or not event.total:
             return
+        job = self._in_flight.get(event.job_id)
+        if job is not None and not job.started:
+            job.started = True
+            if not self.service.store.start(event.job_id, job.attempt):  # cancelled meanwhile
+                self.engine.cancel(event.job_id)
+                return
+            self.service.notify(event.job_id)
         progress = min(99, int(100 * event.step / event.total))
         self.service.events.publish(
             event.job_id, {"status": str(TaskStatus.PROCESSING), "progress": progress}

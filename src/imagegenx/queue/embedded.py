@@ -143,7 +143,7 @@ class EmbeddedQueue(JobQueue):
         # effective lane = lane - floor(wait / aging_s), wait clamped at 0 so that a submitter's clock
         # running ahead never pushes a job back. SQLite's CAST truncates (floor for wait >= 0);
         # PostgreSQL's rounds, so it gets floor().
-        wait = case((_c.enqueued_at >= now, 0.0), else_=literal(now) - _c.enqueued_at)
+        wait = case((_c.enqueued_at >= now, 0.0), else_=literal(now) - _c.enqueued_at + 1.0)
         steps = wait / self._aging_s
         steps = cast(steps, Integer) if self._sqlite else func.floor(steps)
         query = select(_c.task_id, _c.lane, _c.batch_key, _c.deliveries).where(
@@ -151,7 +151,7 @@ class EmbeddedQueue(JobQueue):
         )
         if batch_key is not None:
             query = query.where(_c.batch_key == batch_key)
-        return query.order_by(_c.lane, _c.enqueued_at, _c.task_id).with_for_update(skip_locked=True)
+        return query.order_by(_c.lane - steps, _c.enqueued_at, _c.task_id).with_for_update(skip_locked=True)
 
     # -- JobQueue -------------------------------------------------------------------------------
 

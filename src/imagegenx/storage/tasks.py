@@ -7,10 +7,10 @@ messages carry only ids. Every method is one short transaction and takes or retu
 State changes are single conditional ``UPDATE``s whose ``WHERE`` states the allowed transition, so two
 processes racing on one task cannot both win: the row count says who did. Attempts are fencing tokens:
 
-* ``start(task_id, attempt)`` records the attempt; an attempt lower than the recorded one is refused,
-  so a worker whose lease expired cannot take the task back from its successor.
+* ``start(task_id, attempt)`` records the attempt of the delivery that starts the task (the latest
+  start wins; it returns False only for final tasks and requested cancels, which the worker relies on).
 * ``succeed`` needs ``status == processing`` and ``attempts == attempt``: a stale attempt never
-  overwrites a newer one, and a task completes at most once.
+  overwrites a newer one, and a task completes at most once. ``fail(..., attempt=n)`` is fenced alike.
 
 Engines (``make_engine``):
 
@@ -321,9 +321,8 @@ class TaskStore:
             return conn.execute(stmt).scalar_one()
 
     def start(self, task_id: str, attempt: int) -> bool:
-        """queued/processing → processing for ``attempt`` (progress restarts at 0).
-
-        False when the task is final, cancel was requested, or a newer attempt already started.
+        """queued/processing → processing for ``attempt`` (progress restarts at 0; a redelivery takes
+        over, so only that attempt can then succeed). False when the task is final or cancel was requested.
         """
         now = time.time()
         stmt = (
@@ -332,7 +331,6 @@ class TaskStore:
                 _t.task_id == task_id,
                 _t.status.in_(_ACTIVE),
                 sa.not_(_t.cancel_requested),
-                _t.attempts <= attempt,
             )
             .values(
                 status=TaskStatus.PROCESSING.value,

@@ -1,0 +1,72 @@
+"""Faults and time: kill -9 and restart, expiry of stale queued tasks, priority lanes."""
+
+import time
+
+from support.server import Server, wait_for
+
+
+def _submit(client, body: dict) -> str:
+    response = client.post("/api/v1/image/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]["task_ids"][0]
+
+
+def test_kill_and_restart_loses_nothing_and_runs_nothing_twice(tmp_path):
+    server = Server(tmp_path, env={"IMAGEGENX_ENGINE__MAX_BATCH": "1"}).start()
+    key = server.key()
+    try:
+        with server.client(key) as client:
+            finished = _submit(client, {"text": "first", "width": 64, "height": 64, "steps": 2})
+            done_before = wait_for(client, finished)
+            slow = {"text": "slow", "width": 64, "height": 64, "steps": 150}
+            tasks = [_submit(client, slow | {"seed": i}) for i in range(4)]
+            running = wait_for(client, tasks[0], until=("processing",))
+            assert running["attempts"] == 1
+            server.kill()  # mid-batch: one task processing, three queued
+        server.start()
+        with server.client(key) as client:
+            views = [wait_for(client, t, timeout=300) for t in tasks]
+            assert [v["status"] for v in views] == ["succeeded"] * 4
+            assert views[0]["attempts"] == 2  # it was running at the kill: retried, counted
+            assert all(v["attempts"] == 1 for v in views[1:])  # they had never started
+            after = client.get(f"/api/v1/image/task/{finished}").json()["data"]
+            assert (
+                after["attempts"] == 1 and after["finished_at"] == done_before["finished_at"]
+            )  # not run again
+            for view in views:
+                assert client.get(view["urls"]["original"]).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_stale_queued_tasks_expire(tmp_path):
+    env = {"IMAGEGENX_SERVICE__QUEUED_TASK_TTL_S": "1.0", "IMAGEGENX_ENGINE__MAX_BATCH": "1"}
+    server = Server(tmp_path, env=env).start()
+    try:
+        with server.client(server.key()) as client:
+            busy = _submit(client, {"text": "busy", "width": 256, "height": 256, "steps": 150})
+            wait_for(client, busy, until=("processing",))
+            late = _submit(client, {"text": "late", "width": 72, "height": 72, "steps": 2})
+            view = wait_for(client, late, timeout=60, until=("expired", "succeeded"))
+            assert view["status"] == "expired"
+            client.post(f"/api/v1/image/task/{busy}/cancel")
+    finally:
+        server.stop()
+
+
+def test_urgent_lane_overtakes_queued_work(tmp_path):
+    server = Server(tmp_path, env={"IMAGEGENX_ENGINE__MAX_BATCH": "1"}).start()
+    try:
+        with server.client(server.key()) as client:
+            body = {"width": 64, "height": 64, "steps": 20}
+            low = [
+                _submit(client, body | {"text": f"low {i}", "priority": 3, "width": 64 + 8 * i})
+                for i in range(5)
+            ]
+            time.sleep(0.2)
+            urgent = _submit(client, body | {"text": "urgent", "priority": 0, "width": 128})
+            finished = {t: wait_for(client, t)["finished_at"] for t in [*low, urgent]}
+            order = sorted(finished, key=finished.get)
+            assert order.index(urgent) <= 2  # at most the one or two already leased go first
+    finally:
+        server.stop()
