@@ -17,6 +17,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagegenx.api.ratelimit import RateLimiter
 from imagegenx.api.ssrf import check_url
@@ -161,6 +163,30 @@ def error_body(status: int, message: str) -> dict:
     return {"code": status, "message": message, "data": None}
 
 
+class ErrorBody(BaseModel):
+    """Every error of the native API: the HTTP status again, a reason a person can act on, no data."""
+
+    code: int
+    message: str
+    data: None = None
+
+
+_ERROR_STATUSES = {
+    400: "Bad request: the message says what to change",
+    401: "Missing, unknown or revoked API key",
+    403: "Not allowed for this key's tier",
+    404: "No such task, model or LoRA for this key",
+    422: "A field is malformed",
+    429: "Rate limit or queue quota reached: see Retry-After",
+    503: "Queue full or database unavailable: see Retry-After",
+}
+
+
+def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of the error statuses every route can answer, in a router's own shape."""
+    return {status: {"model": model, "description": text} for status, text in _ERROR_STATUSES.items()}
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     def reply(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
         headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
@@ -182,6 +208,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StorageUnavailable)
     async def storage_down(request: Request, exc: StorageUnavailable) -> Response:
         return reply(503, "the task database is unavailable; nothing was lost, retry shortly", 2)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return reply(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

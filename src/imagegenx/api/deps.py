@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from imagegenx.api.app import AppContext, RateLimited, Unauthorized
 from imagegenx.engine.service import ANONYMOUS, Service
@@ -25,13 +26,17 @@ def service(ctx: ContextDep) -> Service:
 ServiceDep = Annotated[Service, Depends(service)]
 
 
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key (alternative header)")
+
+
 def api_key(
     ctx: ContextDep,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
-    x_api_key: Annotated[str | None, Header(description="The API key (alternative header)")] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_header)],
 ) -> ApiKey:
     """The caller's key, checked on every request (a revoked key is refused at once)."""
-    secret = x_api_key or (authorization or "").removeprefix("Bearer ").strip() or None
+    secret = header or (bearer.credentials if bearer else None) or None
     if secret is None:
         if not ctx.settings.service.require_keys:
             return ANONYMOUS

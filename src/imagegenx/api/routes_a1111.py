@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegenx import __version__
-from imagegenx.api.app import AppContext
+from imagegenx.api.app import AppContext, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.routes_openai import (
     cancel_tasks,
@@ -62,7 +62,19 @@ def _a1111_error(request: Request, exc: Exception, status: int, message: str) ->
     return status, {"error": type(exc).__name__, "detail": message, "body": "", "errors": message}
 
 
-router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"], route_class=shaped_errors(_a1111_error))
+class A1111ErrorBody(BaseModel):
+    error: str
+    detail: str
+    body: str
+    errors: str
+
+
+router = APIRouter(
+    prefix="/sdapi/v1",
+    tags=["AUTOMATIC1111"],
+    route_class=shaped_errors(_a1111_error),
+    responses=error_responses(A1111ErrorBody),
+)
 
 MAX_IMAGES = 100  # batch_size * n_iter of one request
 _NAMES = {

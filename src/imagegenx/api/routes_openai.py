@@ -46,7 +46,7 @@ from fastapi.routing import APIRoute
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from imagegenx.api.app import AppContext
+from imagegenx.api.app import AppContext, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.routes_v1 import _read_upload, _record, _task_input, _view
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, GenerateParams, Img2ImgParams, InpaintParams
@@ -352,7 +352,23 @@ def _openai_error(request: Request, exc: Exception, status: int, message: str) -
     return status, {"error": {"message": message, "type": kind, "param": error_param(exc), "code": code}}
 
 
-router = APIRouter(prefix="/v1", tags=["OpenAI Images"], route_class=shaped_errors(_openai_error))
+class _OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: _OpenAIErrorDetail
+
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["OpenAI Images"],
+    route_class=shaped_errors(_openai_error),
+    responses=error_responses(OpenAIErrorBody),
+)
 
 
 class ImageGenerationRequest(BaseModel):

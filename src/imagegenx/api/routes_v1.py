@@ -19,7 +19,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 
 from imagegenx.api import ssrf
-from imagegenx.api.app import AppContext, NotFound, error_body
+from imagegenx.api.app import AppContext, ErrorBody, NotFound, error_body, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.schemas import (
     BatchGenerateParams,
@@ -37,7 +37,7 @@ from imagegenx.engine.service import Forbidden, TaskInput
 from imagegenx.pipelines.samplers import parse_sampler
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus, Tier, UserError
 
-router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"])
+router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_responses(ErrorBody))
 VERSIONS = ("original", "512", "256")
 MEDIA_TYPES = {".webp": "image/webp", ".png": "image/png", ".jpg": "image/jpeg", ".avif": "image/avif"}
 

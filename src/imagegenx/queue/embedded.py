@@ -40,7 +40,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    case,
     cast,
     delete,
     func,
@@ -140,11 +139,10 @@ class EmbeddedQueue(JobQueue):
 
     def _ready(self, now: float, batch_key: str | None) -> Select:
         """Ready, available jobs best first, locked (``FOR UPDATE SKIP LOCKED``) on PostgreSQL."""
-        # effective lane = lane - floor(wait / aging_s), wait clamped at 0 so that a submitter's clock
-        # running ahead never pushes a job back. SQLite's CAST truncates (floor for wait >= 0);
-        # PostgreSQL's rounds, so it gets floor().
-        wait = case((_c.enqueued_at >= now, 0.0), else_=literal(now) - _c.enqueued_at + 1.0)
-        steps = wait / self._aging_s
+        # effective lane = lane - floor(wait / aging_s). A takeable job has wait >= 0 (available_at,
+        # never before enqueued_at, has come), so SQLite's CAST, which truncates, is floor here;
+        # PostgreSQL's CAST rounds, so it gets floor().
+        steps = (literal(now) - _c.enqueued_at) / self._aging_s
         steps = cast(steps, Integer) if self._sqlite else func.floor(steps)
         query = select(_c.task_id, _c.lane, _c.batch_key, _c.deliveries).where(
             _c.state == READY, _c.available_at <= now

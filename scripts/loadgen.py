@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""Open-loop load generator for the ImageGenX v1 API: tasks per second end to end, and latency.
+
+Requests are sent on a fixed schedule (Poisson arrivals, or a fixed interval) at ``--rate`` per
+second whatever the server does: a slow server does not slow the sender down, so its queue grows
+the way a real one would (open loop). Every request's *scheduled* time is recorded; latency is
+scheduled time -> the client first sees the task ``succeeded``, so it includes any time the client
+itself fell behind, the HTTP round trip, the server's queue and the generation.
+
+Tasks are followed to completion by one poller (GET /api/v1/image/task/{id}): every
+``--poll-interval`` it asks about the ``--poll-head`` oldest unfinished tasks (a FIFO queue
+finishes those first) plus ``--poll-rotate`` others in turn, so the polling load on the server is
+bounded however long the queue gets. The SSE endpoint is not used: it holds one server thread per
+waiting task.
+
+Throughput is the number of tasks seen succeeding inside the measurement window (from
+``--warmup`` seconds after the first scheduled request to the end of the schedule) divided by its
+length; latency percentiles are over the tasks *scheduled* inside that window (followed to the end,
+up to ``--drain-timeout`` after the schedule). HTTP 429 and 503 on submit count as rejected.
+
+    python scripts/loadgen.py --url http://127.0.0.1:8000 --key igx_... --rate 20 --duration 30
+    python scripts/loadgen.py --start-server random:tiny-sd15 --rate 20 --duration 30 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+FINAL = ("succeeded", "failed", "canceled", "expired")
+REJECTED = (429, 503)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Request:
+    """One scheduled request. Times are seconds since the schedule's start (t0)."""
+
+    index: int
+    scheduled: float
+    sent: float | None = None  # the POST left the client
+    answered: float | None = None  # the POST's answer arrived
+    http_status: int | None = None  # the POST's status code
+    error: str | None = None  # a transport error on the POST (exception name)
+    task_id: str | None = None
+    status: str | None = None  # final task status; "unfinished" if not final by the drain timeout
+    done: float | None = None  # when the client first saw the final status
+
+    @property
+    def latency(self) -> float | None:
+        if self.status != "succeeded" or self.done is None:
+            return None
+        return self.done - self.scheduled
+
+
+def arrival_times(rate: float, duration: float, arrivals: str, seed: int) -> list[float]:
+    """Offsets (s) in [0, duration) at ``rate`` per second: exponential gaps, or a fixed interval."""
+    if arrivals == "fixed":
+        return [i / rate for i in range(math.ceil(rate * duration - 1e-9))]
+    rng = random.Random(seed)
+    times, t = [], rng.expovariate(rate)
+    while t < duration:
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = p / 100 * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _stats(values: list[float]) -> dict:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+        "mean": sum(values) / len(values) if values else None,
+    }
+
+
+def task_body(a: argparse.Namespace, index: int) -> dict:
+    return {
+        "text": f"{a.prompt} #{index}",
+        "width": a.width,
+        "height": a.height,
+        "steps": a.steps,
+        "seed": a.seed * 1_000_003 + index + 1,
+        "priority": a.priority,
+        **({"model": a.model} if a.model else {}),
+    }
+
+
+class LoadGen:
+    def __init__(self, client: httpx.AsyncClient, args: argparse.Namespace) -> None:
+        self.client = client
+        self.args = args
+        self.requests: list[Request] = []
+        self.pending: dict[str, Request] = {}  # accepted, not yet seen final
+        self.submit_slots = asyncio.Semaphore(args.max_inflight_submits)
+        self.poll_errors: Counter[str] = Counter()
+        self.polls = 0
+        self.t0 = 0.0
+        self.stopping = False
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def submit(self, req: Request) -> None:
+        async with self.submit_slots:  # a cap so high it should never bind; lag shows if it does
+            req.sent = self.now()
+            try:
+                response = await self.client.post(
+                    "/api/v1/image/generate", json=task_body(self.args, req.index)
+                )
+            except httpx.HTTPError as exc:
+                req.answered, req.error = self.now(), type(exc).__name__
+                return
+            req.answered, req.http_status = self.now(), response.status_code
+            if response.status_code == 200:
+                req.task_id = response.json()["data"]["task_ids"][0]
+                self.pending[req.task_id] = req
+
+    async def poll_one(self, task_id: str) -> None:
+        self.polls += 1
+        try:
+            response = await self.client.get(f"/api/v1/image/task/{task_id}")
+        except httpx.HTTPError as exc:
+            self.poll_errors[type(exc).__name__] += 1
+            return
+        seen = self.now()
+        if response.status_code != 200:
+            self.poll_errors[str(response.status_code)] += 1
+            return
+        status = response.json()["data"]["status"]
+        req = self.pending.get(task_id)
+        if status in FINAL and req is not None:
+            req.status, req.done = status, seen
+            del self.pending[task_id]
+
+    async def poll_loop(self) -> None:
+        """The oldest unfinished tasks every tick, plus a few others in rotation."""
+        cursor = 0
+        while not self.stopping:
+            tick = time.perf_counter()
+            waiting = sorted(self.pending.values(), key=lambda r: r.scheduled)
+            head, rest = waiting[: self.args.poll_head], waiting[self.args.poll_head :]
+            extra = []
+            if rest and self.args.poll_rotate:
+                cursor %= len(rest)
+                extra = (rest[cursor:] + rest[:cursor])[: self.args.poll_rotate]
+                cursor += len(extra)
+            if head or extra:
+                await asyncio.gather(*(self.poll_one(r.task_id) for r in head + extra))
+            await asyncio.sleep(max(0.0, tick + self.args.poll_interval - time.perf_counter()))
+
+    async def cancel_unfinished(self) -> None:
+        async def cancel(req: Request) -> None:
+            req.status = "unfinished"
+            with contextlib.suppress(httpx.HTTPError):
+                await self.client.post(f"/api/v1/image/task/{req.task_id}/cancel")
+
+        left = list(self.pending.values())
+        self.pending.clear()
+        for i in range(0, len(left), 32):
+            await asyncio.gather(*(cancel(r) for r in left[i : i + 32]))
+
+    async def run(self) -> float:
+        """Send the schedule, follow every task; the seconds spent draining after the schedule."""
+        a = self.args
+        offsets = arrival_times(a.rate, a.duration, a.arrivals, a.seed)
+        self.requests = [Request(i, t) for i, t in enumerate(offsets)]
+        self.t0 = time.perf_counter() + 0.05
+        poller = asyncio.create_task(self.poll_loop())
+        submits = []
+        for req in self.requests:
+            delay = req.scheduled - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            submits.append(asyncio.create_task(self.submit(req)))
+        await asyncio.gather(*submits)
+        end_of_schedule = self.now()
+        deadline = time.perf_counter() + a.drain_timeout
+        while self.pending and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        self.stopping = True
+        await poller
+        drained = self.now() - end_of_schedule
+        await self.cancel_unfinished()
+        return drained
+
+
+def summarize(requests: list[Request], args: argparse.Namespace, drained: float) -> dict:
+    warmup = args.warmup
+    window = max(args.duration - warmup, 1e-9)
+    in_window = [r for r in requests if r.scheduled >= warmup]
+    succeeded_in_window = [
+        r for r in requests if r.status == "succeeded" and warmup <= r.done <= args.duration
+    ]
+    statuses = Counter(r.status for r in requests if r.task_id is not None)
+    http = Counter(str(r.http_status) for r in requests if r.http_status is not None)
+    rejected = sum(n for code, n in http.items() if int(code) in REJECTED)
+    other_errors = {code: n for code, n in http.items() if int(code) != 200 and int(code) not in REJECTED}
+    transport = Counter(r.error for r in requests if r.error)
+    lat = [r.latency for r in in_window if r.latency is not None]
+    lat_all = [r.latency for r in requests if r.latency is not None]
+    lag = [r.sent - r.scheduled for r in requests if r.sent is not None]
+    submit_rtt = [r.answered - r.sent for r in requests if r.answered is not None and r.sent is not None]
+    done_times = [r.done for r in requests if r.status == "succeeded"]
+    return {
+        "offered": {
+            "rate_per_s": args.rate,
+            "duration_s": args.duration,
+            "arrivals": args.arrivals,
+            "requests": len(requests),
+            "actual_rate_per_s": len(requests) / args.duration,
+        },
+        "window": {
+            "start_s": warmup,
+            "end_s": args.duration,
+            "scheduled": len(in_window),
+            "succeeded_in_window": len(succeeded_in_window),
+            "completed_per_s": len(succeeded_in_window) / window,
+        },
+        "submitted": sum(1 for r in requests if r.sent is not None),
+        "accepted": sum(1 for r in requests if r.task_id is not None),
+        "rejected": rejected,
+        "http_status": dict(sorted(http.items())),
+        "http_errors": other_errors,
+        "transport_errors": dict(transport),
+        "final_status": {s: statuses.get(s, 0) for s in (*FINAL, "unfinished")},
+        "latency_s": _stats(lat),
+        "latency_all_s": _stats(lat_all),
+        "client_lag_s": _stats(lag),
+        "submit_rtt_s": _stats(submit_rtt),
+        "succeeded_total": len(done_times),
+        "last_success_s": max(done_times) if done_times else None,
+        "drain_s": drained,
+    }
+
+
+def fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def print_table(report: dict) -> None:
+    s = report["summary"]
+    o, w, lat = s["offered"], s["window"], s["latency_s"]
+    rows = [
+        (
+            "offered rate",
+            f"{o['rate_per_s']:g}/s ({o['arrivals']}), {o['requests']} requests in {o['duration_s']:g} s",
+        ),
+        ("window", f"{w['start_s']:g}-{w['end_s']:g} s: {w['scheduled']} scheduled"),
+        ("completed", f"{w['completed_per_s']:.2f} tasks/s ({w['succeeded_in_window']} succeeded in window)"),
+        (
+            "latency (s)",
+            f"p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  p99 {fmt(lat['p99'])}  "
+            f"max {fmt(lat['max'])}  (n={lat['n']})",
+        ),
+        ("accepted", f"{s['accepted']} of {s['submitted']} submitted; rejected (429/503) {s['rejected']}"),
+        ("final status", ", ".join(f"{k} {v}" for k, v in s["final_status"].items())),
+        ("http status", ", ".join(f"{k}: {v}" for k, v in s["http_status"].items()) or "-"),
+        ("errors", json.dumps({"http": s["http_errors"], "transport": s["transport_errors"]})),
+        (
+            "client lag (s)",
+            f"p99 {fmt(s['client_lag_s']['p99'])}  max {fmt(s['client_lag_s']['max'])}",
+        ),
+        ("submit rtt (s)", f"p50 {fmt(s['submit_rtt_s']['p50'])}  p99 {fmt(s['submit_rtt_s']['p99'])}"),
+        ("drain after schedule", f"{s['drain_s']:.1f} s; {report['polls']} polls"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+async def _run(args: argparse.Namespace) -> dict:
+    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
+    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
+    timeout = httpx.Timeout(args.http_timeout)
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as c:
+        gen = LoadGen(c, args)
+        drained = await gen.run()
+    return {
+        "summary": summarize(gen.requests, args, drained),
+        "polls": gen.polls,
+        "poll_errors": dict(gen.poll_errors),
+        "requests": [asdict(r) for r in gen.requests],
+    }
+
+
+def start_server(args: argparse.Namespace, root: Path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.server import Server
+
+    env = dict(item.split("=", 1) for item in args.server_env)
+    server = Server(root, model=args.start_server, env=env).start()
+    key = server.key("paid", rate=0.0, quota=1_000_000)  # rate 0: unlimited, polls are not charged
+    return server, key
+
+
+def warm_up(url: str, key: str, args: argparse.Namespace) -> None:
+    """One task before the clock starts, so a lazily loaded model is not in the figures."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+        response = c.post("/api/v1/image/generate", json=task_body(args, -1))
+        response.raise_for_status()
+        task_id = response.json()["data"]["task_ids"][0]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if c.get(f"/api/v1/image/task/{task_id}").json()["data"]["status"] in FINAL:
+                return
+            time.sleep(0.1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = p.add_argument_group("target")
+    target.add_argument("--url", help="The server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--key", default=os.environ.get("IMAGEGENX_KEY"), help="API key [$IMAGEGENX_KEY]")
+    target.add_argument(
+        "--start-server",
+        metavar="MODEL",
+        help="Start `imagegenx serve --model MODEL` (tests/support/server.py: own DB, blobs, port) "
+        "and a key for it; stopped at the end",
+    )
+    target.add_argument("--server-root", type=Path, help="Folder for that server (default: a temp dir)")
+    target.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE", help="Extra env for it"
+    )
+    load = p.add_argument_group("load")
+    load.add_argument("--rate", type=float, default=10.0, help="Requests per second [10]")
+    load.add_argument("--duration", type=float, default=30.0, help="Seconds of sending [30]")
+    load.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="Seconds excluded from the measurement window [min(5, duration/4)]",
+    )
+    load.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson")
+    load.add_argument("--seed", type=int, default=0, help="Arrival schedule and image seeds [0]")
+    load.add_argument("--no-warm-task", action="store_true", help="Skip the one task sent before t0")
+    job = p.add_argument_group("task")
+    job.add_argument("--width", type=int, default=64)
+    job.add_argument("--height", type=int, default=64)
+    job.add_argument("--steps", type=int, default=4)
+    job.add_argument("--priority", type=int, default=2)
+    job.add_argument("--model", help="Model per request (default: the server's)")
+    job.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    client = p.add_argument_group("client")
+    client.add_argument("--poll-interval", type=float, default=0.05, help="Seconds between polls [0.05]")
+    client.add_argument("--poll-head", type=int, default=16, help="Oldest tasks polled each tick [16]")
+    client.add_argument("--poll-rotate", type=int, default=4, help="Other tasks polled each tick [4]")
+    client.add_argument("--connections", type=int, default=512, help="HTTP connection cap [512]")
+    client.add_argument("--max-inflight-submits", type=int, default=512, help="POSTs in flight cap [512]")
+    client.add_argument("--http-timeout", type=float, default=60.0)
+    client.add_argument(
+        "--drain-timeout", type=float, default=300.0, help="Seconds to follow tasks after the schedule"
+    )
+    p.add_argument("--json", type=Path, help="Write the report (summary and every request) here")
+    args = p.parse_args(argv)
+    if not args.start_server and not args.url:
+        p.error("give --url (and --key) or --start-server MODEL")
+    if args.rate <= 0 or args.duration <= 0:
+        p.error("--rate and --duration must be > 0")
+    if args.warmup is None:
+        args.warmup = min(5.0, args.duration / 4)
+    if not 0 <= args.warmup < args.duration:
+        p.error("--warmup must be in [0, duration)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
+    server = None
+    tmp = None
+    try:
+        if args.start_server:
+            root = args.server_root
+            if root is None:
+                tmp = tempfile.TemporaryDirectory(prefix="loadgen-")
+                root = Path(tmp.name)
+            root.mkdir(parents=True, exist_ok=True)
+            server, args.key = start_server(args, root)
+            args.url = server.url
+        if not args.no_warm_task:
+            warm_up(args.url, args.key, args)
+        report = asyncio.run(_run(args))
+    finally:
+        if server is not None:
+            server.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    report["config"] = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "key"
+    }
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_before": loadavg,
+    }
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

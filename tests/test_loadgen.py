@@ -1,0 +1,62 @@
+"""scripts/loadgen.py: a short open-loop run against a real server, from a second process."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.server import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "loadgen.py"
+
+
+def _loadgen():
+    spec = importlib.util.spec_from_file_location("loadgen", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("loadgen", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_schedule_and_percentiles():
+    loadgen = _loadgen()
+    assert loadgen.arrival_times(5, 3, "fixed", 0) == pytest.approx([i / 5 for i in range(15)])
+    poisson = loadgen.arrival_times(100, 10, "poisson", 1)
+    assert 900 < len(poisson) < 1100 and poisson == sorted(poisson) and poisson[-1] < 10
+    assert loadgen.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert loadgen.percentile([], 50) is None
+
+
+@pytest.mark.timeout(120)
+def test_short_run_counts_every_request(tmp_path):
+    server = Server(tmp_path).start()
+    try:
+        key = server.key(rate=0.0, quota=10_000)
+        out = tmp_path / "report.json"
+        cmd = [sys.executable, str(SCRIPT), "--url", server.url, "--key", key, "--rate", "5"]
+        cmd += ["--duration", "3", "--warmup", "0.5", "--arrivals", "fixed", "--json", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        server.stop()
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert s["offered"]["requests"] == len(report["requests"]) == 15
+    assert s["submitted"] == s["accepted"] == 15 and s["rejected"] == 0
+    assert s["http_status"] == {"200": 15} and not s["http_errors"] and not s["transport_errors"]
+    assert s["final_status"] == {
+        "succeeded": 15,
+        "failed": 0,
+        "canceled": 0,
+        "expired": 0,
+        "unfinished": 0,
+    }
+    lat = s["latency_s"]
+    assert lat["n"] == s["window"]["scheduled"] == 12
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert s["window"]["completed_per_s"] > 0
+    assert "completed" in proc.stdout and "p99" in proc.stdout
