@@ -7,14 +7,18 @@ the way a real one would (open loop). Every request's *scheduled* time is record
 scheduled time -> the client first sees the task ``succeeded``, so it includes any time the client
 itself fell behind, the HTTP round trip, the server's queue and the generation.
 
-Tasks are followed to completion by one poller (GET /api/v1/image/task/{id}): every
-``--poll-interval`` it asks about the ``--poll-head`` oldest unfinished tasks (a FIFO queue
-finishes those first) plus ``--poll-rotate`` others in turn, so the polling load on the server is
-bounded however long the queue gets. The SSE endpoint is not used: it holds one server thread per
-waiting task.
+Tasks are followed to completion by one poller (GET /api/v1/image/task/{id}, every
+``--poll-interval``, 50 ms by default) that scans the unfinished tasks oldest first and stops at the
+first one still unfinished, plus ``--poll-rotate`` others in turn for tasks that finish out of order.
+A FIFO server finishes the oldest first, so this sees every completion within about one interval
+while costing the server about 2 x 20 polls/s plus one per completion, however long its queue grows
+(a poll costs the server about 3 ms of CPU on a 2-core machine; polling every task every 50 ms would
+make the load generator a large part of the load). The SSE endpoint is not used: each open stream
+waits in a thread of the server's default executor (6 threads on 2 cores), so with many waiting
+tasks events are delayed by seconds.
 
 Throughput is the number of tasks seen succeeding inside the measurement window (from
-``--warmup`` seconds after the first scheduled request to the end of the schedule) divided by its
+``--warmup`` seconds after the schedule starts to its end) divided by its
 length; latency percentiles are over the tasks *scheduled* inside that window (followed to the end,
 up to ``--drain-timeout`` after the schedule). HTTP 429 and 503 on submit count as rejected.
 
@@ -59,6 +63,7 @@ class Request:
     task_id: str | None = None
     status: str | None = None  # final task status; "unfinished" if not final by the drain timeout
     done: float | None = None  # when the client first saw the final status
+    server_done: float | None = None  # the task's finished_at on the server's clock (--check-detection)
 
     @property
     def latency(self) -> float | None:
@@ -143,37 +148,48 @@ class LoadGen:
                 req.task_id = response.json()["data"]["task_ids"][0]
                 self.pending[req.task_id] = req
 
-    async def poll_one(self, task_id: str) -> None:
+    async def poll_one(self, req: Request) -> bool:
+        """Ask about one task; true if it is final (now or already)."""
         self.polls += 1
         try:
-            response = await self.client.get(f"/api/v1/image/task/{task_id}")
+            response = await self.client.get(f"/api/v1/image/task/{req.task_id}")
         except httpx.HTTPError as exc:
             self.poll_errors[type(exc).__name__] += 1
-            return
+            return False
         seen = self.now()
         if response.status_code != 200:
             self.poll_errors[str(response.status_code)] += 1
-            return
+            return False
         status = response.json()["data"]["status"]
-        req = self.pending.get(task_id)
-        if status in FINAL and req is not None:
+        if status in FINAL and req.status is None:
             req.status, req.done = status, seen
-            del self.pending[task_id]
+            self.pending.pop(req.task_id, None)
+        return status in FINAL
 
     async def poll_loop(self) -> None:
-        """The oldest unfinished tasks every tick, plus a few others in rotation."""
+        """Each tick, scan the unfinished tasks oldest first and stop at the first one still running.
+
+        A FIFO server finishes the oldest first, so one poll per tick usually suffices while nothing
+        finishes, and a whole finished batch is found in the same tick (the groups double: 1, 2, 4 ...).
+        A few others are polled in rotation to catch tasks that finish out of order.
+        """
         cursor = 0
         while not self.stopping:
             tick = time.perf_counter()
             waiting = sorted(self.pending.values(), key=lambda r: r.scheduled)
-            head, rest = waiting[: self.args.poll_head], waiting[self.args.poll_head :]
-            extra = []
+            i, size = 0, self.args.poll_head
+            while i < len(waiting):
+                group = waiting[i : i + size]
+                finished = await asyncio.gather(*(self.poll_one(r) for r in group))
+                i, size = i + len(group), 2 * size
+                if not all(finished):
+                    break
+            rest = waiting[i:]
             if rest and self.args.poll_rotate:
                 cursor %= len(rest)
                 extra = (rest[cursor:] + rest[:cursor])[: self.args.poll_rotate]
                 cursor += len(extra)
-            if head or extra:
-                await asyncio.gather(*(self.poll_one(r.task_id) for r in head + extra))
+                await asyncio.gather(*(self.poll_one(r) for r in extra))
             await asyncio.sleep(max(0.0, tick + self.args.poll_interval - time.perf_counter()))
 
     async def cancel_unfinished(self) -> None:
@@ -187,12 +203,25 @@ class LoadGen:
         for i in range(0, len(left), 32):
             await asyncio.gather(*(cancel(r) for r in left[i : i + 32]))
 
+    async def check_detection(self) -> None:
+        """After the run: each success's finished_at (server clock), to see how late polling saw it."""
+
+        async def one(req: Request) -> None:
+            with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
+                response = await self.client.get(f"/api/v1/image/task/{req.task_id}")
+                req.server_done = response.json()["data"]["finished_at"] - self.t0_wall
+
+        done = [r for r in self.requests if r.status == "succeeded"]
+        for i in range(0, len(done), 16):
+            await asyncio.gather(*(one(r) for r in done[i : i + 16]))
+
     async def run(self) -> float:
         """Send the schedule, follow every task; the seconds spent draining after the schedule."""
         a = self.args
         offsets = arrival_times(a.rate, a.duration, a.arrivals, a.seed)
         self.requests = [Request(i, t) for i, t in enumerate(offsets)]
         self.t0 = time.perf_counter() + 0.05
+        self.t0_wall = time.time() + 0.05
         poller = asyncio.create_task(self.poll_loop())
         submits = []
         for req in self.requests:
@@ -229,6 +258,15 @@ def summarize(requests: list[Request], args: argparse.Namespace, drained: float)
     lag = [r.sent - r.scheduled for r in requests if r.sent is not None]
     submit_rtt = [r.answered - r.sent for r in requests if r.answered is not None and r.sent is not None]
     done_times = [r.done for r in requests if r.status == "succeeded"]
+    detection = [r.done - r.server_done for r in requests if r.server_done is not None]
+    buckets = []  # by scheduled time: does latency stay flat (sustained) or grow (overloaded)?
+    for start in range(0, math.ceil(args.duration), args.bucket):
+        end = min(start + args.bucket, args.duration)
+        lats = [r.latency for r in requests if start <= r.scheduled < end and r.latency is not None]
+        finished = sum(1 for t in done_times if start <= t < end)
+        buckets.append(
+            {"start_s": start, "end_s": end, "completed_per_s": finished / (end - start), **_stats(lats)}
+        )
     return {
         "offered": {
             "rate_per_s": args.rate,
@@ -255,9 +293,11 @@ def summarize(requests: list[Request], args: argparse.Namespace, drained: float)
         "latency_all_s": _stats(lat_all),
         "client_lag_s": _stats(lag),
         "submit_rtt_s": _stats(submit_rtt),
+        "detection_delay_s": _stats(detection),
         "succeeded_total": len(done_times),
         "last_success_s": max(done_times) if done_times else None,
         "drain_s": drained,
+        "buckets": buckets,
     }
 
 
@@ -273,12 +313,24 @@ def print_table(report: dict) -> None:
             "offered rate",
             f"{o['rate_per_s']:g}/s ({o['arrivals']}), {o['requests']} requests in {o['duration_s']:g} s",
         ),
-        ("window", f"{w['start_s']:g}-{w['end_s']:g} s: {w['scheduled']} scheduled"),
+        (
+            "window",
+            f"{w['start_s']:g}-{w['end_s']:g} s: {w['scheduled']} scheduled "
+            f"({w['scheduled'] / (w['end_s'] - w['start_s']):.2f}/s)",
+        ),
         ("completed", f"{w['completed_per_s']:.2f} tasks/s ({w['succeeded_in_window']} succeeded in window)"),
         (
             "latency (s)",
             f"p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  p99 {fmt(lat['p99'])}  "
             f"max {fmt(lat['max'])}  (n={lat['n']})",
+        ),
+        (
+            f"p50 per {report['config']['bucket']} s",
+            " ".join(fmt(b["p50"], digits=2) for b in s["buckets"]) + "  (by scheduled time)",
+        ),
+        (
+            f"done/s per {report['config']['bucket']} s",
+            " ".join(f"{b['completed_per_s']:.1f}" for b in s["buckets"]),
         ),
         ("accepted", f"{s['accepted']} of {s['submitted']} submitted; rejected (429/503) {s['rejected']}"),
         ("final status", ", ".join(f"{k} {v}" for k, v in s["final_status"].items())),
@@ -289,7 +341,15 @@ def print_table(report: dict) -> None:
             f"p99 {fmt(s['client_lag_s']['p99'])}  max {fmt(s['client_lag_s']['max'])}",
         ),
         ("submit rtt (s)", f"p50 {fmt(s['submit_rtt_s']['p50'])}  p99 {fmt(s['submit_rtt_s']['p99'])}"),
-        ("drain after schedule", f"{s['drain_s']:.1f} s; {report['polls']} polls"),
+        (
+            "seen after finish (s)",
+            f"p50 {fmt(s['detection_delay_s']['p50'])}  p99 {fmt(s['detection_delay_s']['p99'])}"
+            "  (client seen - server finished_at; --check-detection)",
+        ),
+        (
+            "polls",
+            f"{report['polls']} ({report['polls_per_s']:.0f}/s); drain after schedule {s['drain_s']:.1f} s",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -303,9 +363,13 @@ async def _run(args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as c:
         gen = LoadGen(c, args)
         drained = await gen.run()
+        if args.check_detection:
+            await gen.check_detection()
+    elapsed = args.duration + drained
     return {
         "summary": summarize(gen.requests, args, drained),
         "polls": gen.polls,
+        "polls_per_s": gen.polls / elapsed,
         "poll_errors": dict(gen.poll_errors),
         "requests": [asdict(r) for r in gen.requests],
     }
@@ -358,6 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Seconds excluded from the measurement window [min(5, duration/4)]",
     )
+    load.add_argument("--bucket", type=int, default=5, help="Seconds per row of the time series [5]")
     load.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson")
     load.add_argument("--seed", type=int, default=0, help="Arrival schedule and image seeds [0]")
     load.add_argument("--no-warm-task", action="store_true", help="Skip the one task sent before t0")
@@ -370,20 +435,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     job.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
     client = p.add_argument_group("client")
     client.add_argument("--poll-interval", type=float, default=0.05, help="Seconds between polls [0.05]")
-    client.add_argument("--poll-head", type=int, default=16, help="Oldest tasks polled each tick [16]")
-    client.add_argument("--poll-rotate", type=int, default=4, help="Other tasks polled each tick [4]")
+    client.add_argument(
+        "--poll-head", type=int, default=1, help="First group of oldest tasks polled each tick [1]"
+    )
+    client.add_argument("--poll-rotate", type=int, default=1, help="Other tasks polled each tick [1]")
     client.add_argument("--connections", type=int, default=512, help="HTTP connection cap [512]")
     client.add_argument("--max-inflight-submits", type=int, default=512, help="POSTs in flight cap [512]")
     client.add_argument("--http-timeout", type=float, default=60.0)
     client.add_argument(
         "--drain-timeout", type=float, default=300.0, help="Seconds to follow tasks after the schedule"
     )
+    client.add_argument(
+        "--check-detection",
+        action="store_true",
+        help="After the run, compare when each success was seen with its finished_at (same clock only)",
+    )
     p.add_argument("--json", type=Path, help="Write the report (summary and every request) here")
     args = p.parse_args(argv)
     if not args.start_server and not args.url:
         p.error("give --url (and --key) or --start-server MODEL")
-    if args.rate <= 0 or args.duration <= 0:
-        p.error("--rate and --duration must be > 0")
+    if args.rate <= 0 or args.duration <= 0 or args.bucket < 1:
+        p.error("--rate and --duration must be > 0, --bucket >= 1")
     if args.warmup is None:
         args.warmup = min(5.0, args.duration / 4)
     if not 0 <= args.warmup < args.duration:
@@ -421,6 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "loadavg_before": loadavg,
+        "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
     print_table(report)
     if args.json:

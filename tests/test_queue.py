@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import psycopg2
 import pytest
@@ -49,8 +50,18 @@ T0 = 1_000_000.0  # the tests' clock starts here
 LONG = 300.0  # a lease that does not run out during a test
 LANES = (0, 1, 2, 3)
 
-# Snapshot of a backend's stored state: task id -> (state, lease owner or None, deliveries).
-Snapshot = dict[str, tuple[str, str | None, int]]
+
+class Stored(NamedTuple):
+    """One queued job as a backend stores it."""
+
+    state: str  # "ready" | "leased"
+    owner: str | None
+    lease_until: float | None
+    available_at: float
+    deliveries: int
+
+
+Snapshot = dict[str, Stored]  # task id -> stored job
 
 
 @dataclass
@@ -140,9 +151,9 @@ def backend(sql_url) -> Iterator[Backend]:
 
     def snapshot() -> Snapshot:
         c = queue_jobs.c
+        columns = (c.state, c.lease_owner, c.lease_until, c.available_at, c.deliveries)
         with main.connect() as conn:
-            rows = conn.execute(select(c.task_id, c.state, c.lease_owner, c.deliveries)).all()
-        return {r.task_id: (r.state, r.lease_owner, r.deliveries) for r in rows}
+            return {row[0]: Stored(*row[1:]) for row in conn.execute(select(c.task_id, *columns))}
 
     yield Backend(
         name=main.dialect.name,
@@ -493,11 +504,12 @@ class QueueMachine(RuleBasedStateMachine):
             job.state, job.owner, job.lease_until = "leased", owner, self.now + lease_s
             job.deliveries += 1
 
-    @rule(owner=st.sampled_from(OWNERS), data=st.data(), lease_s=st.sampled_from([1.0, 2.5]))
-    def heartbeat(self, owner, data, lease_s):
+    @rule(data=st.data(), lease_s=st.sampled_from([1.0, 2.5]))
+    def heartbeat(self, data, lease_s):
         # Mostly what a worker sends (everything it holds), plus ids it does not hold.
-        own = [t for t in sorted(self.jobs) if self.held_by(t, owner)] if data.draw(st.booleans()) else []
-        others = data.draw(st.lists(st.sampled_from(sorted([*self.jobs, *self.done, "x"])), max_size=3))
+        owner, _ = self.owner_and_id(data)
+        own = [t for t in sorted(self.jobs) if self.held_by(t, owner)]
+        others = data.draw(st.lists(st.sampled_from(sorted([*self.jobs, *self.done, "x"])), max_size=2))
         task_ids = own + others
         extended = self.queue.heartbeat(owner, task_ids, lease_s, now=self.now)
         assert extended == [t for t in dict.fromkeys(task_ids) if self.held_by(t, owner)]
@@ -531,9 +543,11 @@ class QueueMachine(RuleBasedStateMachine):
             del self.jobs[task_id]
             self.done.add(task_id)
 
-    @rule(seconds=st.sampled_from([0.5, 1.0, 2.5, 4.0, 7.0]))
-    def advance_time(self, seconds):
+    @rule(seconds=st.sampled_from([0.5, 1.0, 2.5, 4.0, 7.0]), recover=st.booleans())
+    def advance_time(self, seconds, recover):
         self.now += seconds
+        if recover:
+            self.recover_expired()
 
     @precondition(lambda self: any(j.state == "leased" for j in self.jobs.values()))
     @rule(recover=st.booleans())
@@ -543,8 +557,7 @@ class QueueMachine(RuleBasedStateMachine):
         if recover:
             self.recover_expired()
 
-    @rule()
-    def recover_expired(self):
+    def recover_expired(self) -> None:
         expired = [t for t, j in self.jobs.items() if j.state == "leased" and j.lease_until <= self.now]
         assert self.queue.recover_expired(now=self.now) == len(expired)
         for task_id in expired:
@@ -580,11 +593,15 @@ class QueueMachine(RuleBasedStateMachine):
         if self.backend.snapshot is None:
             return
         stored = self.backend.snapshot()
-        assert stored == {t: (j.state, j.owner, j.deliveries) for t, j in self.jobs.items()}
+        expected = {
+            t: Stored(j.state, j.owner, j.lease_until, j.available_at, j.deliveries)
+            for t, j in self.jobs.items()
+        }
+        assert stored == expected
         assert not self.done & stored.keys()
-        for task_id, (_, _, deliveries) in stored.items():
-            assert deliveries >= self.most_deliveries.get(task_id, 0)
-            self.most_deliveries[task_id] = deliveries
+        for task_id, job in stored.items():
+            assert job.deliveries >= self.most_deliveries.get(task_id, 0)
+            self.most_deliveries[task_id] = job.deliveries
 
 
 def test_queue_state_machine(backend):

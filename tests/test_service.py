@@ -283,8 +283,25 @@ def test_models_metrics_health_and_openapi(server, client):
     assert len(client.get("/api/v1/styles").json()["data"]) >= 20
     assert client.get("/healthz").json() == {"status": "ok"}
     metrics = client.get("/metrics").text
-    for name in ("imagegenx_queue_depth", "imagegenx_model_loads_total", "imagegenx_unet_batch_images"):
+    names = ("imagegenx_queue_depth", "imagegenx_model_loads_total", "imagegenx_unet_batch_images")
+    names += ("imagegenx_generation_seconds_bucket", "imagegenx_vram_used_bytes", "imagegenx_images_total")
+    for name in names:
         assert name in metrics
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/api/v1/image/generate", "/api/v1/image/task/{task_id}", "/api/v1/image/download.zip"):
         assert path in paths
+
+
+def test_logs_are_json_lines_with_task_fields(server, client):
+    task_id = submit(client, "/api/v1/image/generate", {"text": "logged", **SMALL})
+    wait_for(client, task_id)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+        mine = [line for line in lines if line.get("task_id") == task_id]
+        if mine:
+            break
+        time.sleep(0.2)
+    assert mine[0]["model"] == "random:tiny-sd15" and mine[0]["resolution"] == "64x64"
+    assert mine[0]["status"] == "succeeded" and mine[0]["level"] == "info"
+    assert not any(line.get("message", "").count("igx_") for line in lines)  # no key secret in logs

@@ -70,3 +70,25 @@ def test_urgent_lane_overtakes_queued_work(tmp_path):
             assert order.index(urgent) <= 2  # at most the one or two already leased go first
     finally:
         server.stop()
+
+
+def test_a_full_queue_answers_503_and_keeps_what_it_accepted(tmp_path):
+    env = {"IMAGEGENX_SERVICE__MAX_QUEUED_TASKS": "2", "IMAGEGENX_ENGINE__MAX_BATCH": "1"}
+    server = Server(tmp_path, env=env).start()
+    try:
+        with server.client(server.key()) as client:
+            slow = {"width": 256, "height": 256, "steps": 150}
+            busy = _submit(client, slow | {"text": "busy"})
+            wait_for(client, busy, until=("processing",))
+            accepted = [_submit(client, slow | {"text": f"wait {i}", "width": 72}) for i in range(2)]
+            refused = client.post("/api/v1/image/generate", json=slow | {"text": "one too many"})
+            assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+            assert refused.json()["code"] == 503 and "queue is full" in refused.json()["message"]
+            for task_id in [busy, *accepted]:
+                assert client.get(f"/api/v1/image/task/{task_id}").json()["data"]["status"] in (
+                    "queued",
+                    "processing",
+                )
+                client.post(f"/api/v1/image/task/{task_id}/cancel")
+    finally:
+        server.stop()

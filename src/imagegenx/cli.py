@@ -205,8 +205,33 @@ def serve(
         )
     except UserError as exc:
         raise _fail(str(exc)) from None
+    from imagegenx.api import jsonlog
+
+    jsonlog.configure()
+    _configure_tracing()
     service = settings.service
-    uvicorn.run(create_app(settings), host=service.host, port=service.port, log_level="info")
+    uvicorn.run(create_app(settings), host=service.host, port=service.port, log_config=None)
+
+
+def _configure_tracing() -> None:
+    """OpenTelemetry export is off unless OTEL_EXPORTER_OTLP_ENDPOINT is set and the SDK is installed
+    (`pip install imagegenx[otel]`); without it every span is a no-op."""
+    import os
+
+    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    try:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        err.print("OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not installed: no traces")
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": "imagegenx"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
 
 
 keys_app = typer.Typer(help="API keys: only their hashes are stored; a secret is shown once, at creation.")

@@ -277,6 +277,8 @@ class Engine:
             ),
         )
         self.metrics.images.labels(job.model, "succeeded").inc()
+        resolution = f"{job.width}x{job.height}"
+        self.metrics.generation_seconds.labels(job.model, resolution).observe(result.timings.total_s)
         self._emit(ProgressEvent(job.job_id, JobStatus.SUCCEEDED, steps, steps))
         if entry is not None:
             entry.future.set_result(result)

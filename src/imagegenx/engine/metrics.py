@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from imagegenx.models.cache import ModelCache
@@ -31,7 +31,15 @@ class EngineMetrics:
         self.oom_splits = Counter(
             "imagegenx_oom_splits", "Batches split after running out of device memory", registry=self.registry
         )
+        self.generation_seconds = Histogram(
+            "imagegenx_generation_seconds",
+            "Seconds from submission to a finished image, by model and resolution",
+            ["model", "resolution"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
         self.registry.register(_LoadCollector(models))
+        self.registry.register(_DeviceMemoryCollector())
 
 
 class _LoadCollector(Collector):
@@ -49,3 +57,18 @@ class _LoadCollector(Collector):
         for ref, count in self.models.lora_loads().items():
             lora.add_metric([ref], count)
         yield lora
+
+
+class _DeviceMemoryCollector(Collector):
+    """VRAM in use and reserved by this process (0 without a GPU), read at scrape time."""
+
+    def collect(self):
+        import torch
+
+        in_use = GaugeMetricFamily("imagegenx_vram_used_bytes", "GPU memory allocated by tensors")
+        reserved = GaugeMetricFamily("imagegenx_vram_reserved_bytes", "GPU memory held by the allocator")
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        in_use.add_metric([], float(torch.cuda.memory_allocated()) if cuda else 0.0)
+        reserved.add_metric([], float(torch.cuda.memory_reserved()) if cuda else 0.0)
+        yield in_use
+        yield reserved

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from opentelemetry import trace
+
 from imagegenx.config import Settings
 from imagegenx.engine.events import TaskEvents
 from imagegenx.engine.validation import validate_job
@@ -33,6 +35,7 @@ from imagegenx.types import (
     UserError,
 )
 
+tracer = trace.get_tracer("imagegenx.service")  # a no-op unless an exporter is configured
 TIER_MAX_SIDE = {Tier.FREE: 1024, Tier.PAID: 2048}
 ANONYMOUS = ApiKey("anonymous", "anonymous", Tier.FREE, rate_limit_per_s=30, queue_quota=100, created_at=0)
 
@@ -115,9 +118,10 @@ class Service:
                 self.blobs.put(input_key(record.task_id, "image"), item.init_image)
             if item.mask_image is not None:
                 self.blobs.put(input_key(record.task_id, "mask"), item.mask_image)
-        self.store.create(records)
-        for record, job in zip(records, jobs, strict=True):
-            self.queue.submit(record.task_id, record.priority, batch_key_text(job))
+        with tracer.start_as_current_span("queue", attributes={"tasks": len(records)}):
+            self.store.create(records)
+            for record, job in zip(records, jobs, strict=True):
+                self.queue.submit(record.task_id, record.priority, batch_key_text(job))
         return records
 
     def _check_tier(self, user: ApiKey, job: JobSpec) -> None:

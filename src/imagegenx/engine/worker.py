@@ -18,6 +18,7 @@ import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from PIL import Image
 
 from imagegenx.engine.engine import Engine, JobFailed
@@ -29,12 +30,14 @@ from imagegenx.storage.tasks import StorageUnavailable
 from imagegenx.types import GeneratedImage, JobStatus, ProgressEvent, TaskStatus, UserError
 
 log = logging.getLogger("imagegenx.worker")
+tracer = trace.get_tracer("imagegenx.worker")  # a no-op unless an exporter is configured
 
 
 @dataclass
 class _InFlight:
     lease: Lease
     attempt: int
+    span: trace.Span
     future: Future | None = None
     started: bool = False
 
@@ -82,7 +85,7 @@ class ServiceWorker:
     # Loop ---------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        last_heartbeat = last_sweep = 0.0
+        last_heartbeat = last_sweep = last_purge = 0.0
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
@@ -96,6 +99,9 @@ class ServiceWorker:
                     self.service.queue.recover_expired()
                     self.service.blobs.sync_spool()
                     last_sweep = now
+                if now - last_purge > 3600:
+                    self._purge_old_history()
+                    last_purge = now
                 self._wait_for_work()
             except StorageUnavailable as exc:  # the database is down: wait, lose nothing
                 log.warning("storage unavailable, retrying: %s", exc)
@@ -103,6 +109,13 @@ class ServiceWorker:
             except Exception:  # never let one bad job kill the worker
                 log.exception("worker loop error")
                 self._stop.wait(0.5)
+
+    def _purge_old_history(self) -> None:
+        """Tasks past the history window go, with their images (seed 003: 90 days)."""
+        cutoff = time.time() - self.service.settings.storage.history_days * 86400
+        for record in self.service.store.purge_before(cutoff):
+            self.service.blobs.delete_prefix(f"results/{record.task_id}/")
+            self.service.blobs.delete_prefix(f"inputs/{record.task_id}/")
 
     def _wait_for_work(self) -> None:
         try:
@@ -133,7 +146,10 @@ class ServiceWorker:
             self._finish(task_id)
             return
         # The attempt counts real starts (the engine's first step), not leases.
-        job = _InFlight(lease, attempt=record.attempts + 1)
+        job = _InFlight(lease, attempt=record.attempts + 1, span=tracer.start_span("inference"))
+        job.span.set_attributes(
+            {"task_id": task_id, "model": record.model, "resolution": f"{record.width}x{record.height}"}
+        )
         self._in_flight[task_id] = job  # before submit: the engine may report the first step at once
         try:
             image = service.blobs.get(input_key(task_id, "image")) if record.task_type != "text2img" else None
@@ -159,6 +175,11 @@ class ServiceWorker:
     # Outcomes -----------------------------------------------------------------------------------
 
     def _complete(self, job: _InFlight) -> None:
+        job.span.end()
+        with tracer.start_as_current_span("postprocess-and-store", attributes={"task_id": job.lease.task_id}):
+            self._store_outcome(job)
+
+    def _store_outcome(self, job: _InFlight) -> None:
         service, task_id = self.service, job.lease.task_id
         try:
             image = job.future.result()
@@ -181,6 +202,7 @@ class ServiceWorker:
         if service.store.succeed(task_id, job.attempt, results, metadata):
             elapsed = image.timings.total_s
             service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
+            log.info("task succeeded", extra=_log_fields(image, job.attempt, "succeeded"))
         self._finish(task_id)
 
     def _store_images(self, task_id: str, image: GeneratedImage, fmt_name: str) -> dict[str, str]:
@@ -221,3 +243,17 @@ class ServiceWorker:
             self._last_progress[event.job_id] = progress
             with contextlib.suppress(StorageUnavailable):
                 self.service.store.set_progress(event.job_id, progress)
+
+
+def _log_fields(image: GeneratedImage, attempt: int, status: str) -> dict:
+    job = image.job
+    return {
+        "task_id": job.job_id,
+        "model": job.model,
+        "resolution": f"{job.width}x{job.height}",
+        "loras": [lora.name for lora in job.loras],
+        "postprocess": ["encode", "thumbnails"],
+        "status": status,
+        "seconds": round(image.timings.total_s, 3),
+        "attempt": attempt,
+    }

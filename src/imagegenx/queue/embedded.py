@@ -243,7 +243,7 @@ class EmbeddedQueue(JobQueue):
     def recover_expired(self, *, now: float | None = None) -> int:
         # available_at stays as it was (it had come when the job was leased): ready at once, and
         # enqueued_at keeps the job's age, so a redelivered job is not sent to the back.
-        return self._release(_c.lease_until <= _clock(now))
+        return self._release(_c.lease_until < _clock(now))
 
     def release_owner(self, owner: str) -> int:
         return self._release(_c.lease_owner == owner)
