@@ -198,7 +198,7 @@ class EmbeddedQueue(JobQueue):
             conn.execute(
                 update(queue_jobs)
                 .where(_c.task_id.in_([r.task_id for r in rows]))
-                .values(state=LEASED, lease_owner=owner, lease_until=until, deliveries=_c.deliveries + 1)
+                .values(state=LEASED, lease_owner=owner, lease_until=until, deliveries=_c.deliveries)
             )
         return [Lease(r.task_id, r.lane, r.batch_key, r.deliveries + 1, until) for r in rows]
 
@@ -243,7 +243,7 @@ class EmbeddedQueue(JobQueue):
     def recover_expired(self, *, now: float | None = None) -> int:
         # available_at stays as it was (it had come when the job was leased): ready at once, and
         # enqueued_at keeps the job's age, so a redelivered job is not sent to the back.
-        return self._release(_c.lease_until < _clock(now))
+        return self._release(_c.lease_until <= _clock(now))
 
     def release_owner(self, owner: str) -> int:
         return self._release(_c.lease_owner == owner)
