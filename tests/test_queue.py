@@ -506,7 +506,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), lease_s=st.sampled_from([1.0, 2.5]))
     def heartbeat(self, data, lease_s):
-        # Mostly what a worker sends (everything it holds), plus ids it does not hold.
+        # What a worker sends (everything it holds), plus ids it does not hold.
         owner, _ = self.owner_and_id(data)
         own = [t for t in sorted(self.jobs) if self.held_by(t, owner)]
         others = data.draw(st.lists(st.sampled_from(sorted([*self.jobs, *self.done, "x"])), max_size=2))

@@ -53,6 +53,7 @@ class AppContext:
     engine: Any = None  # imagegenx.engine.engine.Engine where this process generates
     worker: Any = None
     ready: threading.Event = field(default_factory=threading.Event)
+    a1111_options: dict[str, Any] = field(default_factory=dict)  # /sdapi/v1/options, in memory
 
 
 def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> FastAPI:

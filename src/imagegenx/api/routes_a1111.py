@@ -93,10 +93,12 @@ _NAMES = {
 
 def _options(ctx: AppContext) -> dict[str, Any]:
     """This process's A1111 options, kept on the app context (in memory; lost on restart)."""
-    return ctx.__dict__.setdefault(
-        "a1111_options",
-        {"sd_model_checkpoint": ctx.settings.models.default_model, "CLIP_stop_at_last_layers": 1},
-    )
+    if not ctx.a1111_options:
+        ctx.a1111_options |= {
+            "sd_model_checkpoint": ctx.settings.models.default_model,
+            "CLIP_stop_at_last_layers": 1,
+        }
+    return ctx.a1111_options
 
 
 def _checkpoint(ctx: AppContext, title: str) -> str:

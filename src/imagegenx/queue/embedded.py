@@ -198,7 +198,7 @@ class EmbeddedQueue(JobQueue):
             conn.execute(
                 update(queue_jobs)
                 .where(_c.task_id.in_([r.task_id for r in rows]))
-                .values(state=LEASED, lease_owner=owner, lease_until=until, deliveries=_c.deliveries)
+                .values(state=LEASED, lease_owner=owner, lease_until=until, deliveries=_c.deliveries + 1)
             )
         return [Lease(r.task_id, r.lane, r.batch_key, r.deliveries + 1, until) for r in rows]
 
