@@ -41,6 +41,7 @@ from sqlalchemy import URL, Engine, create_engine, delete, event, select
 
 from imagegenx.queue.base import JobQueue, Lease
 from imagegenx.queue.embedded import EmbeddedQueue, create_table, queue_jobs
+from imagegenx.storage.tasks import make_engine
 
 # An admin connection (libpq DSN) to a PostgreSQL server; CI may point it at its own service.
 POSTGRES_DSN = os.environ.get(
@@ -138,7 +139,7 @@ def backend(sql_url) -> Iterator[Backend]:
     engines: list[Engine] = []
 
     def new_engine() -> Engine:
-        engines.append(create_engine(sql_url))
+        engines.append(make_engine(sql_url))  # the engine the service runs the queue on
         return engines[-1]
 
     main = new_engine()
@@ -636,11 +637,18 @@ def _sqlite_engine_with_the_begin_recipe(url: str) -> Engine:
     return engine
 
 
-@pytest.mark.parametrize("setup", ["legacy-driver", "begin-recipe"])
+SQLITE_ENGINES = {
+    "legacy-driver": create_engine,
+    "begin-recipe": _sqlite_engine_with_the_begin_recipe,
+    "task-store": make_engine,  # what the service runs on: recipe with BEGIN IMMEDIATE, WAL
+}
+
+
+@pytest.mark.parametrize("setup", SQLITE_ENGINES)
 def test_sqlite_leases_hold_the_write_lock_however_the_engine_is_set_up(tmp_path, setup):
-    """The task store owns the engine; the queue's BEGIN IMMEDIATE must work with either pysqlite setup."""
+    """The task store owns the engine; the queue's BEGIN IMMEDIATE must work with any pysqlite setup."""
     url = f"sqlite:///{tmp_path / 'q.db'}"
-    make = create_engine if setup == "legacy-driver" else _sqlite_engine_with_the_begin_recipe
+    make = SQLITE_ENGINES[setup]
     engines = [make(url) for _ in range(4)]
     create_table(engines[0])
     queues = [EmbeddedQueue(e) for e in engines]
@@ -665,16 +673,17 @@ def test_sqlite_leases_hold_the_write_lock_however_the_engine_is_set_up(tmp_path
         t.join(timeout=60)
     assert not errors, errors
     assert sorted(t for batch in taken for t in batch) == [f"j{i:02}" for i in range(80)]
+    assert queues[1].depth() == dict.fromkeys(LANES, 0)
     for engine in engines:
         engine.dispose()
 
 
 _LEASER = """
 import json, sys
-from sqlalchemy import create_engine
 from imagegenx.queue.embedded import EmbeddedQueue
+from imagegenx.storage.tasks import make_engine
 url, owner = sys.argv[1], sys.argv[2]
-queue = EmbeddedQueue(create_engine(url))
+queue = EmbeddedQueue(make_engine(url))
 print("ready", flush=True)
 sys.stdin.readline()
 taken = []
@@ -687,7 +696,7 @@ print(json.dumps(taken), flush=True)
 def test_leasing_processes_never_share_a_job(sql_url):
     """Three processes, each with its own engine, drain one table at once."""
     url = sql_url if isinstance(sql_url, str) else sql_url.render_as_string(hide_password=False)
-    engine = create_engine(url)
+    engine = make_engine(url)
     create_table(engine)
     queue = EmbeddedQueue(engine)
     with engine.begin() as conn:

@@ -67,7 +67,10 @@ class JobQueue(Protocol):
     def heartbeat(
         self, owner: str, task_ids: list[str], lease_s: float, *, now: float | None = None
     ) -> list[str]:
-        """Extend to ``now + lease_s`` the leases ``owner`` still holds; returns those task ids."""
+        """Extend to ``now + lease_s`` the leases ``owner`` still holds; returns those task ids.
+
+        A lease past its time that nobody has recovered yet is still held: nobody else has the job.
+        """
         ...
 
     def ack(self, owner: str, task_id: str) -> bool:

@@ -55,6 +55,10 @@ from imagegenx.types import Priority
 READY = "ready"
 LEASED = "leased"
 LANES = tuple(int(p) for p in Priority)
+# The task store's engines begin SQLite transactions with BEGIN IMMEDIATE unless a connection carries
+# this execution option (storage.tasks.READ_ONLY; the queue room may not import storage). The queue's
+# reads set it so that a metrics scrape does not take the write lock; other engines ignore it.
+READ_ONLY_OPTION = "imagegenx_read_only"
 
 metadata = MetaData()
 
@@ -114,14 +118,16 @@ class EmbeddedQueue(JobQueue):
         """One writing transaction, committed at the end, rolled back on error.
 
         On SQLite it holds the write lock from its first statement (``BEGIN IMMEDIATE``). The engine is
-        shared with the task store, so this works with the sqlite3 driver as its owner configured it:
+        shared with the task store, so this works however the sqlite3 driver's transactions are set up:
 
-        * legacy transaction control (the default before Python 3.16): sqlite3 emits its own ``BEGIN``
-          only before INSERT/UPDATE/DELETE and only outside a transaction, so our explicit
-          ``BEGIN IMMEDIATE`` comes first and sqlite3's ``commit()``/``rollback()`` end it;
-        * SQLAlchemy's documented pysqlite recipe (``isolation_level = None`` plus a ``begin`` event that
-          emits ``BEGIN``), or ``autocommit=False`` on Python 3.12+: a deferred transaction, still empty,
-          is already open when ``begin()`` returns, so it is rolled back and replaced by ours.
+        * legacy transaction control (sqlite3's default before Python 3.16): the driver emits its own
+          ``BEGIN`` only before INSERT/UPDATE/DELETE and only outside a transaction, so our explicit
+          ``BEGIN IMMEDIATE`` comes first, and the driver's ``commit()``/``rollback()`` end it;
+        * SQLAlchemy's documented pysqlite recipe (``isolation_level = None`` plus a ``begin`` event
+          that emits ``BEGIN``; the task store's engines emit ``BEGIN IMMEDIATE`` there), or
+          ``autocommit=False`` on Python 3.12+: a transaction, still empty, is already open when
+          ``begin()`` returns. We cannot ask sqlite3 whether it holds the write lock, so it is rolled
+          back and replaced by ours (one extra lock round trip, no I/O).
         """
         if not self._sqlite:
             with self._engine.begin() as conn:
@@ -134,6 +140,10 @@ class EmbeddedQueue(JobQueue):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
             yield conn
             conn.commit()
+
+    def _read(self) -> Connection:
+        """A connection for one read-only statement (a deferred transaction where that is a choice)."""
+        return self._engine.connect().execution_options(**{READ_ONLY_OPTION: True})
 
     # -- ordering -------------------------------------------------------------------------------
 
@@ -259,13 +269,13 @@ class EmbeddedQueue(JobQueue):
 
     def depth(self) -> dict[int, int]:
         query = select(_c.lane, func.count()).where(_c.state == READY).group_by(_c.lane)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             counts = dict(conn.execute(query).all())
         return {lane: counts.get(lane, 0) for lane in LANES}
 
     def oldest_wait(self, *, now: float | None = None) -> dict[int, float]:
         now = _clock(now)
         query = select(_c.lane, func.min(_c.enqueued_at)).where(_c.state == READY).group_by(_c.lane)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             oldest = dict(conn.execute(query).all())
         return {lane: max(0.0, now - oldest[lane]) if lane in oldest else 0.0 for lane in LANES}
