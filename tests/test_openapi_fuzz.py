@@ -32,7 +32,11 @@ def test_openapi_document_holds_under_fuzzing(tmp_path):
                 "--exclude-path",
                 "/api/v1/image/controlnet",
                 "--max-examples",
-                "8",
+                "40",
+                "--phases",  # the coverage phase alone takes ~4-7 min on 2 cores; run it by hand
+                "examples,fuzzing,stateful",
+                "--workers",
+                "2",
                 "--request-timeout",
                 "120",
                 "--seed",
