@@ -8,14 +8,15 @@ scheduled time -> the client first sees the task ``succeeded``, so it includes a
 itself fell behind, the HTTP round trip, the server's queue and the generation.
 
 Tasks are followed to completion by one poller (GET /api/v1/image/task/{id}, every
-``--poll-interval``, 50 ms by default) that scans the unfinished tasks oldest first and stops at the
-first one still unfinished, plus ``--poll-rotate`` others in turn for tasks that finish out of order.
-A FIFO server finishes the oldest first, so this sees every completion within about one interval
-while costing the server about 2 x 20 polls/s plus one per completion, however long its queue grows
-(a poll costs the server about 3 ms of CPU on a 2-core machine; polling every task every 50 ms would
-make the load generator a large part of the load). The SSE endpoint is not used: each open stream
-waits in a thread of the server's default executor (6 threads on 2 cores), so with many waiting
-tasks events are delayed by seconds.
+``--poll-interval``, 50 ms by default) that scans the unfinished tasks oldest first until
+``--poll-lookahead`` (2) of them are still unfinished, plus ``--poll-rotate`` (1) others in turn for
+tasks that finish far out of order. The server runs tasks roughly in order, so this sees nearly
+every completion within about one interval while costing the server about 3 x 20 polls/s plus one
+per completion, however long its queue grows (a poll costs the server about 3 ms of CPU on a 2-core
+machine: polling every task every 50 ms would make the load generator a large part of the load).
+The SSE endpoint is not used: each open stream waits in a thread of the server's default executor
+(6 threads on 2 cores), so with many waiting tasks its events come seconds late.
+``--check-detection`` measures how late completions were seen.
 
 Throughput is the number of tasks seen succeeding inside the measurement window (from
 ``--warmup`` seconds after the schedule starts to its end) divided by its
@@ -167,23 +168,24 @@ class LoadGen:
         return status in FINAL
 
     async def poll_loop(self) -> None:
-        """Each tick, scan the unfinished tasks oldest first and stop at the first one still running.
+        """Each tick, scan the unfinished tasks oldest first until ``--poll-lookahead`` are still unfinished.
 
-        A FIFO server finishes the oldest first, so one poll per tick usually suffices while nothing
-        finishes, and a whole finished batch is found in the same tick (the groups double: 1, 2, 4 ...).
-        A few others are polled in rotation to catch tasks that finish out of order.
+        A FIFO server finishes the oldest first, so a couple of polls per tick suffice while nothing
+        finishes, and a whole finished batch is found in the same tick (the groups double). Looking
+        past the first unfinished task catches neighbours that finish out of order (another batch);
+        a few others are polled in rotation to catch the rest.
         """
         cursor = 0
+        lookahead = self.args.poll_lookahead
         while not self.stopping:
             tick = time.perf_counter()
             waiting = sorted(self.pending.values(), key=lambda r: r.scheduled)
-            i, size = 0, self.args.poll_head
-            while i < len(waiting):
+            i, size, unfinished = 0, lookahead, 0
+            while i < len(waiting) and unfinished < lookahead:
                 group = waiting[i : i + size]
                 finished = await asyncio.gather(*(self.poll_one(r) for r in group))
                 i, size = i + len(group), 2 * size
-                if not all(finished):
-                    break
+                unfinished += finished.count(False)
             rest = waiting[i:]
             if rest and self.args.poll_rotate:
                 cursor %= len(rest)
@@ -436,7 +438,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     client = p.add_argument_group("client")
     client.add_argument("--poll-interval", type=float, default=0.05, help="Seconds between polls [0.05]")
     client.add_argument(
-        "--poll-head", type=int, default=1, help="First group of oldest tasks polled each tick [1]"
+        "--poll-lookahead",
+        type=int,
+        default=2,
+        help="Each tick, poll oldest first until this many are still unfinished [2]",
     )
     client.add_argument("--poll-rotate", type=int, default=1, help="Other tasks polled each tick [1]")
     client.add_argument("--connections", type=int, default=512, help="HTTP connection cap [512]")
@@ -454,8 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.start_server and not args.url:
         p.error("give --url (and --key) or --start-server MODEL")
-    if args.rate <= 0 or args.duration <= 0 or args.bucket < 1:
-        p.error("--rate and --duration must be > 0, --bucket >= 1")
+    if args.rate <= 0 or args.duration <= 0 or args.bucket < 1 or args.poll_lookahead < 1:
+        p.error("--rate and --duration must be > 0, --bucket and --poll-lookahead >= 1")
     if args.warmup is None:
         args.warmup = min(5.0, args.duration / 4)
     if not 0 <= args.warmup < args.duration:
