@@ -107,6 +107,46 @@ def _stats(values: list[float]) -> dict:
     }
 
 
+def _cpu_sample(server_pid: int | None) -> dict | None:
+    """Busy CPU seconds of the machine, this process and the server (Linux /proc; else None)."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        server = 0.0
+        if server_pid is not None:
+            with open(f"/proc/{server_pid}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            server = (int(stat[11]) + int(stat[12])) / hz
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return {
+        "time": time.perf_counter(),
+        "busy": (sum(fields[:8]) - fields[3] - fields[4]) / hz,  # all but idle and iowait; no guest
+        "loadgen": own.user + own.system,
+        "server": server,
+    }
+
+
+def cpu_use(before: dict | None, after: dict | None, has_server: bool) -> dict | None:
+    """Average cores busy between two samples: everything, the load generator, the server, the rest."""
+    if before is None or after is None:
+        return None
+    seconds = after["time"] - before["time"]
+    cores = {k: (after[k] - before[k]) / seconds for k in ("busy", "loadgen", "server")}
+    result = {
+        "seconds": seconds,
+        "machine_cores": os.cpu_count(),
+        "busy_cores": cores["busy"],
+        "loadgen_cores": cores["loadgen"],
+    }
+    if has_server:
+        result["server_cores"] = cores["server"]
+        result["other_cores"] = cores["busy"] - cores["loadgen"] - cores["server"]
+    return result
+
+
 def task_body(a: argparse.Namespace, index: int) -> dict:
     return {
         "text": f"{a.prompt} #{index}",
@@ -130,6 +170,7 @@ class LoadGen:
         self.polls = 0
         self.t0 = 0.0
         self.stopping = False
+        self.cpu: dict | None = None  # cores busy while the schedule ran
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -224,6 +265,7 @@ class LoadGen:
         self.requests = [Request(i, t) for i, t in enumerate(offsets)]
         self.t0 = time.perf_counter() + 0.05
         self.t0_wall = time.time() + 0.05
+        cpu_before = _cpu_sample(a.server_pid)
         poller = asyncio.create_task(self.poll_loop())
         submits = []
         for req in self.requests:
@@ -233,6 +275,7 @@ class LoadGen:
             submits.append(asyncio.create_task(self.submit(req)))
         await asyncio.gather(*submits)
         end_of_schedule = self.now()
+        self.cpu = cpu_use(cpu_before, _cpu_sample(a.server_pid), a.server_pid is not None)
         deadline = time.perf_counter() + a.drain_timeout
         while self.pending and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
@@ -344,15 +387,25 @@ def print_table(report: dict) -> None:
         ),
         ("submit rtt (s)", f"p50 {fmt(s['submit_rtt_s']['p50'])}  p99 {fmt(s['submit_rtt_s']['p99'])}"),
         (
-            "seen after finish (s)",
-            f"p50 {fmt(s['detection_delay_s']['p50'])}  p99 {fmt(s['detection_delay_s']['p99'])}"
-            "  (client seen - server finished_at; --check-detection)",
-        ),
-        (
             "polls",
             f"{report['polls']} ({report['polls_per_s']:.0f}/s); drain after schedule {s['drain_s']:.1f} s",
         ),
     ]
+    if s["detection_delay_s"]["n"]:
+        d = s["detection_delay_s"]
+        rows.append(
+            (
+                "seen after finish (s)",
+                f"p50 {fmt(d['p50'])}  p99 {fmt(d['p99'])}  (client saw it - server finished_at)",
+            )
+        )
+    cpu = report["cpu_during_schedule"]
+    if cpu:
+        parts = [f"machine {cpu['busy_cores']:.2f} of {cpu['machine_cores']}"]
+        parts += [f"loadgen {cpu['loadgen_cores']:.2f}"]
+        if "server_cores" in cpu:
+            parts += [f"server {cpu['server_cores']:.2f}", f"other processes {cpu['other_cores']:.2f}"]
+        rows.append(("cores busy (schedule)", ", ".join(parts)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -370,6 +423,7 @@ async def _run(args: argparse.Namespace) -> dict:
     elapsed = args.duration + drained
     return {
         "summary": summarize(gen.requests, args, drained),
+        "cpu_during_schedule": gen.cpu,
         "polls": gen.polls,
         "polls_per_s": gen.polls / elapsed,
         "poll_errors": dict(gen.poll_errors),
@@ -457,6 +511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="Write the report (summary and every request) here")
     args = p.parse_args(argv)
+    args.server_pid = None  # set by --start-server: its CPU use is reported
     if not args.start_server and not args.url:
         p.error("give --url (and --key) or --start-server MODEL")
     if args.rate <= 0 or args.duration <= 0 or args.bucket < 1 or args.poll_lookahead < 1:
@@ -481,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
                 root = Path(tmp.name)
             root.mkdir(parents=True, exist_ok=True)
             server, args.key = start_server(args, root)
-            args.url = server.url
+            args.url, args.server_pid = server.url, server.proc.pid
         if not args.no_warm_task:
             warm_up(args.url, args.key, args)
         report = asyncio.run(_run(args))
