@@ -67,6 +67,7 @@ class ServiceSettings(BaseModel):
     # "host:port" entries that image_url and callback_url may reach although they are private
     # (an operator's internal services; tests). Everything else private is refused (SSRF guard).
     allowed_private_hosts: tuple[str, ...] = ()
+    prompt_filter: bool = True  # refuse prompts matching the safety rules or scored as profane
 
 
 class Settings(BaseSettings):

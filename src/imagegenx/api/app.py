@@ -54,6 +54,7 @@ class AppContext:
     worker: Any = None
     ready: threading.Event = field(default_factory=threading.Event)
     a1111_options: dict[str, Any] = field(default_factory=dict)  # /sdapi/v1/options, in memory
+    prompt_filter: Any = None  # vision.safety.PromptFilter when enabled
 
 
 def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> FastAPI:
@@ -102,7 +103,7 @@ def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
         retries=settings.service.webhook_retries,
         check=functools.partial(check_url, allow_hosts=allowed),
     )
-    ctx = AppContext(settings, service, RateLimiter())
+    ctx = AppContext(settings, service, RateLimiter(), prompt_filter=_prompt_filter(settings))
     if run_worker:
         from imagegenx.engine.engine import Engine
         from imagegenx.engine.worker import ServiceWorker
@@ -114,6 +115,19 @@ def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
     else:
         ctx.ready.set()
     return ctx
+
+
+def _prompt_filter(settings: Settings):
+    """Rules plus the profanity model when installed (the `post` extra); rules alone otherwise."""
+    if not settings.service.prompt_filter:
+        return None
+    from imagegenx.vision.safety import PromptFilter
+
+    try:
+        return PromptFilter()
+    except ImportError:
+        log.warning("alt-profanity-check is not installed: the prompt filter uses its rules only")
+        return PromptFilter(profanity=False)
 
 
 def close_context(ctx: AppContext) -> None:
@@ -130,6 +144,8 @@ def _warm_up(ctx: AppContext) -> None:
     from imagegenx.engine.validation import TINY_SIZE_RANGE
     from imagegenx.types import JobSpec
 
+    if ctx.prompt_filter is not None:
+        ctx.prompt_filter.warmup()
     model = ctx.settings.models.default_model
     side = TINY_SIZE_RANGE[0] if model.startswith("random:tiny-") else ctx.settings.engine.min_size
     try:

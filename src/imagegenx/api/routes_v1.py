@@ -48,7 +48,10 @@ MEDIA_TYPES = {".webp": "image/webp", ".png": "image/png", ".jpg": "image/jpeg",
 def _task_input(
     ctx: AppContext, p: GenerateParams, task: str, text: str | None = None, **images
 ) -> TaskInput:
-    prompt, negative = apply_style(p.style, text if text is not None else p.text, p.negative_prompt)
+    user_prompt = text if text is not None else p.text
+    if ctx.prompt_filter is not None:
+        ctx.prompt_filter.enforce(user_prompt)  # PromptBlocked: a 400 that names the reason
+    prompt, negative = apply_style(p.style, user_prompt, p.negative_prompt)
     width, height = p.size
     loras = [lora.model_dump() for lora in p.loras]
     if p.lora_name:
