@@ -208,7 +208,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _to_image(array: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
 
 
 def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -310,7 +310,7 @@ class RealESRGAN:
             net = self.network_upscale(rgb, tile=tile, overlap=overlap, batch_size=batch_size)
             results = []
             for image, size, out in zip(rgb, sizes, net, strict=True):
-                result = Image.fromarray(out, "RGB")
+                result = Image.fromarray(out)
                 if scale != self.net_scale:
                     result = lanczos(result, size)
                 if network_strength < 1.0:
