@@ -103,6 +103,9 @@ def generate(
     batch_file: Annotated[Path | None, typer.Option(help="One prompt per line.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout.")] = False,
     no_metadata: Annotated[bool, typer.Option(help="Embed no generation parameters.")] = False,
+    upscale: Annotated[int, typer.Option(help="Real-ESRGAN upscale: 1 (off), 2 or 4.")] = 1,
+    watermark: Annotated[str | None, typer.Option(help="Visible text watermark.")] = None,
+    invisible_watermark: Annotated[bool, typer.Option(help="Embed an invisible watermark.")] = False,
 ) -> None:
     """Generate images and write them, with a .json metadata record each, to --out."""
     _quiet_libraries()
@@ -113,6 +116,11 @@ def generate(
         from imagegenx.postprocess.encode import ImageFormat
 
         fmt = ImageFormat.parse(image_format)
+        from imagegenx.postprocess.chain import PostprocessSpec
+
+        post = PostprocessSpec(
+            upscale=upscale, watermark_text=watermark, invisible_watermark=invisible_watermark
+        )
         loras = tuple(_parse_lora(item) for item in lora or [])
         task = Task.TEXT2IMG if image is None else Task.INPAINT if mask is not None else Task.IMG2IMG
         if mask is not None and image is None:
@@ -153,7 +161,7 @@ def generate(
         except OSError as exc:
             raise UserError(f"cannot create --out folder {out}: {exc.strerror}") from None
         failed = _run_jobs(
-            settings, jobs, out, fmt, as_json=as_json, embed_metadata=not no_metadata, console=err
+            settings, jobs, out, fmt, post, as_json=as_json, embed_metadata=not no_metadata, console=err
         )
     except UserError as exc:
         raise _fail(str(exc)) from None
@@ -312,7 +320,7 @@ def _with(settings: Settings, **slices: dict) -> Settings:
 
 
 def _run_jobs(
-    settings, jobs, out: Path, fmt, *, as_json: bool, embed_metadata: bool, console: Console
+    settings, jobs, out: Path, fmt, post, *, as_json: bool, embed_metadata: bool, console: Console
 ) -> int:
     """Submit every job to one engine, write each image as it finishes; returns the failure count."""
     from concurrent.futures import CancelledError
@@ -320,6 +328,7 @@ def _run_jobs(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from imagegenx.engine.engine import Engine, JobFailed
+    from imagegenx.postprocess.chain import apply_chain
     from imagegenx.postprocess.encode import encode_image, image_metadata
     from imagegenx.types import JobStatus
 
@@ -351,9 +360,10 @@ def _run_jobs(
                 failed += 1
                 console.print(f"[red]image {index} failed:[/red] {exc}", highlight=False)
                 continue
+            image = apply_chain(image, post)
             stem = out / f"{index:05d}-{image.job.seed}"
             path = stem.with_suffix(fmt.extension)
-            meta = image_metadata(image) | {"file": path.name}
+            meta = image_metadata(image) | {"file": path.name, "postprocess": post.steps}
             try:
                 path.write_bytes(encode_image(image, fmt, embed_metadata=embed_metadata))
                 stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))

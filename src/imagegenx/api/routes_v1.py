@@ -74,6 +74,12 @@ def _task_input(
         "loras": loras,
         "priority": p.priority,
     }
+    if p.upscale > 1 or p.watermark or p.invisible_watermark:
+        params["postprocess"] = {
+            "upscale": p.upscale,
+            "watermark_text": p.watermark,
+            "invisible_watermark": p.invisible_watermark,
+        }
     return TaskInput(params, p.priority, p.callback_url, p.style, output_format=p.format.lower(), **images)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -49,6 +49,9 @@ class GenerateParams(BaseModel):
     priority: int = Field(2, ge=0, le=3, description="0 most urgent, 3 test traffic")
     format: str = Field("webp", pattern=r"^(?i:webp|png|jpe?g|avif)$")
     callback_url: str | None = Field(None, max_length=2048)
+    upscale: Literal[1, 2, 4] = Field(1, description="Real-ESRGAN upscale after generation (4: paid tier)")
+    watermark: str | None = Field(None, max_length=200, description="Visible text watermark")
+    invisible_watermark: bool = Field(False, description="Embed an invisible watermark carrying the task id")
 
     @property
     def size(self) -> tuple[int, int]:

@@ -92,7 +92,7 @@ class Service:
         for item in inputs:
             task_id = uuid.uuid4().hex
             job = job_from_params(task_id, item.params, item.init_image, item.mask_image)
-            self._check_tier(user, job)
+            self._check_tier(user, job, item.params)
             validate_job(job, self.settings.engine)
             jobs.append(job)
             records.append(
@@ -124,12 +124,14 @@ class Service:
                 self.queue.submit(record.task_id, record.priority, batch_key_text(job))
         return records
 
-    def _check_tier(self, user: ApiKey, job: JobSpec) -> None:
+    def _check_tier(self, user: ApiKey, job: JobSpec, params: dict) -> None:
         side = TIER_MAX_SIDE[user.tier]
         if job.width > side or job.height > side:
             raise Forbidden(
                 f"the {user.tier} tier allows up to {side}x{side}; {job.width}x{job.height} asked"
             )
+        if (params.get("postprocess") or {}).get("upscale", 1) == 4 and user.tier is not Tier.PAID:
+            raise Forbidden("4x upscale is a paid-tier feature")
 
     # Questions ----------------------------------------------------------------------------------
 

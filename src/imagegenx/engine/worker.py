@@ -23,6 +23,7 @@ from PIL import Image
 
 from imagegenx.engine.engine import Engine, JobFailed
 from imagegenx.engine.service import Service, input_key, job_from_params, result_key
+from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
 from imagegenx.postprocess.encode import ImageFormat, encode_image, image_metadata, to_pil
 from imagegenx.queue.base import Lease
 from imagegenx.storage.blobs import BlobWriteError
@@ -192,13 +193,20 @@ class ServiceWorker:
             self._finish(task_id)
             return
         record = service.store.get(task_id)
+        post = PostprocessSpec.from_params(record.params)
+        try:
+            image = apply_chain(image, post)
+        except UserError as exc:
+            service.store.fail(task_id, f"post-processing failed: {exc}")
+            self._finish(task_id)
+            return
         try:
             results = self._store_images(task_id, image, record.params.get("format", "webp"))
         except BlobWriteError as exc:  # neither store nor spool took it: try the job again later
             log.error("could not store results of %s: %s", task_id, exc)
             service.queue.nack(self.owner, task_id, delay_s=5.0)
             return
-        metadata = image_metadata(image)
+        metadata = image_metadata(image) | {"postprocess": post.steps}
         if service.store.succeed(task_id, job.attempt, results, metadata):
             elapsed = image.timings.total_s
             service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
