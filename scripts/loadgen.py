@@ -15,13 +15,15 @@ every completion within about one interval while costing the server about 3 x 20
 per completion, however long its queue grows (a poll costs the server about 3 ms of CPU on a 2-core
 machine: polling every task every 50 ms would make the load generator a large part of the load).
 The SSE endpoint is not used: each open stream waits in a thread of the server's default executor
-(6 threads on 2 cores), so with many waiting tasks its events come seconds late.
+(6 threads on 2 cores), so with many waiting tasks its events can come seconds late.
 ``--check-detection`` measures how late completions were seen.
 
-Throughput is the number of tasks seen succeeding inside the measurement window (from
-``--warmup`` seconds after the schedule starts to its end) divided by its
-length; latency percentiles are over the tasks *scheduled* inside that window (followed to the end,
-up to ``--drain-timeout`` after the schedule). HTTP 429 and 503 on submit count as rejected.
+Throughput is the number of tasks seen succeeding inside the measurement window (from ``--warmup``
+seconds after the schedule starts to its end) divided by its length; latency percentiles are over
+the tasks *scheduled* inside that window, each followed to the end (up to ``--drain-timeout`` after
+the schedule; still unfinished then: canceled and counted "unfinished"). HTTP 429 and 503 on submit
+count as rejected, not as errors. ``--bucket`` rows show whether latency stays flat (sustained) or
+grows (overloaded) through the run.
 
     python scripts/loadgen.py --url http://127.0.0.1:8000 --key igx_... --rate 20 --duration 30
     python scripts/loadgen.py --start-server random:tiny-sd15 --rate 20 --duration 30 --json out.json
@@ -187,7 +189,11 @@ class LoadGen:
                 return
             req.answered, req.http_status = self.now(), response.status_code
             if response.status_code == 200:
-                req.task_id = response.json()["data"]["task_ids"][0]
+                try:
+                    req.task_id = response.json()["data"]["task_ids"][0]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    req.error = "unreadable 200 answer"
+                    return
                 self.pending[req.task_id] = req
 
     async def poll_one(self, req: Request) -> bool:
@@ -202,7 +208,11 @@ class LoadGen:
         if response.status_code != 200:
             self.poll_errors[str(response.status_code)] += 1
             return False
-        status = response.json()["data"]["status"]
+        try:
+            status = response.json()["data"]["status"]
+        except (ValueError, KeyError, TypeError):
+            self.poll_errors["unreadable 200 answer"] += 1
+            return False
         if status in FINAL and req.status is None:
             req.status, req.done = status, seen
             self.pending.pop(req.task_id, None)
@@ -380,7 +390,12 @@ def print_table(report: dict) -> None:
         ("accepted", f"{s['accepted']} of {s['submitted']} submitted; rejected (429/503) {s['rejected']}"),
         ("final status", ", ".join(f"{k} {v}" for k, v in s["final_status"].items())),
         ("http status", ", ".join(f"{k}: {v}" for k, v in s["http_status"].items()) or "-"),
-        ("errors", json.dumps({"http": s["http_errors"], "transport": s["transport_errors"]})),
+        (
+            "errors",
+            json.dumps(
+                {"http": s["http_errors"], "transport": s["transport_errors"], "polls": report["poll_errors"]}
+            ),
+        ),
         (
             "client lag (s)",
             f"p99 {fmt(s['client_lag_s']['p99'])}  max {fmt(s['client_lag_s']['max'])}",
@@ -526,6 +541,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
     server = None
     tmp = None
     try:
@@ -554,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "loadavg_before": loadavg,
         "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "started": started,
     }
     print_table(report)
     if args.json:
