@@ -161,7 +161,7 @@ def test_out_of_memory_splits_the_batch(settings):
     jobs = [job(job_id=f"o{i}", seed=i) for i in range(4)]
     with Engine(settings) as engine:
         alone = engine.submit(replace(jobs[0], job_id="alone")).result(timeout=120)
-        runner = next(iter(engine._runners.values()))
+        runner = engine.models.get(MODEL).extras["runner"]
         calls: list[int] = []
 
         def fake_oom(rows: int) -> None:  # a device with room for 4 UNet rows (2 guided images)

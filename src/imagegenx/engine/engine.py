@@ -56,7 +56,6 @@ class Engine:
         self._active: dict[str, _Entry] = {}
         self._cancel_requested: set[str] = set()
         self._listeners: list[Listener] = []
-        self._runners: dict[int, SDRunner | FlowRunner] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self._ids = itertools.count()
@@ -177,12 +176,11 @@ class Engine:
                 self.metrics.waiting.set(len(self.scheduler))
 
     def _runner(self, model: LoadedModel) -> SDRunner | FlowRunner:
-        runner = self._runners.get(id(model.pipe))
-        if runner is None or runner.model is not model:
+        """One runner per resident model, kept with it (evicting the model drops its runner too)."""
+        runner = model.extras.get("runner")
+        if runner is None:
             runner = SDRunner(model) if model.uses_engine_loop else FlowRunner(model)
-            self._runners = {id(model.pipe): runner} | {
-                k: r for k, r in self._runners.items() if r.model.pipe is not None
-            }
+            model.extras["runner"] = runner
         return runner
 
     def _prepare(self, runner: SDRunner, jobs: list[JobSpec]) -> list[Sample]:
