@@ -240,7 +240,7 @@ def test_qc_scores_on_real_images(dlib_id, nsfw, astronaut, astro_faces):
     assert blurred.sharpness < original.sharpness
     assert all(s.nsfw is not None and s.nsfw < 0.2 for s in scores)
     d = original.as_dict()
-    assert set(d) == {"sharpness", "ssim", "identity", "faces", "nsfw"}
+    assert set(d) == {"sharpness", "ssim", "identity", "faces", "nsfw", "brisque"}
     # The mirror and coffee fail the SSIM gate (0.75); the sharp original beats its blurred copy.
     assert shortlist(scores, k=4) == [0, 1]
 

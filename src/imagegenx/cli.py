@@ -61,6 +61,16 @@ def _read_prompts(prompt: str | None, batch_file: Path | None) -> list[str]:
     return prompts
 
 
+def _read_image(path: Path | None, what: str):
+    """A PIL image from a file, or a clear error."""
+    data = _read_bytes(path, what)
+    if data is None:
+        return None
+    from imagegenx.pipelines.sample import decode_input_image
+
+    return decode_input_image(data, what)
+
+
 def _read_bytes(path: Path | None, what: str) -> bytes | None:
     if path is None:
         return None
@@ -103,6 +113,25 @@ def generate(
     batch_file: Annotated[Path | None, typer.Option(help="One prompt per line.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout.")] = False,
     no_metadata: Annotated[bool, typer.Option(help="Embed no generation parameters.")] = False,
+    hires_scale: Annotated[
+        float, typer.Option(help="Hires fix: first pass at the given size, then this much larger.")
+    ] = 1.0,
+    hires_strength: Annotated[float, typer.Option(help="Hires fix denoising strength.")] = 0.35,
+    qc: Annotated[
+        bool, typer.Option(help="Score sharpness, NSFW (and identity/SSIM with --reference).")
+    ] = False,
+    reference: Annotated[
+        Path | None, typer.Option(help="Reference photo for identity and SSIM in QC.")
+    ] = None,
+    brisque: Annotated[bool, typer.Option(help="Add the BRISQUE quality score to QC.")] = False,
+    refiner: Annotated[str | None, typer.Option(help="Refiner model for a second img2img pass.")] = None,
+    refiner_steps: Annotated[int, typer.Option(help="Refiner steps actually run.")] = 10,
+    refine_top_k: Annotated[
+        int | None, typer.Option(help="Refine only the best K images by QC (turns --qc on).")
+    ] = None,
+    face_fix: Annotated[bool, typer.Option(help="Regenerate detected faces at low denoise.")] = False,
+    hand_fix: Annotated[bool, typer.Option(help="Regenerate detected hands at low denoise.")] = False,
+    fix_strength: Annotated[float, typer.Option(help="Face/hand fix denoising strength.")] = 0.4,
     upscale: Annotated[int, typer.Option(help="Real-ESRGAN upscale: 1 (off), 2 or 4.")] = 1,
     watermark: Annotated[str | None, typer.Option(help="Visible text watermark.")] = None,
     invisible_watermark: Annotated[bool, typer.Option(help="Embed an invisible watermark.")] = False,
@@ -119,8 +148,21 @@ def generate(
         from imagegenx.postprocess.chain import PostprocessSpec
 
         post = PostprocessSpec(
-            upscale=upscale, watermark_text=watermark, invisible_watermark=invisible_watermark
+            hires_scale=hires_scale,
+            hires_strength=hires_strength,
+            qc=qc or reference is not None or brisque or refine_top_k is not None,
+            brisque=brisque,
+            refiner=refiner,
+            refiner_steps=refiner_steps,
+            refine_top_k=refine_top_k,
+            face_fix=face_fix,
+            hand_fix=hand_fix,
+            fix_strength=fix_strength,
+            upscale=upscale,
+            watermark_text=watermark,
+            invisible_watermark=invisible_watermark,
         )
+        reference_image = _read_image(reference, "--reference")
         loras = tuple(_parse_lora(item) for item in lora or [])
         task = Task.TEXT2IMG if image is None else Task.INPAINT if mask is not None else Task.IMG2IMG
         if mask is not None and image is None:
@@ -152,16 +194,24 @@ def generate(
                 mask_image=mask_image,
                 loras=loras,
                 priority=Priority(priority),
+                job_id=f"image-{n}",
             )
-            for text in prompts
-            for i in range(num_images)
+            for n, (text, i) in enumerate((text, i) for text in prompts for i in range(num_images))
         ]
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create --out folder {out}: {exc.strerror}") from None
         failed = _run_jobs(
-            settings, jobs, out, fmt, post, as_json=as_json, embed_metadata=not no_metadata, console=err
+            settings,
+            jobs,
+            out,
+            fmt,
+            post,
+            reference_image,
+            as_json=as_json,
+            embed_metadata=not no_metadata,
+            console=err,
         )
     except UserError as exc:
         raise _fail(str(exc)) from None
@@ -320,9 +370,10 @@ def _with(settings: Settings, **slices: dict) -> Settings:
 
 
 def _run_jobs(
-    settings, jobs, out: Path, fmt, post, *, as_json: bool, embed_metadata: bool, console: Console
+    settings, jobs, out: Path, fmt, post, reference, *, as_json: bool, embed_metadata: bool, console: Console
 ) -> int:
-    """Submit every job to one engine, write each image as it finishes; returns the failure count."""
+    """Submit every job to one engine, post-process the finished images as one batch, write each
+    with its .json metadata; returns the failure count."""
     from concurrent.futures import CancelledError
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -344,26 +395,34 @@ def _run_jobs(
     )
     with Engine(settings) as engine, progress:
         bar = progress.add_task(f"{len(jobs)} image(s)", total=total_steps)
-        steps_done: dict[str, int] = {}
+        steps_done = {job.job_id: 0 for job in jobs}
 
         def on_event(event) -> None:
-            if event.status in (JobStatus.RUNNING, JobStatus.SUCCEEDED) and event.total:
+            # Only the requested images count; post-processing passes have ids of their own.
+            if event.job_id in steps_done and event.status in (JobStatus.RUNNING, JobStatus.SUCCEEDED):
                 steps_done[event.job_id] = event.step
                 progress.update(bar, completed=sum(steps_done.values()))
 
         engine.subscribe(on_event)
         futures = [engine.submit(job) for job in jobs]
+        finished = []
         for index, future in enumerate(futures):
             try:
-                image = future.result()
+                finished.append((index, future.result()))
             except (JobFailed, CancelledError) as exc:
                 failed += 1
                 console.print(f"[red]image {index} failed:[/red] {exc}", highlight=False)
+        if post.steps:
+            progress.update(bar, description="post-processing")
+        images = apply_chain([image for _, image in finished], post, engine, reference)
+        for (index, _), image in zip(finished, images, strict=True):
+            if "error" in image.post:
+                failed += 1
+                console.print(f"[red]image {index} failed:[/red] {image.post['error']}", highlight=False)
                 continue
-            image = apply_chain(image, post)
             stem = out / f"{index:05d}-{image.job.seed}"
             path = stem.with_suffix(fmt.extension)
-            meta = image_metadata(image) | {"file": path.name, "postprocess": post.steps}
+            meta = image_metadata(image) | {"file": path.name}
             try:
                 path.write_bytes(encode_image(image, fmt, embed_metadata=embed_metadata))
                 stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))

@@ -68,6 +68,9 @@ class ServiceSettings(BaseModel):
     # (an operator's internal services; tests). Everything else private is refused (SSRF guard).
     allowed_private_hosts: tuple[str, ...] = ()
     prompt_filter: bool = True  # refuse prompts matching the safety rules or scored as profane
+    # Per tier ("free", "paid"): images with an NSFW probability above the limit are withheld and the
+    # task fails with the reason (needs the post extra's NSFW model). Empty: no image gate.
+    nsfw_max_by_tier: dict[str, float] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):

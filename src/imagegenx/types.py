@@ -157,6 +157,9 @@ class GeneratedImage:
     model_name: str
     batch_size: int
     timings: Timings = field(default_factory=Timings)
+    # What post-processing recorded: steps run with their seconds, QC scores and rank, regions
+    # fixed, or "error" when a gate withheld the image (JSON-able; goes into the image's metadata).
+    post: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,12 @@ def _task_input(
         "loras": loras,
         "priority": p.priority,
     }
-    if p.upscale > 1 or p.watermark or p.invisible_watermark:
-        params["postprocess"] = {
-            "upscale": p.upscale,
-            "watermark_text": p.watermark,
-            "invisible_watermark": p.invisible_watermark,
-        }
+    post = p.postprocess.model_dump(exclude_defaults=True) if p.postprocess else {}
+    # The flat fields are shorthands for the chain's.
+    flat = {"upscale": p.upscale, "watermark_text": p.watermark, "invisible_watermark": p.invisible_watermark}
+    post |= {k: v for k, v in flat.items() if v and v != 1}
+    if post:
+        params["postprocess"] = post
     return TaskInput(params, p.priority, p.callback_url, p.style, output_format=p.format.lower(), **images)
 
 

@@ -26,6 +26,30 @@ class LoraWeight(BaseModel):
     weight: float = Field(1.0, ge=0, le=2)
 
 
+class PostprocessParams(BaseModel):
+    """The declared post-processing chain, run in this order: hires fix, detection, QC, refiner,
+    face/hand fix, upscale, watermarks. Everything is off unless asked for."""
+
+    hires_scale: float = Field(1.0, ge=1, le=4, description="Hires fix: the result is this much larger")
+    hires_strength: float = Field(0.35, gt=0, le=1)
+    hires_steps: int | None = Field(None, ge=1, le=150, description="Steps run in the second pass")
+    hires_upscaler: Literal["lanczos", "realesrgan"] = "lanczos"
+    qc: bool = Field(False, description="Score sharpness and NSFW probability into the metadata")
+    brisque: bool = Field(False, description="Add the BRISQUE no-reference quality score to QC")
+    refiner: str | None = Field(None, max_length=512, description="Refiner model for an img2img pass")
+    refiner_steps: int = Field(10, ge=1, le=150)
+    refiner_strength: float = Field(0.3, gt=0, le=1)
+    face_fix: bool = Field(False, description="Regenerate detected faces at low denoise (ADetailer style)")
+    hand_fix: bool = Field(False, description="Regenerate detected hands at low denoise")
+    fix_strength: float = Field(0.4, gt=0, le=1)
+    fix_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    upscale: Literal[1, 2, 4] = Field(1, description="Real-ESRGAN upscale (4: paid tier)")
+    network_strength: float = Field(0.35, ge=0, le=1, description="Share of the network in the upscale")
+    unsharp: bool = True
+    watermark_text: str | None = Field(None, max_length=200)
+    invisible_watermark: bool = False
+
+
 class GenerateParams(BaseModel):
     """Shared by every generation route. Sizes: multiples of 8, 256-2048 (tier limits apply)."""
 
@@ -52,6 +76,7 @@ class GenerateParams(BaseModel):
     upscale: Literal[1, 2, 4] = Field(1, description="Real-ESRGAN upscale after generation (4: paid tier)")
     watermark: str | None = Field(None, max_length=200, description="Visible text watermark")
     invisible_watermark: bool = Field(False, description="Embed an invisible watermark carrying the task id")
+    postprocess: PostprocessParams | None = Field(None, description="The post-processing chain")
 
     @property
     def size(self) -> tuple[int, int]:

@@ -15,8 +15,8 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, replace
 
 import torch
@@ -81,6 +81,30 @@ class Engine:
         future.job_id = job.job_id  # type: ignore[attr-defined]
         self._emit(ProgressEvent(job.job_id, JobStatus.QUEUED, 0, job.steps))
         return future
+
+    def run(self, jobs: Sequence[JobSpec]) -> list[GeneratedImage | Exception]:
+        """Submit ``jobs`` together (so compatible ones share batches) and wait for all of them.
+
+        The post-processing chain's ``Denoiser``: each job's image, or the exception that ended it.
+        """
+        futures: list[Future[GeneratedImage] | Exception] = []
+        for job in jobs:
+            try:
+                futures.append(self.submit(job))
+            except UserError as exc:
+                futures.append(exc)
+        results: list[GeneratedImage | Exception] = []
+        for future in futures:
+            if isinstance(future, Exception):
+                results.append(future)
+                continue
+            try:
+                results.append(future.result())
+            except JobFailed as exc:
+                results.append(exc)
+            except CancelledError:
+                results.append(JobFailed("canceled"))
+        return results
 
     def cancel(self, job_id: str) -> bool:
         """A queued job never runs; a running one stops at the next step boundary."""

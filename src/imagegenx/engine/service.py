@@ -19,6 +19,7 @@ from opentelemetry import trace
 from imagegenx.config import Settings
 from imagegenx.engine.events import TaskEvents
 from imagegenx.engine.validation import validate_job
+from imagegenx.postprocess.chain import PostprocessSpec
 from imagegenx.queue.base import JobQueue
 from imagegenx.storage.blobs import BlobStore
 from imagegenx.storage.tasks import TaskStore
@@ -130,8 +131,14 @@ class Service:
             raise Forbidden(
                 f"the {user.tier} tier allows up to {side}x{side}; {job.width}x{job.height} asked"
             )
-        if (params.get("postprocess") or {}).get("upscale", 1) == 4 and user.tier is not Tier.PAID:
+        post = params.get("postprocess") or {}
+        if post.get("upscale", 1) == 4 and user.tier is not Tier.PAID:
             raise Forbidden("4x upscale is a paid-tier feature")
+        # The tier's NSFW gate: QC scores every image and withholds those above the limit.
+        limit = self.settings.service.nsfw_max_by_tier.get(str(user.tier))
+        if limit is not None:
+            params["postprocess"] = post = post | {"qc": True, "nsfw_max": limit}
+        PostprocessSpec.from_params(params)  # a chain that cannot run is refused now, not after generating
 
     # Questions ----------------------------------------------------------------------------------
 

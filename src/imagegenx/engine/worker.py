@@ -15,8 +15,8 @@ import queue
 import socket
 import threading
 import time
-from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 from PIL import Image
@@ -28,7 +28,7 @@ from imagegenx.postprocess.encode import ImageFormat, encode_image, image_metada
 from imagegenx.queue.base import Lease
 from imagegenx.storage.blobs import BlobWriteError
 from imagegenx.storage.tasks import StorageUnavailable
-from imagegenx.types import GeneratedImage, JobStatus, ProgressEvent, TaskStatus, UserError
+from imagegenx.types import GeneratedImage, JobStatus, ProgressEvent, TaskRecord, TaskStatus, UserError
 
 log = logging.getLogger("imagegenx.worker")
 tracer = trace.get_tracer("imagegenx.worker")  # a no-op unless an exporter is configured
@@ -62,6 +62,10 @@ class ServiceWorker:
         self.capacity = capacity or 2 * service.settings.engine.max_batch
         self.lease_s = service.settings.service.lease_s
         self._in_flight: dict[str, _InFlight] = {}
+        # Jobs the engine finished whose post-processing and storing runs on the post thread, so
+        # the loop keeps leasing and heartbeating meanwhile (their leases stay ours until acked).
+        self._storing: set[str] = set()
+        self._post = ThreadPoolExecutor(1, thread_name_prefix="imagegenx-post")
         self._done: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._last_progress: dict[str, int] = {}
@@ -79,6 +83,7 @@ class ServiceWorker:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        self._post.shutdown(wait=True)
 
     def cancel(self, task_id: str) -> None:
         self.engine.cancel(task_id)
@@ -93,7 +98,8 @@ class ServiceWorker:
                 self._drain_done()
                 self._lease_more()
                 if now - last_heartbeat > self.lease_s / 3:
-                    self.service.queue.heartbeat(self.owner, list(self._in_flight), self.lease_s)
+                    held = [*self._in_flight, *list(self._storing)]
+                    self.service.queue.heartbeat(self.owner, held, self.lease_s)
                     last_heartbeat = now
                 if now - last_sweep > 1.0:
                     self.service.expire_stale()
@@ -126,7 +132,7 @@ class ServiceWorker:
         self._done.put(task_id)
 
     def _lease_more(self) -> None:
-        free = self.capacity - len(self._in_flight)
+        free = self.capacity - len(self._in_flight) - len(self._storing)
         if free <= 0:
             return
         for lease in self.service.queue.lease(self.owner, free, self.lease_s):
@@ -164,40 +170,84 @@ class ServiceWorker:
         job.future.add_done_callback(lambda _f, task_id=task_id: self._done.put(task_id))
 
     def _drain_done(self) -> None:
+        """Hand every job the engine finished to the post thread, as one group (one chain batch)."""
+        finished = []
         while True:
             try:
                 task_id = self._done.get_nowait()
             except queue.Empty:
-                return
+                break
             entry = self._in_flight.pop(task_id, None)
             if entry is not None:
-                self._complete(entry)
+                entry.span.end()
+                self._storing.add(task_id)
+                finished.append(entry)
+        if finished:
+            self._post.submit(self._complete_group, finished)
 
-    # Outcomes -----------------------------------------------------------------------------------
+    # Outcomes (on the post thread) --------------------------------------------------------------
 
-    def _complete(self, job: _InFlight) -> None:
-        job.span.end()
-        with tracer.start_as_current_span("postprocess-and-store", attributes={"task_id": job.lease.task_id}):
-            self._store_outcome(job)
+    def _complete_group(self, entries: list[_InFlight]) -> None:
+        """Post-process the images together where their chains agree, then store each outcome."""
+        try:
+            groups: dict[PostprocessSpec, list[tuple[_InFlight, TaskRecord, GeneratedImage]]] = {}
+            for entry in entries:
+                done = self._engine_outcome(entry)
+                if done is not None:
+                    record, image = done
+                    groups.setdefault(PostprocessSpec.from_params(record.params), []).append(
+                        (entry, record, image)
+                    )
+            for spec, members in groups.items():
+                with tracer.start_as_current_span("postprocess", attributes={"tasks": len(members)}):
+                    images = self._postprocess(spec, [image for _, _, image in members])
+                for (entry, record, _), image in zip(members, images, strict=True):
+                    self._store_outcome(entry, record, image)
+        except Exception:  # the leases stay: the jobs come back after expiry
+            log.exception("post-processing error")
+        finally:
+            for entry in entries:
+                self._storing.discard(entry.lease.task_id)
 
-    def _store_outcome(self, job: _InFlight) -> None:
+    def _engine_outcome(self, job: _InFlight) -> tuple[TaskRecord, GeneratedImage] | None:
+        """The task's record and image, or None when the job was cancelled or failed (recorded)."""
         service, task_id = self.service, job.lease.task_id
         try:
             image = job.future.result()
         except CancelledError:
             service.store.mark_canceled(task_id)
             self._finish(task_id)
-            return
+            return None
         except JobFailed as exc:
             service.store.fail(task_id, str(exc))
             self._finish(task_id)
-            return
+            return None
         record = service.store.get(task_id)
-        post = PostprocessSpec.from_params(record.params)
+        if record is None:  # purged meanwhile: nothing to store
+            self._finish(task_id)
+            return None
         try:
-            image = apply_chain(image, post)
+            PostprocessSpec.from_params(record.params)
         except UserError as exc:
             service.store.fail(task_id, f"post-processing failed: {exc}")
+            self._finish(task_id)
+            return None
+        return record, image
+
+    def _postprocess(self, spec: PostprocessSpec, images: list[GeneratedImage]) -> list[GeneratedImage]:
+        """The chain over the group; if it fails as a whole, each image alone, so that only the
+        image that cannot be post-processed fails."""
+        try:
+            return apply_chain(images, spec, self.engine)
+        except UserError as exc:
+            if len(images) == 1:
+                return [replace(images[0], post={"error": f"post-processing failed: {exc}"})]
+        return [self._postprocess(spec, [image])[0] for image in images]
+
+    def _store_outcome(self, job: _InFlight, record: TaskRecord, image: GeneratedImage) -> None:
+        service, task_id = self.service, job.lease.task_id
+        if "error" in image.post:
+            service.store.fail(task_id, image.post["error"])
             self._finish(task_id)
             return
         try:
@@ -206,7 +256,7 @@ class ServiceWorker:
             log.error("could not store results of %s: %s", task_id, exc)
             service.queue.nack(self.owner, task_id, delay_s=5.0)
             return
-        metadata = image_metadata(image) | {"postprocess": post.steps}
+        metadata = image_metadata(image)
         if service.store.succeed(task_id, job.attempt, results, metadata):
             elapsed = image.timings.total_s
             service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)

@@ -150,6 +150,13 @@ def image_metadata(image: GeneratedImage) -> dict[str, Any]:
         "decode_s": round(timings.decode_s, 3),
         "total_s": round(timings.total_s, 3),
     }
+    steps = image.post.get("steps", [])
+    record["postprocess"] = [step["name"] for step in steps]
+    if steps:
+        record["postprocess_seconds"] = {step["name"]: step["seconds"] for step in steps}
+    for key in ("hires", "detections", "qc", "refine", "fixed"):  # what the chain recorded
+        if key in image.post:
+            record[key] = image.post[key]
     record["parameters"] = a1111_parameters(image)
     record["imagegenx_version"] = __version__
     return record

@@ -1,4 +1,4 @@
-"""Quality-control metrics and the shortlist: SSIM, Tenengrad sharpness, identity cosine, NSFW.
+"""Quality-control metrics and the shortlist: SSIM, Tenengrad sharpness, identity cosine, NSFW, BRISQUE.
 
 All metrics work on RGB ``uint8`` arrays (HxWx3) or PIL images and run on the CPU with NumPy and
 OpenCV. Every score is kept (:meth:`QcScores.as_dict`) so it can go into the image's metadata.
@@ -109,7 +109,10 @@ class QcScores:
 
     ``identity``: best face's cosine to the mean reference embedding (0.0 when no face was found);
     ``faces``: number of faces found; ``ssim``: against the reference image; ``sharpness``: Tenengrad;
-    ``nsfw``: probability in [0, 1].
+    ``nsfw``: probability in [0, 1]; ``brisque``: no-reference quality, lower is better (see
+    :mod:`imagegenx.vision.brisque`), also ``None`` for a flat image where it is undefined (NaN would
+    make the metadata invalid JSON). BRISQUE is kept for the metadata and does not enter
+    :func:`combined_scores`.
     """
 
     sharpness: float
@@ -117,9 +120,14 @@ class QcScores:
     identity: float | None = None
     faces: int | None = None
     nsfw: float | None = None
+    brisque: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if np.isfinite(value) else None
 
 
 def qc_batch(
@@ -128,9 +136,14 @@ def qc_batch(
     reference_embedding: np.ndarray | None = None,
     identity: FaceBackend | None = None,
     nsfw: NsfwClassifier | None = None,
+    *,
+    brisque: bool = False,
 ) -> list[QcScores]:
     """:func:`qc_scores` for several images, with one batched NSFW call."""
     from imagegenx.vision.identity import identity_scores
+
+    if brisque:  # optional dependency: import only when asked, so a missing package fails only then
+        from imagegenx.vision.brisque import brisque_score
 
     arrays = [_as_array(img) for img in images]
     probs: list[float | None] = list(nsfw.probability(arrays)) if nsfw is not None else [None] * len(arrays)
@@ -150,6 +163,7 @@ def qc_batch(
                 identity=ident,
                 faces=n_faces,
                 nsfw=prob,
+                brisque=_finite_or_none(brisque_score(arr)) if brisque else None,
             )
         )
     return out
@@ -161,11 +175,14 @@ def qc_scores(
     reference_embedding: np.ndarray | None = None,
     identity: FaceBackend | None = None,
     nsfw: NsfwClassifier | None = None,
+    *,
+    brisque: bool = False,
 ) -> QcScores:
     """All QC scores of one image: sharpness always; SSIM when ``reference`` is given; faces with an
-    ``identity`` backend (and the identity cosine with ``reference_embedding`` too); NSFW with ``nsfw``.
+    ``identity`` backend (and the identity cosine with ``reference_embedding`` too); NSFW with ``nsfw``;
+    BRISQUE with ``brisque=True`` (about 0.2 s of CPU at 512x512, and it needs the ``brisque`` package).
     """
-    return qc_batch([image], reference, reference_embedding, identity, nsfw)[0]
+    return qc_batch([image], reference, reference_embedding, identity, nsfw, brisque=brisque)[0]
 
 
 def combined_scores(
