@@ -7,6 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imagegenx.cli import app
+from imagegenx.postprocess.encode import read_parameters
 from imagegenx.postprocess.watermark import check_watermark
 from support.server import Server, wait_for
 
@@ -90,7 +91,24 @@ def test_api_declared_chain_and_tier_nsfw_gate(tmp_path):
             view = wait_for(free, held, timeout=300)
             assert view["status"] == "failed" and "withheld" in view["error"]
             assert view["params"]["postprocess"]["nsfw_max"] == 0
+            plain = {"text": "a barn", "width": 64, "height": 64, "steps": 2, "format": "png"}
+            stripped = paid.post("/api/v1/image/generate", json=plain | {"embed_metadata": False})
+            view = wait_for(paid, stripped.json()["data"]["task_ids"][0], timeout=300)
+            assert read_parameters(paid.get(view["urls"]["original"]).content) is None
             bad = paid.post("/api/v1/image/generate", json=body | {"postprocess": {"hires_scale": 9}})
             assert bad.status_code == 422
     finally:
         server.stop()
+
+
+def test_cli_qc_report_ranks_and_shortlists(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEGENX_MODELS__MODEL_DIR", str(tmp_path))
+    out = tmp_path / "o"
+    args = ["generate", "a fox", "-m", "random:tiny-sdxl", "--steps", "2", "-n", "3", "--seed", "4"]
+    result = CliRunner().invoke(app, [*args, "--qc", "--shortlist", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "qc.json").read_text())
+    assert [entry["rank"] for entry in report["images"]] == [1, 2, 3]
+    assert report["shortlist"] == [entry["file"] for entry in report["images"][:2]]
+    best = json.loads((out / report["shortlist"][0]).with_suffix(".json").read_text())
+    assert best["qc"]["rank"] == 1 and best["qc"]["combined"] >= report["images"][1]["combined"]

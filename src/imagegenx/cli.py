@@ -124,6 +124,9 @@ def generate(
         Path | None, typer.Option(help="Reference photo for identity and SSIM in QC.")
     ] = None,
     brisque: Annotated[bool, typer.Option(help="Add the BRISQUE quality score to QC.")] = False,
+    shortlist: Annotated[
+        int, typer.Option(min=1, help="With QC: how many of the best images qc.json shortlists.")
+    ] = 15,
     refiner: Annotated[str | None, typer.Option(help="Refiner model for a second img2img pass.")] = None,
     refiner_steps: Annotated[int, typer.Option(help="Refiner steps actually run.")] = 10,
     refine_top_k: Annotated[
@@ -209,6 +212,7 @@ def generate(
             fmt,
             post,
             reference_image,
+            shortlist,
             as_json=as_json,
             embed_metadata=not no_metadata,
             console=err,
@@ -370,10 +374,21 @@ def _with(settings: Settings, **slices: dict) -> Settings:
 
 
 def _run_jobs(
-    settings, jobs, out: Path, fmt, post, reference, *, as_json: bool, embed_metadata: bool, console: Console
+    settings,
+    jobs,
+    out: Path,
+    fmt,
+    post,
+    reference,
+    shortlist: int,
+    *,
+    as_json: bool,
+    embed_metadata: bool,
+    console: Console,
 ) -> int:
     """Submit every job to one engine, post-process the finished images as one batch, write each
-    with its .json metadata; returns the failure count."""
+    with its .json metadata (and, with QC, qc.json: every image's scores best first, and the
+    shortlist); returns the failure count."""
     from concurrent.futures import CancelledError
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -415,6 +430,7 @@ def _run_jobs(
         if post.steps:
             progress.update(bar, description="post-processing")
         images = apply_chain([image for _, image in finished], post, engine, reference)
+        written = []
         for (index, _), image in zip(finished, images, strict=True):
             if "error" in image.post:
                 failed += 1
@@ -428,11 +444,26 @@ def _run_jobs(
                 stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
             except OSError as exc:
                 raise UserError(f"cannot write {path}: {exc.strerror}") from None
+            written.append(meta)
             if as_json:
                 typer.echo(json.dumps(meta | {"path": str(path)}))
+        if post.qc:
+            _write_qc_report(out / "qc.json", written, shortlist)
     if not as_json:
         console.print(f"wrote {len(jobs) - failed} image(s) to {out}")
     return failed
+
+
+def _write_qc_report(path: Path, written: list[dict], shortlist: int) -> None:
+    ranked = sorted(written, key=lambda m: (m["qc"]["rank"] is None, m["qc"]["rank"] or 0))
+    report = {
+        "shortlist": [m["file"] for m in ranked if m["qc"]["rank"] is not None][:shortlist],
+        "images": [{"file": m["file"], "seed": m["seed"], **m["qc"]} for m in ranked],
+    }
+    try:
+        path.write_text(json.dumps(report, indent=2))
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def main() -> None:  # pragma: no cover - console script shim

@@ -80,6 +80,8 @@ def _task_input(
     post |= {k: v for k, v in flat.items() if v and v != 1}
     if post:
         params["postprocess"] = post
+    if not p.embed_metadata:
+        params["embed_metadata"] = False
     return TaskInput(params, p.priority, p.callback_url, p.style, output_format=p.format.lower(), **images)
 
 

@@ -77,6 +77,7 @@ class GenerateParams(BaseModel):
     watermark: str | None = Field(None, max_length=200, description="Visible text watermark")
     invisible_watermark: bool = Field(False, description="Embed an invisible watermark carrying the task id")
     postprocess: PostprocessParams | None = Field(None, description="The post-processing chain")
+    embed_metadata: bool = Field(True, description="Embed the generation parameters in the image file")
 
     @property
     def size(self) -> tuple[int, int]:

@@ -251,7 +251,9 @@ class ServiceWorker:
             self._finish(task_id)
             return
         try:
-            results = self._store_images(task_id, image, record.params.get("format", "webp"))
+            results = self._store_images(
+                task_id, image, record.params.get("format", "webp"), record.params.get("embed_metadata", True)
+            )
         except BlobWriteError as exc:  # neither store nor spool took it: try the job again later
             log.error("could not store results of %s: %s", task_id, exc)
             service.queue.nack(self.owner, task_id, delay_s=5.0)
@@ -263,10 +265,12 @@ class ServiceWorker:
             log.info("task succeeded", extra=_log_fields(image, job.attempt, "succeeded"))
         self._finish(task_id)
 
-    def _store_images(self, task_id: str, image: GeneratedImage, fmt_name: str) -> dict[str, str]:
+    def _store_images(
+        self, task_id: str, image: GeneratedImage, fmt_name: str, embed_metadata: bool
+    ) -> dict[str, str]:
         fmt = ImageFormat.parse(fmt_name)
         results = {"original": result_key(task_id, "original", fmt.extension)}
-        self.service.blobs.put(results["original"], encode_image(image, fmt))
+        self.service.blobs.put(results["original"], encode_image(image, fmt, embed_metadata=embed_metadata))
         pil = to_pil(image)
         for side in THUMBNAILS:
             thumb = pil.copy()
