@@ -42,7 +42,7 @@ def test_cli_upscale_and_watermarks(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
-    steps = ["detect", "qc", "face fix", "hand fix", "upscale x4", "watermark", "invisible watermark"]
+    steps = ["detect", "qc", "face and hand fix", "upscale x4", "watermark", "invisible watermark"]
     assert record["postprocess"] == steps
     assert set(record["postprocess_seconds"]) == set(steps)
     assert record["qc"]["rank"] == 1 and record["qc"]["sharpness"] > 0

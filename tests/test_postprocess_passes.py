@@ -105,7 +105,7 @@ def test_face_fix_without_faces_changes_nothing(engine):
     [out] = apply_chain([noise], PostprocessSpec(face_fix=True, hand_fix=True), engine)
     assert out.post["detections"] == [] and out.post["fixed"] == []
     assert out.rgb == noise.rgb
-    assert [s["name"] for s in out.post["steps"]] == ["detect", "face fix", "hand fix"]
+    assert [s["name"] for s in out.post["steps"]] == ["detect", "face and hand fix"]
 
 
 def test_qc_with_a_reference_scores_identity_and_ssim():

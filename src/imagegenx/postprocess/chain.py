@@ -86,14 +86,19 @@ class PostprocessSpec:
         return self.hires_scale > 1 or self.refiner is not None or self.face_fix or self.hand_fix
 
     @property
+    def fix_step(self) -> str | None:
+        """One step fixes faces and hands together (their crops share a batch)."""
+        kinds = [kind for kind, on in (("face", self.face_fix), ("hand", self.hand_fix)) if on]
+        return f"{' and '.join(kinds)} fix" if kinds else None
+
+    @property
     def steps(self) -> list[str]:
         """The names of the steps this spec runs, in order."""
         names = [f"hires x{self.hires_scale:g}"] if self.hires_scale > 1 else []
         names += ["detect"] if self.face_fix or self.hand_fix else []
         names += ["qc"] if self.qc else []
         names += ["refine"] if self.refiner else []
-        names += ["face fix"] if self.face_fix else []
-        names += ["hand fix"] if self.hand_fix else []
+        names += [self.fix_step] if self.fix_step else []
         names += [f"upscale x{self.upscale}"] if self.upscale > 1 else []
         names += ["watermark"] if self.watermark_text else []
         names += ["invisible watermark"] if self.invisible_watermark else []
@@ -120,17 +125,16 @@ def apply_chain(
     out = [_with_post(image, {"steps": []}) for image in images]
     detections: list[list[Any]] = [[] for _ in out]
 
-    def run(names: str | list[str], step: Callable[[list[int]], None]) -> None:
+    def run(name: str, step: Callable[[list[int]], None]) -> None:
         """Time ``step`` over the images still alive; record its seconds per image on each of them."""
         alive = [i for i, image in enumerate(out) if "error" not in image.post]
         if not alive:
             return
-        names = [names] if isinstance(names, str) else names
         started = time.perf_counter()
         step(alive)
-        seconds = round((time.perf_counter() - started) / len(alive) / len(names), 4)
+        seconds = round((time.perf_counter() - started) / len(alive), 4)
         for i in alive:
-            out[i].post["steps"] += [{"name": name, "seconds": seconds} for name in names]
+            out[i].post["steps"].append({"name": name, "seconds": seconds})
 
     # 1. Hires fix.
     if spec.hires_scale > 1:
@@ -180,7 +184,7 @@ def apply_chain(
             )
             _replace_at(out, alive, fixed)
 
-        run([f"{kind} fix" for kind in ("face", "hand") if kind in kinds], fix)
+        run(spec.fix_step, fix)
     # 6. Upscale.
     if spec.upscale > 1:
         from imagegenx.postprocess.upscale import Upscale
@@ -194,16 +198,16 @@ def apply_chain(
     if spec.watermark_text or spec.invisible_watermark:
         from imagegenx.postprocess.watermark import Watermark
 
-        def mark(alive: list[int]) -> None:
-            for i in alive:
-                job = out[i].job
-                mark_id = (job.job_id or job.seed) if spec.invisible_watermark else None
-                pil = Watermark().apply([to_pil(out[i])], {"text": spec.watermark_text, "id": mark_id})[0]
-                out[i] = with_pixels(out[i], pil)
+        def visible(pil: Image.Image, image: GeneratedImage) -> Image.Image:
+            return Watermark().apply([pil], {"text": spec.watermark_text})[0]
 
-        names = ["watermark"] if spec.watermark_text else []
-        names += ["invisible watermark"] if spec.invisible_watermark else []
-        run(names, mark)
+        def invisible(pil: Image.Image, image: GeneratedImage) -> Image.Image:
+            return Watermark().apply([pil], {"id": image.job.job_id or image.job.seed})[0]
+
+        if spec.watermark_text:
+            run("watermark", lambda alive: _map_each(out, alive, visible))
+        if spec.invisible_watermark:
+            run("invisible watermark", lambda alive: _map_each(out, alive, invisible))
     return out
 
 
@@ -220,6 +224,15 @@ def _with_post(image: GeneratedImage, post: dict) -> GeneratedImage:
 def _replace_at(out: list[GeneratedImage], alive: list[int], results: list[GeneratedImage]) -> None:
     for i, image in zip(alive, results, strict=True):
         out[i] = image
+
+
+def _map_each(
+    out: list[GeneratedImage],
+    alive: list[int],
+    fn: Callable[[Image.Image, GeneratedImage], Image.Image],
+) -> None:
+    for i in alive:
+        out[i] = with_pixels(out[i], fn(to_pil(out[i]), out[i]))
 
 
 def _map_pixels(
