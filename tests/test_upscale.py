@@ -15,6 +15,7 @@ from imagegenx.postprocess.upscale import (
     MODEL_DIR,
     RRDBNet,
     Upscale,
+    _finish_with_pillow,
     convs_to_state_dict,
     get_upscaler,
     lanczos,
@@ -156,3 +157,13 @@ def test_upscale_step_applies_params(small, small_x4):
     diff = np.abs(np.asarray(out[0].convert("RGB"), np.int16) - np.asarray(expected, np.int16))
     assert diff.max() <= 3
     assert step.apply([], {}) == []
+
+
+def test_device_finish_matches_the_pillow_finish(upscaler, small):
+    """The GPU path's finish (torch), run here on the CPU, against the CPU path's (Pillow)."""
+    net = upscaler.network_upscale([small])[0]
+    size = (small.width * 4, small.height * 4)
+    ours = np.asarray(upscaler._finish_on_device(small, net, size, 0.35, True), np.int16)
+    pillow = np.asarray(_finish_with_pillow(small, net, size, 0.35, True), np.int16)
+    assert ours.shape == pillow.shape
+    assert np.abs(ours - pillow).mean() < 1.0

@@ -9,7 +9,8 @@ convolutions, taken in graph order, fill the state dict.
 Upscaling runs batched over tiles (``tile`` pixels, each read with ``overlap`` pixels of context
 that are cropped away from the output), fp16 on a GPU and fp32 on the CPU. ×2 runs the ×4 network
 then a Lanczos downscale, as Real-ESRGAN's ``outscale`` does. ``network_strength`` blends the
-network's output with a plain Lanczos upscale; :func:`unsharp` is a separate finishing step.
+network's output with a plain Lanczos upscale, then an optional unsharp mask; on a GPU that finish
+runs there too (``postprocess.finish``), on the CPU in Pillow.
 
 Nothing is loaded at import time: :func:`get_upscaler` loads a model on first use and caches it
 by (name, device, dtype).
@@ -241,16 +242,16 @@ class RealESRGAN:
         return cls(load_rrdbnet(name), device, dtype)
 
     @torch.inference_mode()
-    def _run(self, batch: list[torch.Tensor]) -> np.ndarray:
-        """Network output of equally sized CHW 0-1 tiles, as uint8 NHWC (rounded on the device)."""
+    def _run(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        """Network output of equally sized CHW 0-1 tiles, as uint8 NHWC on the device (rounded there)."""
         x = torch.stack(batch).to(device=self.device, dtype=self.dtype, memory_format=self._memory_format)
         y = self.net(x).float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
-        return y.permute(0, 2, 3, 1).cpu().numpy()
+        return y.permute(0, 2, 3, 1)
 
     def network_upscale(
         self, images: Sequence[Image.Image], *, tile: int = 512, overlap: int = 32, batch_size: int = 4
-    ) -> list[np.ndarray]:
-        """×4 network output per image as uint8 HWC arrays.
+    ) -> list[torch.Tensor]:
+        """×4 network output per image as uint8 HWC tensors on the device.
 
         Each image is cut into tiles of at most ``tile`` pixels; a tile is read with ``overlap``
         pixels of context on each side (clipped at the image border) and that margin is cropped
@@ -260,7 +261,10 @@ class RealESRGAN:
             raise ValueError("tile must be ≥ 16 and overlap ≥ 0")
         s = self.net_scale
         tensors = [_to_tensor(image) for image in images]
-        outputs = [np.zeros((t.shape[1] * s, t.shape[2] * s, 3), np.uint8) for t in tensors]
+        outputs = [
+            torch.zeros((t.shape[1] * s, t.shape[2] * s, 3), dtype=torch.uint8, device=self.device)
+            for t in tensors
+        ]
         # (index, input box, crop inside the tile's output, placement in the image's output)
         jobs: dict[
             tuple[int, int], list[tuple[int, tuple[int, int, int, int], tuple[int, int, int, int]]]
@@ -294,8 +298,10 @@ class RealESRGAN:
         overlap: int = 32,
         network_strength: float = 1.0,
         batch_size: int = 4,
+        sharpen: bool = False,
     ) -> list[Image.Image]:
-        """Upscale ×2 or ×4; ``network_strength`` in [0, 1] blends with a Lanczos upscale."""
+        """Upscale ×2 or ×4; ``network_strength`` in [0, 1] blends with a Lanczos upscale; ``sharpen``
+        applies :func:`unsharp` (radius 2, 120%) at the end."""
         if scale not in SUPPORTED_SCALES:
             raise ValueError(f"scale must be one of {SUPPORTED_SCALES}, got {scale}")
         if not 0.0 <= network_strength <= 1.0:
@@ -306,23 +312,40 @@ class RealESRGAN:
         rgb = [image.convert("RGB") for image in images]
         if network_strength == 0.0:
             results = [lanczos(image, size) for image, size in zip(rgb, sizes, strict=True)]
+            results = [unsharp(image) for image in results] if sharpen else results
         else:
             net = self.network_upscale(rgb, tile=tile, overlap=overlap, batch_size=batch_size)
-            results = []
-            for image, size, out in zip(rgb, sizes, net, strict=True):
-                result = Image.fromarray(out)
-                if scale != self.net_scale:
-                    result = lanczos(result, size)
-                if network_strength < 1.0:
-                    plain = np.asarray(lanczos(image, size), np.float32)
-                    mixed = network_strength * np.asarray(result, np.float32) + (1 - network_strength) * plain
-                    result = _to_image(mixed)
-                results.append(result)
+            finish = self._finish_on_device if self.device.type == "cuda" else _finish_with_pillow
+            results = [
+                finish(image, out, size, network_strength, sharpen)
+                for image, size, out in zip(rgb, sizes, net, strict=True)
+            ]
         for i, alpha in enumerate(alphas):
             if alpha is not None:
                 results[i] = results[i].convert("RGBA")
                 results[i].putalpha(lanczos(alpha, sizes[i]))
         return results
+
+    def _finish_on_device(
+        self, image: Image.Image, net: torch.Tensor, size: tuple[int, int], strength: float, sharpen: bool
+    ) -> Image.Image:
+        from imagegenx.postprocess.finish import finish
+
+        original = torch.from_numpy(np.array(image)).to(self.device)
+        return Image.fromarray(finish(net, original, size, strength, sharpen).cpu().numpy())
+
+
+def _finish_with_pillow(
+    image: Image.Image, net: torch.Tensor, size: tuple[int, int], strength: float, sharpen: bool
+) -> Image.Image:
+    """Resize the network's output to ``size``, blend it with a Lanczos upscale, sharpen (Pillow)."""
+    result = Image.fromarray(net.cpu().numpy())
+    if result.size != size:
+        result = lanczos(result, size)
+    if strength < 1.0:
+        plain = np.asarray(lanczos(image, size), np.float32)
+        result = _to_image(strength * np.asarray(result, np.float32) + (1 - strength) * plain)
+    return unsharp(result) if sharpen else result
 
 
 def unsharp(image: Image.Image, radius: float = 2.0, amount: float = 1.2, threshold: int = 0) -> Image.Image:
@@ -379,14 +402,12 @@ class Upscale:
         if not images:
             return []
         upscaler = get_upscaler(self.model, self.device, self.dtype)
-        out = upscaler.upscale(
+        return upscaler.upscale(
             images,
             int(_param(params, "scale", 4)),
             tile=int(_param(params, "tile", 512)),
             overlap=int(_param(params, "overlap", 32)),
             network_strength=float(_param(params, "network_strength", 1.0)),
             batch_size=int(_param(params, "batch_size", 4)),
+            sharpen=bool(_param(params, "unsharp", False)),
         )
-        if _param(params, "unsharp", False):
-            out = [unsharp(image) for image in out]
-        return out
