@@ -26,6 +26,7 @@ from imagegenx.models.sources import (
     hub_unavailable,
     is_sd2,
 )
+from imagegenx.models.speed import apply_speedups
 from imagegenx.models.tokenizers import tokenizer_for
 from imagegenx.types import UserError
 
@@ -48,6 +49,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     extras: dict[str, Any] = field(default_factory=dict)  # per-model caches owned by other rooms
+    speedups: dict[str, Any] = field(default_factory=dict)  # what models/speed.py applied
 
     @property
     def vae_scale_factor(self) -> int:
@@ -95,11 +97,12 @@ def load_model(source: ModelSource, settings: ModelSettings) -> LoadedModel:
     # 3. Device, eval mode, quiet.
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    speedups = apply_speedups(pipe, device, settings)
     family = _FAMILY_BY_PIPELINE_CLASS.get(type(pipe).__name__, source.family)
     encoder = getattr(pipe, "text_encoder", None)
     if family == "sd15" and is_sd2(dict(pipe.unet.config), encoder.config.to_dict() if encoder else {}):
         family = "sd21"
-    return LoadedModel(source, pipe, family, device, dtype, time.perf_counter() - started)
+    return LoadedModel(source, pipe, family, device, dtype, time.perf_counter() - started, speedups=speedups)
 
 
 def _pipeline_class(name: str):

@@ -24,6 +24,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from imagegenx.models.loader import LoadedModel
+from imagegenx.models.speed import batch_bucket
 from imagegenx.pipelines.prompts import PromptEncoder
 from imagegenx.pipelines.sample import Sample, decode_input_image
 from imagegenx.pipelines.samplers import make_scheduler, step_kwargs_supported
@@ -49,6 +50,7 @@ class SDRunner:
         self.is_xl = self.family in {"sdxl", "sdxl-refiner"}
         self.nine_channel = self.unet.config.in_channels == 9
         self.distilled_guidance = self.unet.config.time_cond_proj_dim is not None
+        self.compiled = "compile" in model.speedups
         # The SDXL VAE overflows in fp16 (diffusers' force_upcast): keep it in fp32.
         if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
             self.vae.to(torch.float32)
@@ -205,6 +207,11 @@ class SDRunner:
                 pooled.append(pool)
                 time_ids.append(ids)
                 guidance.append(s.job.guidance_scale)
+        rows = len(inputs)
+        if self.compiled:  # a few static shapes: pad the batch to its bucket with copies of the last row
+            extra = batch_bucket(rows) - rows
+            for values in (inputs, timesteps, hidden, pooled, time_ids, guidance):
+                values += values[-1:] * extra
         encoder_states, attention_mask = _pad_sequences(hidden)
         kwargs = {}
         if self.is_xl:
@@ -221,7 +228,7 @@ class SDRunner:
             encoder_attention_mask=attention_mask,
             return_dict=False,
             **kwargs,
-        )[0]
+        )[0][:rows]
 
     def _scheduler_step(self, sample: Sample, prediction: torch.Tensor) -> None:
         scheduler, t = sample.scheduler, sample.timesteps[sample.index]

@@ -1,0 +1,43 @@
+"""Speed-ups applied to a loaded model's components, each a setting so it can be measured on and off.
+
+- ``channels_last``: NHWC memory format for the UNet and VAE convolutions; cuDNN then uses tensor
+  cores without layout transposes (on by default on CUDA, where it helps; off on the CPU).
+- ``fuse_qkv``: one projection for attention's q, k and v (diffusers' ``fuse_qkv_projections``).
+  Off by default: LoRAs target ``to_q``/``to_k``/``to_v`` and a fused model cannot take them.
+- ``compile``: ``torch.compile`` of the UNet (``default``, ``reduce-overhead`` for CUDA graphs, or
+  ``max-autotune``). Static shapes: the engine pads each UNet batch to a bucket (1, 2, 4, 8, ... rows)
+  so a handful of graphs serve every batch size; compiled kernels persist in Inductor's on-disk
+  cache (``TORCHINDUCTOR_CACHE_DIR``), so a restart does not compile again from scratch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from imagegenx.config import ModelSettings
+
+
+def batch_bucket(rows: int) -> int:
+    """The padded UNet batch for ``rows`` rows when the UNet is compiled: the next power of two."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> dict[str, Any]:
+    """Apply the configured speed-ups to ``pipe``'s components; returns what was applied."""
+    applied: dict[str, Any] = {}
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    channels_last = settings.channels_last if settings.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+        applied["channels_last"] = True
+    if settings.fuse_qkv and denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
+        denoiser.fuse_qkv_projections()
+        applied["fuse_qkv"] = True
+    if settings.compile != "off" and denoiser is not None:
+        denoiser.forward = torch.compile(denoiser.forward, mode=settings.compile, dynamic=False)
+        applied["compile"] = settings.compile
+    return applied

@@ -1,0 +1,53 @@
+"""Speed-ups change speed, not images: channels_last, fused QKV, and the padded batches compile uses."""
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from conftest import make_settings
+from imagegenx.config import ModelSettings
+from imagegenx.engine.engine import Engine
+from imagegenx.models.speed import batch_bucket
+from imagegenx.types import JobSpec
+
+JOBS = [JobSpec(f"a red fox {i}", "random:tiny-sdxl", width=64, height=64, steps=3, seed=i) for i in range(3)]
+
+
+def _images(settings, *, compiled: bool = False) -> list[np.ndarray]:
+    with Engine(settings) as engine:
+        if compiled:
+            # Exercise the padding a compiled UNet gets, without paying for a compile on the CPU.
+            model = engine.models.get("random:tiny-sdxl")
+            engine._runner(model).compiled = True
+        results = engine.run(JOBS)
+    return [np.frombuffer(r.rgb, np.uint8).astype(int) for r in results]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _images(make_settings(tmp_path_factory.mktemp("ref")))
+
+
+def test_batch_buckets():
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 6, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
+
+
+def test_padded_batches_give_the_same_images(tmp_path, reference):
+    # 3 jobs with guidance = 6 UNet rows, padded to 8.
+    for ours, ref in zip(_images(make_settings(tmp_path), compiled=True), reference, strict=True):
+        assert np.abs(ours - ref).max() <= 1
+
+
+def test_channels_last_and_fused_qkv_give_the_same_images(tmp_path, reference):
+    settings = make_settings(tmp_path)
+    models = settings.models.model_copy(update={"channels_last": True, "fuse_qkv": True})
+    settings = settings.model_copy(update={"models": models})
+    with Engine(settings) as engine:
+        assert engine.models.get("random:tiny-sdxl").speedups == {"channels_last": True, "fuse_qkv": True}
+    for ours, ref in zip(_images(settings), reference, strict=True):
+        assert np.abs(ours - ref).max() <= 1
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValidationError, match="max-autotune"):
+        ModelSettings(compile="fastest")
