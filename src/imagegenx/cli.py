@@ -296,6 +296,53 @@ def _configure_tracing() -> None:
     trace.set_tracer_provider(provider)
 
 
+@app.command()
+def bench(
+    scenarios: Annotated[list[str] | None, typer.Argument(help="Scenario names [default: all].")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the scenarios and exit.")] = False,
+    smoke: Annotated[
+        bool, typer.Option(help="Tiny models on the CPU: proves the harness, not speed.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    peers: Annotated[bool, typer.Option(help="Also run plain diffusers and its fast recipe.")] = True,
+    peer_compile: Annotated[
+        str, typer.Option(help="torch.compile mode of the fast-recipe peer (max-autotune as published; off).")
+    ] = "max-autotune",
+) -> None:
+    """Measure scenarios on this machine's GPU beside diffusers; prints a table, writes JSON."""
+    _quiet_libraries()
+    from imagegenx.bench.scenarios import SCENARIOS
+
+    if list_:
+        table = Table("scenario", "what", "status")
+        for scenario in SCENARIOS.values():
+            table.add_row(scenario.name, scenario.what, scenario.missing or "ready")
+        Console().print(table)
+        return
+    names = scenarios or list(SCENARIOS)
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        raise _fail(f"unknown scenario(s): {', '.join(unknown)}; see `imagegenx bench --list`")
+    import torch
+
+    from imagegenx.bench import report
+    from imagegenx.bench.peers import PEERS
+    from imagegenx.bench.scenarios import BenchContext
+
+    settings = Settings()
+    if smoke:
+        settings = _with(settings, models={"device": "cpu"})
+    elif not torch.cuda.is_available():
+        raise _fail("no CUDA device: benchmarks measure a GPU (use --smoke to check the harness on a CPU)")
+    ctx = BenchContext(settings, smoke, PEERS if peers else (), peer_compile, repeats=2 if smoke else 5)
+    console = Console(width=max(160, Console().width))  # ten columns: wider than a default pipe
+    try:
+        result = report.run(names, ctx, console, out)
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    report.print_table(result, console)
+
+
 @app.command("watermark-check")
 def watermark_check(path: Annotated[Path, typer.Argument(help="An image written by imagegenx.")]) -> None:
     """Read the invisible watermark back from an image (prints one JSON line)."""

@@ -8,8 +8,8 @@ features, so the generator's face prior fills in detail while the U-Net keeps th
 Written from TencentARC/GFPGAN's ``gfpganv1_clean_arch.py`` and ``stylegan2_clean_arch.py`` (the "clean"
 generator: no custom CUDA ops), because the official package needs basicsr and facexlib, which need
 torchvision. Module and parameter names, shapes and buffers are exactly those of the official
-``params_ema`` state dict, so converted weights load with ``strict=True``. Two deliberate differences,
-both equal in exact arithmetic:
+``params_ema`` state dict, so converted weights load with ``strict=True``. Two deliberate differences
+(the first equal to the reference up to rounding and its 1e-8 eps; tests/test_restore.py checks it):
 
 - :class:`ModulatedConv2d` scales the activations instead of building one weight per sample (StyleGAN2-ADA's
   ``fused_modconv=False``): one ordinary convolution for the whole batch instead of a grouped one, with

@@ -17,8 +17,11 @@ For every face detection of every image of the batch (the chain's one detection 
    eroded and blurred as facexlib does (edge width = √area / 20), times ``weight``. Only the square's
    bounding region is touched: outside it not a pixel changes, and ``weight`` 0 changes nothing.
 
-CUDA runs fp16, the CPU fp32. Nothing is loaded at import time: :func:`get_restorer` loads a model on
-first use and caches it by (path, device, dtype).
+CUDA runs fp16, the CPU fp32. Measured with random weights on the astronaut's face: on an H200, fp16
+within one grey level of fp32 (61 dB), about 6 ms a face in batches of 8-32 and 34 ms for one face alone,
+about 0.4 GB of activations a face (``batch_size`` caps a batch); on one CPU thread about 4.5 s a face.
+Nothing is loaded at import time: :func:`get_restorer` loads a model on first use and caches it by
+(path, device, dtype).
 """
 
 from __future__ import annotations
@@ -105,26 +108,27 @@ def align_faces(images: Sequence[np.ndarray], detections: Sequence[Sequence[Any]
     return faces
 
 
-def paste_face(image: np.ndarray, matrix: np.ndarray, restored: np.ndarray, weight: float) -> np.ndarray:
-    """``image`` (H×W×3 uint8) with ``restored`` (the FACE_SIZE² crop) warped back and blended in."""
+def warp_back(
+    matrix: np.ndarray, restored: np.ndarray, shape: tuple[int, ...]
+) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray] | None:
+    """``restored`` (the FACE_SIZE² crop) warped back into an image of ``shape``: the box
+    ``(x0, y0, x1, y1)`` that the crop's square covers (clipped; None when empty), the face and the
+    feathered mask (float32, 0-1) over that box."""
     import cv2
 
-    out = image.copy()
-    if weight <= 0.0:
-        return out
     inverse = cv2.invertAffineTransform(matrix)
-    # a. The region the crop's square covers in the image, plus a pixel of slack, clipped.
+    # a. The square's bounding box in the image, plus a pixel of slack, clipped.
     square = np.array([[0, 0], [1, 0], [0, 1], [1, 1]]) * FACE_SIZE - 0.5  # outer pixel edges
     corners = square @ inverse[:, :2].T + inverse[:, 2]
-    height, width = image.shape[:2]
+    height, width = shape[:2]
     x0, y0 = (max(0, math.floor(v) - 1) for v in corners.min(axis=0))
     x1 = min(width, math.ceil(corners[:, 0].max()) + 2)
     y1 = min(height, math.ceil(corners[:, 1].max()) + 2)
     if x1 <= x0 or y1 <= y0:
-        return out
+        return None
     inverse[:, 2] -= (x0, y0)
     size = (x1 - x0, y1 - y0)
-    # b. Warp the face and its square back; replicate at the edge so no dark fringe bleeds in.
+    # b. Warp the face and its square back; the face replicates its edge, so no dark fringe bleeds in.
     face = cv2.warpAffine(restored, inverse, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     mask = cv2.warpAffine(np.ones((FACE_SIZE, FACE_SIZE), np.float32), inverse, size, flags=cv2.INTER_LINEAR)
     # c. Feather as facexlib: erode 2 px (the interpolated border), then by 2·edge, blur by 2·edge + 1.
@@ -133,7 +137,17 @@ def paste_face(image: np.ndarray, matrix: np.ndarray, restored: np.ndarray, weig
     if edge > 0:
         mask = cv2.erode(mask, np.ones((2 * edge, 2 * edge), np.uint8))
         mask = cv2.GaussianBlur(mask, (2 * edge + 1, 2 * edge + 1), 0)
-    # d. Blend: where the mask is 0 the original pixel comes back exactly.
+    return (x0, y0, x1, y1), face, mask
+
+
+def paste_face(image: np.ndarray, matrix: np.ndarray, restored: np.ndarray, weight: float) -> np.ndarray:
+    """``image`` (H×W×3 uint8) with ``restored`` blended in through the feathered mask times ``weight``."""
+    out = image.copy()
+    warped = warp_back(matrix, restored, image.shape) if weight > 0.0 else None
+    if warped is None:
+        return out
+    (x0, y0, x1, y1), face, mask = warped
+    # Where the mask is 0 the original pixel comes back exactly (x + 0 · d, rounded, is x).
     roi = out[y0:y1, x0:x1].astype(np.float32)
     alpha = (weight * mask)[:, :, None]
     out[y0:y1, x0:x1] = np.clip(np.rint(roi + alpha * (face.astype(np.float32) - roi)), 0, 255)

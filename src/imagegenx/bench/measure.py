@@ -1,0 +1,90 @@
+"""Measuring on a device: synchronised clocks, peak memory, FLOPs of the work, the matmul peak."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Row:
+    """One measured line of a scenario: one runner (us or a peer) doing the scenario's work."""
+
+    scenario: str
+    runner: str  # "imagegenx", "diffusers", "diffusers-fast", or a variant name
+    images: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)  # per request, where the scenario has requests
+    peak_vram_gib: float | None = None
+    tflop_per_image: float | None = None
+    note: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self, peak_tflops: float | None) -> dict[str, Any]:
+        data = asdict(self)
+        data["images_per_s"] = round(self.images_per_s, 3)
+        data["seconds_per_image"] = round(self.seconds / self.images, 4) if self.images else None
+        data["p50_s"] = round(percentile(self.latencies, 50), 4) if self.latencies else None
+        data["p99_s"] = round(percentile(self.latencies, 99), 4) if self.latencies else None
+        achieved = self.tflop_per_image * self.images_per_s if self.tflop_per_image else None
+        data["achieved_tflops"] = float(f"{achieved:.4g}") if achieved else None
+        data["share_of_peak"] = round(achieved / peak_tflops, 3) if achieved and peak_tflops else None
+        data["latencies"] = [round(v, 4) for v in self.latencies]
+        data["tflop_per_image"] = float(f"{self.tflop_per_image:.4g}") if self.tflop_per_image else None
+        return data
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (p99 of few samples is their maximum)."""
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of ``fn()`` with the device's queue drained before and after."""
+    sync(device)
+    started = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - started, result
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The practical peak: the best of a few square matmuls (8192³ on a GPU, 1024³ on a CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = min(timed(device, lambda: a @ b)[0] for _ in range(5))
+    return round(2 * n**3 / best / 1e12, 1)
+
+
+def count_tflop(fn: Callable[[], Any]) -> float:
+    """TFLOP of the matmuls and convolutions ``fn`` runs (PyTorch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e12

@@ -1,0 +1,304 @@
+"""The benchmark scenarios. Full size on a GPU (random weights: a step costs the same whatever the
+weights); ``smoke`` runs the same code on tiny models on the CPU, to prove the harness in CI.
+
+Each scenario returns ``Row``s: ours first, then each peer (bench/peers.py) doing the same work.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from imagegenx.bench.measure import Row, count_tflop, peak_gib, reset_peak, timed
+from imagegenx.bench.peers import Peer, load_peer
+from imagegenx.config import Settings
+from imagegenx.engine.engine import Engine
+from imagegenx.models.cache import ModelCache
+from imagegenx.models.loader import LoadedModel
+from imagegenx.pipelines.samplers import make_scheduler
+from imagegenx.postprocess.encode import ImageFormat, encode_image
+from imagegenx.types import JobSpec, SchedulerName
+
+PROMPT = "a red fox in fresh snow, golden hour, photo"
+
+
+@dataclass
+class BenchContext:
+    settings: Settings  # the engine's, speed-ups included
+    smoke: bool
+    peers: tuple[str, ...]
+    peer_compile: str = "max-autotune"
+    repeats: int = 5
+
+    @property
+    def device(self) -> torch.device:
+        from imagegenx.models.loader import resolve_device
+
+        return resolve_device(self.settings.models.device)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    what: str
+    run: Callable[[BenchContext], list[Row]] | None = None  # None: not measurable yet
+    missing: str = ""
+
+
+# Image generation ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    size: int
+    steps: int
+    cfg: float
+    scheduler: SchedulerName
+    jobs: int  # requests in a latency run, images in a throughput run
+    peer_batch: int  # images per pipeline call for the peers
+
+    def job(self, seed: int) -> JobSpec:
+        return JobSpec(
+            PROMPT,
+            self.model,
+            width=self.size,
+            height=self.size,
+            steps=self.steps,
+            guidance_scale=self.cfg,
+            scheduler=self.scheduler,
+            seed=seed,
+        )
+
+
+def image_tflop(model: LoadedModel, work: Workload) -> float:
+    """TFLOP of one image: every UNet step (two rows with guidance) and the VAE decode."""
+    pipe, device = model.pipe, model.device
+    unet = pipe.unet
+    rows = 2 if work.cfg > 1 and unet.config.time_cond_proj_dim is None else 1
+    side = work.size // model.vae_scale_factor
+    x = torch.randn(rows, unet.config.in_channels, side, side, device=device, dtype=unet.dtype)
+    hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(rows, pooled, device=device, dtype=unet.dtype),
+            "time_ids": torch.randn(rows, 6, device=device, dtype=unet.dtype),
+        }
+    t = torch.full((rows,), 500.0, device=device)
+    # The class's forward, not the instance's: a compiled forward hides its operations from the counter.
+    step = count_tflop(lambda: type(unet).forward(unet, x, t, encoder_hidden_states=hidden, **kwargs))
+    latents = torch.randn(1, pipe.vae.config.latent_channels, side, side, device=device, dtype=pipe.vae.dtype)
+    decode = count_tflop(lambda: pipe.vae.decode(latents))
+    return work.steps * step + decode
+
+
+def _engine_settings(ctx: BenchContext) -> Settings:
+    """Batches as large as the scenario needs: 16 images of 1024² in one UNet batch."""
+    engine = ctx.settings.engine.model_copy(
+        update={"max_batch": 16, "max_pixels_per_batch": 16 * 1024 * 1024}
+    )
+    return ctx.settings.model_copy(update={"engine": engine})
+
+
+def _free() -> None:
+    """Give the device memory of models just dropped back, before the next runner loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_peers(ctx: BenchContext, name: str, work: Workload, measure: Callable[[Peer], Row]) -> list[Row]:
+    rows = []
+    for peer_name in ctx.peers:
+        peer = load_peer(peer_name, work.model, ctx.settings.models, ctx.peer_compile)
+        if work.scheduler is not SchedulerName.DPMPP_2M_KARRAS:
+            peer.pipe.scheduler = make_scheduler(work.scheduler, peer.pipe.scheduler.config)
+        row = measure(peer)
+        rows.append(replace(row, scenario=name, runner=peer_name, note=peer.note))
+        del peer
+        _free()
+    return rows
+
+
+def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
+    """One request at a time, from submit to the encoded WebP."""
+    device = ctx.device
+
+    def ours() -> Row:
+        with Engine(_engine_settings(ctx)) as engine:
+            tflop = image_tflop(engine.models.get(work.model), work)
+            encode_image(engine.run([work.job(0)])[0], ImageFormat.WEBP)  # warm-up (and compile)
+            reset_peak(device)
+            seconds = [
+                timed(device, lambda seed=seed: encode_image(engine.submit(work.job(seed)).result()))[0]
+                for seed in range(1, work.jobs + 1)
+            ]
+        return Row(name, "imagegenx", len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
+
+    def peer_row(peer: Peer, tflop: float) -> Row:
+        def one(seed: int) -> bytes:
+            size, steps = work.size, work.steps
+            return _webp(
+                peer.generate([PROMPT], width=size, height=size, steps=steps, cfg=work.cfg, seed=seed)[0]
+            )
+
+        one(0)
+        reset_peak(device)
+        seconds = [timed(device, lambda seed=seed: one(seed))[0] for seed in range(1, work.jobs + 1)]
+        return Row(name, peer.name, len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
+
+    row = ours()
+    _free()
+    return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
+
+
+def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
+    """Many jobs arriving at once: sustained images per second."""
+    device = ctx.device
+
+    def ours() -> Row:
+        with Engine(_engine_settings(ctx)) as engine:
+            tflop = image_tflop(engine.models.get(work.model), work)
+            engine.run([work.job(seed) for seed in range(work.peer_batch)])  # warm-up at full batch
+            reset_peak(device)
+            seconds, _ = timed(device, lambda: engine.run([work.job(seed) for seed in range(work.jobs)]))
+        return Row(name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop)
+
+    def peer_row(peer: Peer, tflop: float) -> Row:
+        calls = max(1, work.jobs // work.peer_batch)
+
+        def call(seed: int) -> None:
+            prompts, size = [PROMPT] * work.peer_batch, work.size
+            peer.generate(prompts, width=size, height=size, steps=work.steps, cfg=work.cfg, seed=seed)
+
+        call(0)
+        reset_peak(device)
+        seconds, _ = timed(device, lambda: [call(seed) for seed in range(1, calls + 1)])
+        return Row(name, peer.name, calls * work.peer_batch, seconds, [], peak_gib(device), tflop)
+
+    row = ours()
+    _free()
+    return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
+
+
+def _webp(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "WEBP", quality=90)
+    return buffer.getvalue()
+
+
+# Heavy stages alone -------------------------------------------------------------------------------
+
+
+def esrgan(name: str, ctx: BenchContext) -> list[Row]:
+    """Real-ESRGAN x4plus (real weights) on 1024² photos in a batch of 4: with the seed-000 finish
+    (blend 0.35 with Lanczos, unsharp) and the network alone."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from imagegenx.postprocess.upscale import Upscale, get_upscaler
+
+    device, side = ctx.device, 32 if ctx.smoke else 1024
+    photo = Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.LANCZOS)
+    net = get_upscaler(device=device).net
+    pixels = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].to(device, next(net.parameters()).dtype)
+    tflop = count_tflop(lambda: type(net).forward(net, pixels / 255))
+    rows = []
+    step = Upscale(device=device)
+    for runner, params in (
+        ("imagegenx x4 + finish", {"scale": 4, "network_strength": 0.35, "unsharp": True}),
+        ("imagegenx x4 network only", {"scale": 4, "network_strength": 1.0}),
+    ):
+        step.apply([photo] * 4, params)  # warm-up
+        reset_peak(device)
+        best = min(timed(device, lambda params=params: step.apply([photo] * 4, params))[0] for _ in range(3))
+        rows.append(Row(name, runner, 4, best, [], peak_gib(device), tflop, "batch of 4, best of 3"))
+    return rows
+
+
+def vae_decode(name: str, ctx: BenchContext) -> list[Row]:
+    """The SDXL VAE decode of 1024² latents alone, batch 1 and 4, as the engine runs it (fp32: the
+    SDXL VAE overflows in fp16) and in bf16."""
+    ref, side = ("random:tiny-sdxl", 8) if ctx.smoke else ("random:sdxl", 128)
+    device = ctx.device
+
+    def measure(vae, dtype: torch.dtype, batch: int) -> Row:
+        latents = torch.randn(batch, vae.config.latent_channels, side, side, device=device, dtype=dtype)
+        tflop = count_tflop(lambda: vae.decode(latents[:1]))
+        with torch.inference_mode():
+            vae.decode(latents)
+            reset_peak(device)
+            best = min(timed(device, lambda: vae.decode(latents))[0] for _ in range(3))
+        label = f"imagegenx vae {str(dtype).removeprefix('torch.')} batch {batch}"
+        return Row(name, label, batch, best, [], peak_gib(device), tflop, "best of 3")
+
+    vae = ModelCache(ctx.settings.models).get(ref).pipe.vae
+    rows = [
+        measure(vae.to(dtype), dtype, batch) for dtype in (torch.float32, torch.bfloat16) for batch in (1, 4)
+    ]
+    del vae
+    _free()
+    return rows
+
+
+# The registry -------------------------------------------------------------------------------------
+
+
+def _workloads(smoke: bool) -> dict[str, Workload]:
+    if smoke:
+        return {
+            "sdxl-1024-30": Workload("random:tiny-sdxl", 64, 2, 7.0, SchedulerName.DPMPP_2M_KARRAS, 2, 1),
+            "sdxl-1024-lcm4": Workload("random:tiny-sdxl", 64, 4, 1.0, SchedulerName.LCM, 4, 2),
+            "turbo-512-1": Workload("random:tiny-sd21", 64, 1, 0.0, SchedulerName.EULER, 4, 2),
+        }
+    return {
+        "sdxl-1024-30": Workload("random:sdxl", 1024, 30, 7.0, SchedulerName.DPMPP_2M_KARRAS, 5, 1),
+        "sdxl-1024-lcm4": Workload("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 64, 16),
+        "turbo-512-1": Workload("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 256, 32),
+    }
+
+
+def _generation(name: str, kind: Callable[[str, Workload, BenchContext], list[Row]]):
+    return lambda ctx: kind(name, _workloads(ctx.smoke)[name], ctx)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "sdxl-1024-30": Scenario(
+        "sdxl-1024-30",
+        "SDXL 1024², 30 steps, CFG 7, one request at a time",
+        _generation("sdxl-1024-30", latency),
+    ),
+    "sdxl-1024-lcm4": Scenario(
+        "sdxl-1024-lcm4",
+        "SDXL 1024², 4 LCM steps, no CFG, 64 jobs at once",
+        _generation("sdxl-1024-lcm4", throughput),
+    ),
+    "turbo-512-1": Scenario(
+        "turbo-512-1",
+        "SD 2.1 architecture 512², 1 step, 256 jobs at once",
+        _generation("turbo-512-1", throughput),
+    ),
+    "esrgan-x4-1024": Scenario(
+        "esrgan-x4-1024", "Real-ESRGAN x4 of 1024² images", lambda ctx: esrgan("esrgan-x4-1024", ctx)
+    ),
+    "vae-decode-1024": Scenario(
+        "vae-decode-1024", "SDXL VAE decode of 1024²", lambda ctx: vae_decode("vae-decode-1024", ctx)
+    ),
+    "portrait-100": Scenario(
+        "portrait-100",
+        "seed 000: 100 identity drafts, QC, refine 10, x4",
+        missing="needs ControlNet/InstantID (issue 6)",
+    ),
+    "cold-start": Scenario(
+        "cold-start", "single-file SDXL checkpoint → first image; LoRA switches", missing="not written yet"
+    ),
+    "flux-dev-1024-28": Scenario("flux-dev-1024-28", "Flux.1-dev 1024², 28 steps", missing="not written yet"),
+}

@@ -1,0 +1,54 @@
+"""`imagegenx bench` in smoke mode: the harness end to end on tiny models on the CPU.
+
+It asserts the report's shape (every scenario, ours and both peers, the figures each row must
+carry), never a time: speed is measured on a GPU and recorded in BENCHMARKS.md.
+"""
+
+import json
+
+from typer.testing import CliRunner
+
+from imagegenx.bench.measure import Row, percentile
+from imagegenx.cli import app
+
+
+def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEGENX_MODELS__MODEL_DIR", str(tmp_path))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--smoke", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["device"] == "cpu" and report["matmul_peak_tflops"] > 0
+    scenarios = report["scenarios"]
+    assert set(scenarios) == {
+        "sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "esrgan-x4-1024", "vae-decode-1024",
+        "portrait-100", "cold-start", "flux-dev-1024-28",
+    }  # fmt: skip
+    for name in ("sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1"):
+        rows = scenarios[name]["rows"]
+        assert [row["runner"] for row in rows] == ["imagegenx", "diffusers", "diffusers-fast"]
+        for row in rows:
+            assert row["images"] > 0 and row["images_per_s"] > 0 and row["tflop_per_image"] > 0
+            assert row["achieved_tflops"] > 0 and row["peak_vram_gib"] is None  # no GPU here
+        assert set(scenarios[name]["speedup_vs"]) == {"diffusers", "diffusers-fast"}
+    latency_rows = scenarios["sdxl-1024-30"]["rows"]
+    assert all(len(row["latencies"]) == 2 and row["p50_s"] <= row["p99_s"] for row in latency_rows)
+    assert len(scenarios["esrgan-x4-1024"]["rows"]) == 2
+    assert len(scenarios["vae-decode-1024"]["rows"]) == 4
+    assert "issue 6" in scenarios["portrait-100"]["skipped"]
+    assert "sdxl-1024-30" in result.output  # the table
+
+
+def test_bench_lists_scenarios_and_refuses_unknown_ones():
+    listed = CliRunner().invoke(app, ["bench", "--list"])
+    assert listed.exit_code == 0 and "turbo-512-1" in listed.output
+    unknown = CliRunner().invoke(app, ["bench", "warp-speed", "--smoke"])
+    assert unknown.exit_code == 2 and "unknown scenario" in unknown.output
+
+
+def test_row_figures():
+    row = Row("s", "imagegenx", images=4, seconds=2.0, latencies=[0.4, 0.5, 0.6, 0.5], tflop_per_image=10.0)
+    data = row.as_dict(peak_tflops=40.0)
+    assert data["images_per_s"] == 2.0 and data["achieved_tflops"] == 20.0 and data["share_of_peak"] == 0.5
+    assert data["p50_s"] == 0.5 and data["p99_s"] == 0.6
+    assert percentile([3.0], 99) == 3.0
