@@ -304,7 +304,10 @@ def bench(
         bool, typer.Option(help="Tiny models on the CPU: proves the harness, not speed.")
     ] = False,
     out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
-    peers: Annotated[bool, typer.Option(help="Also run plain diffusers and its fast recipe.")] = True,
+    peer: Annotated[
+        list[str] | None, typer.Option(help="A peer to run beside us, repeatable [default: all].")
+    ] = None,
+    no_peers: Annotated[bool, typer.Option("--no-peers", help="Measure imagegenx alone.")] = False,
     peer_compile: Annotated[
         str, typer.Option(help="torch.compile mode of the fast-recipe peer (max-autotune as published; off).")
     ] = "max-autotune",
@@ -334,7 +337,12 @@ def bench(
         settings = _with(settings, models={"device": "cpu"})
     elif not torch.cuda.is_available():
         raise _fail("no CUDA device: benchmarks measure a GPU (use --smoke to check the harness on a CPU)")
-    ctx = BenchContext(settings, smoke, PEERS if peers else (), peer_compile, repeats=2 if smoke else 5)
+    peers = () if no_peers else tuple(peer or PEERS)
+    if set(peers) - set(PEERS):
+        raise _fail(
+            f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))}; peers: {', '.join(PEERS)}"
+        )
+    ctx = BenchContext(settings, smoke, peers, peer_compile, repeats=2 if smoke else 5)
     console = Console(width=max(160, Console().width))  # ten columns: wider than a default pipe
     try:
         result = report.run(names, ctx, console, out)

@@ -98,10 +98,9 @@ def image_tflop(model: LoadedModel, work: Workload) -> float:
 
 
 def _engine_settings(ctx: BenchContext) -> Settings:
-    """Batches as large as the scenario needs: 16 images of 1024² in one UNet batch."""
-    engine = ctx.settings.engine.model_copy(
-        update={"max_batch": 16, "max_pixels_per_batch": 16 * 1024 * 1024}
-    )
+    """Batches as large as the peers': 32 images of 512², 16 of 1024² in one UNet batch."""
+    limits = {"max_batch": 32, "max_pixels_per_batch": 16 * 1024 * 1024}
+    engine = ctx.settings.engine.model_copy(update=limits)
     return ctx.settings.model_copy(update={"engine": engine})
 
 

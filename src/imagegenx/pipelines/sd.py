@@ -51,9 +51,11 @@ class SDRunner:
         self.nine_channel = self.unet.config.in_channels == 9
         self.distilled_guidance = self.unet.config.time_cond_proj_dim is not None
         self.compiled = "compile" in model.speedups
-        # The SDXL VAE overflows in fp16 (diffusers' force_upcast): keep it in fp32.
+        # The SD VAEs overflow in fp16 (diffusers' force_upcast). bf16 has fp32's range: on GPUs that
+        # have it the VAE runs in bf16 (1.4x faster than fp32 at 1024², benchmarks/), else in fp32.
         if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            self.vae.to(torch.float32)
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            self.vae.to(torch.bfloat16 if bf16 else torch.float32)
         tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
         encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
         self.prompts = PromptEncoder(tokenizers, encoders, self.family)
