@@ -95,6 +95,14 @@ def test_api_declared_chain_and_tier_nsfw_gate(tmp_path):
             stripped = paid.post("/api/v1/image/generate", json=plain | {"embed_metadata": False})
             view = wait_for(paid, stripped.json()["data"]["task_ids"][0], timeout=300)
             assert read_parameters(paid.get(view["urls"]["original"]).content) is None
+            missing = paid.post(
+                "/api/v1/image/generate", json=body | {"postprocess": {"face_restore": "GFPGANv1.4"}}
+            )
+            assert missing.status_code == 400 and "no face restoration model" in missing.json()["message"]
+            escape = paid.post(
+                "/api/v1/image/generate", json=body | {"postprocess": {"face_restore": "../x"}}
+            )
+            assert escape.status_code == 422
             bad = paid.post("/api/v1/image/generate", json=body | {"postprocess": {"hires_scale": 9}})
             assert bad.status_code == 422
     finally:

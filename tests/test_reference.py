@@ -19,7 +19,6 @@ import torch
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
 )
 from PIL import Image
@@ -93,9 +92,12 @@ def run_runner(runner: SDRunner, jobs: list[JobSpec]) -> list[np.ndarray]:
     return images
 
 
-def run_diffusers(model: LoadedModel, spec: JobSpec, pipeline_class=None, **config) -> np.ndarray:
+def run_diffusers(
+    model: LoadedModel, spec: JobSpec, pipeline_class=None, call: dict | None = None, **config
+) -> np.ndarray:
     """diffusers' ``__call__`` on the same components, with the job's sampler (a sibling pipeline
-    object, so that ``model.pipe.scheduler``, whose config the runner reads, stays untouched)."""
+    object, so that ``model.pipe.scheduler``, whose config the runner reads, stays untouched);
+    ``config`` goes to the pipeline's constructor, ``call`` to its ``__call__``."""
     pipe = model.pipe
     tokenizer = pipe.tokenizer or pipe.tokenizer_2
     for text in (spec.prompt, spec.effective_negative_prompt):  # one CLIP chunk: no long-prompt logic
@@ -103,10 +105,10 @@ def run_diffusers(model: LoadedModel, spec: JobSpec, pipeline_class=None, **conf
     components = dict(pipe.components)
     components["scheduler"] = make_scheduler(spec.scheduler, pipe.scheduler.config)
     cls = pipeline_class or type(pipe)
-    if cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline):
-        config.setdefault("requires_safety_checker", False)
-    else:
+    if cls.__name__.startswith("StableDiffusionXL"):
         config.setdefault("add_watermarker", False)
+    else:
+        config.setdefault("requires_safety_checker", False)
     reference = cls(**components, **config)
     reference.set_progress_bar_config(disable=True)
     kwargs = dict(
@@ -127,7 +129,7 @@ def run_diffusers(model: LoadedModel, spec: JobSpec, pipeline_class=None, **conf
             height=spec.height,
             width=spec.width,
         )
-    return reference(**kwargs).images[0]
+    return reference(**kwargs, **(call or {})).images[0]
 
 
 def assert_matches(ours: np.ndarray, theirs: np.ndarray, tolerance: float = TOLERANCE) -> None:

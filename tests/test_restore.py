@@ -213,3 +213,19 @@ def test_mismatched_state_dict_is_refused(tmp_path):
     save_file({"conv_first.weight": torch.zeros(64, 3, 3, 3)}, other)
     with pytest.raises(UserError, match=r"missing \(285\).*unexpected \(1\): conv_first.weight"):
         load_gfpgan(other)
+
+
+def test_chain_restores_faces_found_by_its_detection_pass(model_path, photos, restored):
+    """``face_restore`` in the chain: the one detection pass feeds it; the result is the step's."""
+    from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
+    from imagegenx.types import GeneratedImage, JobSpec
+
+    photo = photos[0]
+    job = JobSpec("a portrait", "random:tiny-sdxl", width=512, height=512)
+    image = GeneratedImage(job, 512, 512, photo.tobytes(), "random:tiny-sdxl", 1)
+    [out] = apply_chain([image], PostprocessSpec(face_restore=str(model_path)))
+    assert [step["name"] for step in out.post["steps"]] == ["detect", "face restore"]
+    assert [d["kind"] for d in out.post["detections"]] == ["face"]
+    ours = np.frombuffer(out.rgb, np.uint8).astype(int)
+    step = np.asarray(restored[0][0], dtype=int).ravel()  # the step alone, batched with another photo
+    assert np.abs(ours - step).max() <= 2 and np.abs(ours - np.asarray(photo, dtype=int).ravel()).max() > 20

@@ -135,6 +135,10 @@ def generate(
     face_fix: Annotated[bool, typer.Option(help="Regenerate detected faces at low denoise.")] = False,
     hand_fix: Annotated[bool, typer.Option(help="Regenerate detected hands at low denoise.")] = False,
     fix_strength: Annotated[float, typer.Option(help="Face/hand fix denoising strength.")] = 0.4,
+    face_restore: Annotated[
+        Path | None, typer.Option(help="GFPGAN v1.3/v1.4 .safetensors: restore detected faces.")
+    ] = None,
+    face_restore_weight: Annotated[float, typer.Option(help="Blend of the restored faces.")] = 0.5,
     upscale: Annotated[int, typer.Option(help="Real-ESRGAN upscale: 1 (off), 2 or 4.")] = 1,
     watermark: Annotated[str | None, typer.Option(help="Visible text watermark.")] = None,
     invisible_watermark: Annotated[bool, typer.Option(help="Embed an invisible watermark.")] = False,
@@ -161,6 +165,8 @@ def generate(
             face_fix=face_fix,
             hand_fix=hand_fix,
             fix_strength=fix_strength,
+            face_restore=str(face_restore) if face_restore else None,
+            face_restore_weight=face_restore_weight,
             upscale=upscale,
             watermark_text=watermark,
             invisible_watermark=invisible_watermark,

@@ -78,6 +78,15 @@ class LoraRef:
 
 
 @dataclass(frozen=True)
+class ControlRef:
+    """A ControlNet, its control image (a pose skeleton, edges, a depth map; encoded) and strength 0-2."""
+
+    model: str
+    image: bytes
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
 class BatchKey:
     """Jobs with equal keys can share one denoising batch.
 
@@ -90,6 +99,7 @@ class BatchKey:
     height: int
     task: Task
     loras: tuple[LoraRef, ...] = ()
+    controls: tuple[str, ...] = ()  # ControlNet models: every job of a batch runs the same ones
 
 
 @dataclass(frozen=True)
@@ -113,10 +123,12 @@ class JobSpec:
     loras: tuple[LoraRef, ...] = ()
     priority: Priority = Priority.P2
     job_id: str = ""
+    controls: tuple[ControlRef, ...] = ()
 
     @property
     def batch_key(self) -> BatchKey:
-        return BatchKey(self.model, self.width, self.height, self.task, self.loras)
+        controls = tuple(control.model for control in self.controls)
+        return BatchKey(self.model, self.width, self.height, self.task, self.loras, controls)
 
     @property
     def effective_negative_prompt(self) -> str:

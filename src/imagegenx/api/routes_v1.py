@@ -78,11 +78,22 @@ def _task_input(
     # The flat fields are shorthands for the chain's.
     flat = {"upscale": p.upscale, "watermark_text": p.watermark, "invisible_watermark": p.invisible_watermark}
     post |= {k: v for k, v in flat.items() if v and v != 1}
+    if "face_restore" in post:
+        post["face_restore"] = str(_face_restore_model(ctx, post["face_restore"]))
     if post:
         params["postprocess"] = post
     if not p.embed_metadata:
         params["embed_metadata"] = False
     return TaskInput(params, p.priority, p.callback_url, p.style, output_format=p.format.lower(), **images)
+
+
+def _face_restore_model(ctx: AppContext, name: str):
+    """A GFPGAN file by name in the model folder (never a path: a request cannot reach other files)."""
+    file = name if name.endswith(".safetensors") else f"{name}.safetensors"
+    path = ctx.settings.models.model_dir / file
+    if ".." in name or not path.is_file():
+        raise UserError(f"no face restoration model {file!r} in the server's model folder")
+    return path
 
 
 def _submitted(records: list[TaskRecord], batch_id: str | None = None) -> Envelope[Submitted]:

@@ -43,6 +43,12 @@ class PostprocessParams(BaseModel):
     hand_fix: bool = Field(False, description="Regenerate detected hands at low denoise")
     fix_strength: float = Field(0.4, gt=0, le=1)
     fix_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    face_restore: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="GFPGAN model: a .safetensors file's name in the server's model folder",
+    )
+    face_restore_weight: float = Field(0.5, ge=0, le=1)
     upscale: Literal[1, 2, 4] = Field(1, description="Real-ESRGAN upscale (4: paid tier)")
     network_strength: float = Field(0.35, ge=0, le=1, description="Share of the network in the upscale")
     unsharp: bool = True

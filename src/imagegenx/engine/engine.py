@@ -171,6 +171,12 @@ class Engine:
                 self._fail(job.job_id, str(exc))
             return
         if isinstance(runner, FlowRunner):
+            if key.controls:
+                for job in batch:
+                    self._fail(
+                        job.job_id, f"ControlNet needs an SD 1.5, SD 2.x or SDXL model, not {model.family}"
+                    )
+                return
             self._run_flow(runner, model, batch)
             return
 
@@ -211,7 +217,8 @@ class Engine:
         samples = []
         for job in jobs:
             try:
-                samples.extend(runner.prepare([job]))
+                nets = [self.models.controlnet(control.model, runner.model) for control in job.controls]
+                samples.extend(runner.prepare([job], nets))
             except UserError as exc:
                 self._fail(job.job_id, str(exc))
                 continue

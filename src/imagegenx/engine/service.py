@@ -203,7 +203,8 @@ def result_key(task_id: str, version: str, extension: str) -> str:
 def batch_key_text(job: JobSpec) -> str:
     key = job.batch_key
     loras = ",".join(f"{lora.name}:{lora.weight:g}" for lora in key.loras)
-    return f"{key.model}|{key.width}x{key.height}|{key.task}|{loras}"
+    controls = ",".join(key.controls)
+    return f"{key.model}|{key.width}x{key.height}|{key.task}|{loras}|{controls}"
 
 
 def job_from_params(

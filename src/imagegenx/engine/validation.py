@@ -7,7 +7,8 @@ import math
 from imagegenx.config import EngineSettings
 from imagegenx.types import JobSpec, Task, UserError
 
-TINY_SIZE_RANGE = (32, 1024)  # random:tiny-* models exist for tests; real models use the settings' range
+TINY_SIZE_RANGE = (32, 1024)
+MAX_CONTROLS = 4  # random:tiny-* models exist for tests; real models use the settings' range
 
 
 def validate_job(job: JobSpec, settings: EngineSettings) -> None:
@@ -41,3 +42,10 @@ def validate_job(job: JobSpec, settings: EngineSettings) -> None:
     for lora in job.loras:
         if not (math.isfinite(lora.weight) and 0 <= lora.weight <= 2):
             raise UserError(f"LoRA {lora.name!r} weight {lora.weight} is outside 0-2")
+    if len(job.controls) > MAX_CONTROLS:
+        raise UserError(f"at most {MAX_CONTROLS} ControlNets per image")
+    for control in job.controls:
+        if not (math.isfinite(control.strength) and 0 <= control.strength <= 2):
+            raise UserError(f"ControlNet {control.model!r} strength {control.strength} is outside 0-2")
+        if not control.image:
+            raise UserError(f"ControlNet {control.model!r} has no control image")

@@ -12,6 +12,7 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from imagegenx.config import ModelSettings
+from imagegenx.models.controlnet import load_controlnet
 from imagegenx.models.loader import LoadedModel, load_model
 from imagegenx.models.lora import LoraLibrary, LoraSet
 from imagegenx.models.sources import ModelSource, resolve
@@ -45,6 +46,15 @@ class ModelCache:
             self.load_seconds[ref] += model.load_seconds
             self._resident[ref] = model
             return model
+
+    def controlnet(self, ref: str, base: LoadedModel) -> Any:
+        """The ControlNet ``ref`` for ``base``, loaded on first use and kept (and counted) with it."""
+        with self._lock:
+            nets = base.extras.setdefault("controlnets", {})
+            if ref not in nets:
+                nets[ref] = load_controlnet(ref, base, self.settings)
+                self.loads[ref] += 1
+            return nets[ref]
 
     def resident(self) -> list[str]:
         with self._lock:

@@ -35,6 +35,7 @@ class Sample:
     noise: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     masked_image_latents: torch.Tensor | None = None  # 9-channel inpainting UNets only
+    controls: list = field(default_factory=list)  # pipelines.control.SampleControl, one per ControlNet
     index: int = 0
     canceled: bool = False
     times: dict[str, float] = field(default_factory=dict)

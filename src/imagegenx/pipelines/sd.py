@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import batch_bucket
+from imagegenx.pipelines.control import control_residuals, prepare_controls
 from imagegenx.pipelines.prompts import PromptEncoder
 from imagegenx.pipelines.sample import Sample, decode_input_image
 from imagegenx.pipelines.samplers import make_scheduler, step_kwargs_supported
@@ -73,10 +75,11 @@ class SDRunner:
     # 1. Prepare ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prepare(self, jobs: list[JobSpec]) -> list[Sample]:
-        return [self._prepare_one(job) for job in jobs]
+    def prepare(self, jobs: list[JobSpec], controlnets: list | None = None) -> list[Sample]:
+        """``controlnets``: the loaded ControlNets of the jobs' batch key, in the key's order."""
+        return [self._prepare_one(job, controlnets or []) for job in jobs]
 
-    def _prepare_one(self, job: JobSpec) -> Sample:
+    def _prepare_one(self, job: JobSpec, controlnets: list) -> Sample:
         started = time.perf_counter()
         if self.nine_channel and job.task is not Task.INPAINT:
             raise UserError(f"model {job.model!r} is an inpainting model: it only does inpaint tasks")
@@ -105,6 +108,10 @@ class SDRunner:
         )
         if self.is_xl:
             self._add_xl_conditioning(sample, cond, uncond)
+        if job.controls:
+            if self.nine_channel:
+                raise UserError("ControlNet does not work with 9-channel inpainting models")
+            sample.controls = prepare_controls(job, controlnets, self.scale_factor, self.device, self.dtype)
 
         # 1c. Initial latents: pure noise, or the input image re-noised to the first timestep.
         shape = (
@@ -194,7 +201,7 @@ class SDRunner:
             self._scheduler_step(sample, prediction)
 
     def _unet(self, samples: list[Sample]) -> torch.Tensor:
-        inputs, timesteps, hidden, pooled, time_ids, guidance = [], [], [], [], [], []
+        inputs, timesteps, hidden, pooled, time_ids, guidance, controls = [], [], [], [], [], [], []
         for s in samples:
             t = s.timesteps[s.index]
             x = s.scheduler.scale_model_input(s.latents, t)
@@ -209,11 +216,13 @@ class SDRunner:
                 pooled.append(pool)
                 time_ids.append(ids)
                 guidance.append(s.job.guidance_scale)
+                controls.append(s.controls)
         rows = len(inputs)
         if self.compiled:  # a few static shapes: pad the batch to its bucket with copies of the last row
             extra = batch_bucket(rows) - rows
             for values in (inputs, timesteps, hidden, pooled, time_ids, guidance):
                 values += values[-1:] * extra
+            controls += [[replace(c, strength=0.0) for c in controls[-1]]] * extra
         encoder_states, attention_mask = _pad_sequences(hidden)
         kwargs = {}
         if self.is_xl:
@@ -221,11 +230,15 @@ class SDRunner:
         if self.distilled_guidance:
             w = torch.tensor(guidance, device=self.device) - 1.0
             kwargs["timestep_cond"] = _guidance_embedding(w, self.unet.config.time_cond_proj_dim, self.dtype)
+        x, t = torch.cat(inputs), torch.cat(timesteps).to(self.device)
+        if controls[0]:
+            down, mid = control_residuals(controls, x, t, encoder_states, kwargs.get("added_cond_kwargs"))
+            kwargs |= {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         if self.before_unet is not None:
             self.before_unet(len(inputs))
         return self.unet(
-            torch.cat(inputs),
-            torch.cat(timesteps).to(self.device),
+            x,
+            t,
             encoder_hidden_states=encoder_states,
             encoder_attention_mask=attention_mask,
             return_dict=False,

@@ -6,6 +6,7 @@
    a combined score ranks the batch; an image over the NSFW limit is withheld;
 4. refiner pass (img2img with a refiner model) on every image, or only on the top-k by QC rank;
 5. face and hand fix, ADetailer style: regenerate padded crops at low denoise, paste back feathered;
+   optionally GFPGAN face restoration with user-supplied weights (``face_restore``) after it;
 6. upscale (Real-ESRGAN ×2/×4, blended with Lanczos by ``network_strength``, then unsharp mask);
 7. visible watermark, then the invisible one (so it is computed on the final pixels).
 
@@ -58,6 +59,8 @@ class PostprocessSpec:
     hand_fix: bool = False
     fix_strength: float = 0.4
     fix_prompt: str | None = None  # None: the image's own prompt
+    face_restore: str | None = None  # a GFPGAN v1.3/v1.4 .safetensors file (user-supplied); None: off
+    face_restore_weight: float = 0.5  # blend of the restored face with the image
     # 6. upscale
     upscale: int = 1  # 1 (off), 2 or 4
     network_strength: float = 0.35  # seed 000: 0.35 of the network, the rest Lanczos
@@ -69,7 +72,14 @@ class PostprocessSpec:
     def __post_init__(self) -> None:
         if self.upscale not in (1, 2, 4):
             raise UserError(f"upscale must be 1, 2 or 4, not {self.upscale}")
-        for name in ("network_strength", "hires_strength", "refiner_strength", "fix_strength"):
+        names = (
+            "network_strength",
+            "hires_strength",
+            "refiner_strength",
+            "fix_strength",
+            "face_restore_weight",
+        )
+        for name in names:
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"{name} {getattr(self, name)} is outside 0-1")
         if not 1 <= self.hires_scale <= 4:
@@ -80,6 +90,10 @@ class PostprocessSpec:
             raise UserError("refine_top_k must be 0 or more and needs qc (it ranks by the QC score)")
         if self.nsfw_max is not None and not self.qc:
             raise UserError("the NSFW gate needs qc")
+
+    @property
+    def detects(self) -> bool:
+        return self.face_fix or self.hand_fix or self.face_restore is not None
 
     @property
     def needs_denoiser(self) -> bool:
@@ -95,10 +109,11 @@ class PostprocessSpec:
     def steps(self) -> list[str]:
         """The names of the steps this spec runs, in order."""
         names = [f"hires x{self.hires_scale:g}"] if self.hires_scale > 1 else []
-        names += ["detect"] if self.face_fix or self.hand_fix else []
+        names += ["detect"] if self.detects else []
         names += ["qc"] if self.qc else []
         names += ["refine"] if self.refiner else []
         names += [self.fix_step] if self.fix_step else []
+        names += ["face restore"] if self.face_restore else []
         names += [f"upscale x{self.upscale}"] if self.upscale > 1 else []
         names += ["watermark"] if self.watermark_text else []
         names += ["invisible watermark"] if self.invisible_watermark else []
@@ -145,7 +160,7 @@ def apply_chain(
             lambda alive: _replace_at(out, alive, hires_fix([out[i] for i in alive], spec, denoiser)),
         )
     # 2. One detection pass for faces and hands.
-    if spec.face_fix or spec.hand_fix:
+    if spec.detects:
         from imagegenx.vision.detect import MediapipeDetector
 
         def detect(alive: list[int]) -> None:
@@ -185,6 +200,20 @@ def apply_chain(
             _replace_at(out, alive, fixed)
 
         run(spec.fix_step, fix)
+    if spec.face_restore:
+        from imagegenx.postprocess.restore import FaceRestore
+
+        def restore(alive: list[int]) -> None:
+            step = FaceRestore(spec.face_restore)
+            pils = step.apply(
+                [to_pil(out[i]) for i in alive],
+                [detections[i] for i in alive],
+                {"weight": spec.face_restore_weight},
+            )
+            for i, pil in zip(alive, pils, strict=True):
+                out[i] = with_pixels(out[i], pil)
+
+        run("face restore", restore)
     # 6. Upscale.
     if spec.upscale > 1:
         from imagegenx.postprocess.upscale import Upscale

@@ -232,6 +232,26 @@ def _clip_box(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, 
     )
 
 
+def _ssd_detect(rgb: np.ndarray, spec: _SsdSpec, threshold: float) -> list[tuple]:
+    """One SSD model on the whole image → ``[(box, keypoints, score)]`` in image pixels, best score first."""
+    model = _model(spec)
+    tensor, x0, y0, side = _letterbox(rgb, spec)
+    raw_boxes, raw_scores = model(tensor)
+    scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores.astype(np.float64), -100.0, 100.0)))
+    keep = np.flatnonzero(scores >= threshold)
+    reg = raw_boxes[keep] / spec.size
+    anchors = model.anchors[keep]
+    centre, size = reg[:, :2] + anchors, reg[:, 2:4]
+    kps = reg[:, 4 : 4 + 2 * spec.keypoints].reshape(len(keep), spec.keypoints, 2) + anchors[:, None, :]
+    valid = (size >= 0).all(axis=1)  # TensorsToDetections drops boxes of negative size
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)[valid]
+    # Tensor [0, 1] → image pixels: undo the letterbox (same scale on both axes, so after NMS).
+    return [
+        (box * side + [x0, y0, x0, y0], kp * side + [x0, y0], score)
+        for box, kp, score in _weighted_nms(boxes, kps[valid], scores[keep][valid])
+    ]
+
+
 class MediapipeDetector:
     """Faces (BlazeFace short or full range) and hands (palm detection + hand rect) in RGB images, on CPU.
 
@@ -253,24 +273,6 @@ class MediapipeDetector:
         self.hand_threshold = hand_threshold
         self.face_range = face_range
 
-    def _run(self, rgb: np.ndarray, spec: _SsdSpec, threshold: float) -> list[tuple]:
-        model = _model(spec)
-        tensor, x0, y0, side = _letterbox(rgb, spec)
-        raw_boxes, raw_scores = model(tensor)
-        scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores.astype(np.float64), -100.0, 100.0)))
-        keep = np.flatnonzero(scores >= threshold)
-        reg = raw_boxes[keep] / spec.size
-        anchors = model.anchors[keep]
-        centre, size = reg[:, :2] + anchors, reg[:, 2:4]
-        kps = reg[:, 4 : 4 + 2 * spec.keypoints].reshape(len(keep), spec.keypoints, 2) + anchors[:, None, :]
-        valid = (size >= 0).all(axis=1)  # TensorsToDetections drops boxes of negative size
-        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)[valid]
-        # Tensor [0, 1] → image pixels: undo the letterbox (same scale on both axes, so after NMS).
-        return [
-            (box * side + [x0, y0, x0, y0], kp * side + [x0, y0], score)
-            for box, kp, score in _weighted_nms(boxes, kps[valid], scores[keep][valid])
-        ]
-
     def detect(self, image: Any) -> list[Detection]:
         """Faces, then hands, each best score first, in an HxWx3 uint8 RGB array or a PIL image.
 
@@ -285,10 +287,10 @@ class MediapipeDetector:
         h, w = rgb.shape[:2]
         found = [
             Detection("face", _clip_box(box, w, h), score, kp)
-            for box, kp, score in self._run(rgb, _FACE_SPECS[self.face_range], self.face_threshold)
+            for box, kp, score in _ssd_detect(rgb, _FACE_SPECS[self.face_range], self.face_threshold)
         ]
         hands = []
-        for box, kp, score in self._run(rgb, _PALM, self.hand_threshold):
+        for box, kp, score in _ssd_detect(rgb, _PALM, self.hand_threshold):
             corners = hand_box_from_palm(box, kp)
             aabb = np.concatenate([corners.min(axis=0), corners.max(axis=0)])
             hands.append(Detection("hand", _clip_box(aabb, w, h), score, kp))

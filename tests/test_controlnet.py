@@ -1,0 +1,164 @@
+"""ControlNet in the engine's loop: the same image as diffusers' ControlNet pipelines, per-job strength
+in a shared batch, several ControlNets at once, loaded lazily and once."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from PIL import Image
+from skimage import data
+
+from conftest import make_settings
+from imagegenx.engine.engine import Engine, JobFailed
+from imagegenx.models.cache import ModelCache
+from imagegenx.models.controlnet import RANDOM_CONTROLNET
+from imagegenx.types import ControlRef, JobSpec, UserError
+from test_reference import PROMPT, assert_matches, job, run_diffusers, run_runner
+
+SD15, SDXL = "random:tiny-sd15", "random:tiny-sdxl"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# Real photographs as control images (a ControlNet takes any RGB image; pose and edges come later).
+FACE = Image.fromarray(data.astronaut()).resize((64, 64))
+CAT = Image.fromarray(data.chelsea()).resize((64, 64))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> ModelCache:
+    return ModelCache(make_settings(tmp_path_factory.mktemp("controlnet")).models)
+
+
+def _runner(cache: ModelCache, ref: str):
+    from imagegenx.pipelines.sd import SDRunner
+
+    model = cache.get(ref)
+    runner = model.extras.get("test-runner") or SDRunner(model)
+    model.extras["test-runner"] = runner
+    return model, runner
+
+
+@pytest.mark.parametrize(
+    ("ref", "pipeline_class"),
+    [(SD15, StableDiffusionControlNetPipeline), (SDXL, StableDiffusionXLControlNetPipeline)],
+    ids=["sd15", "sdxl"],
+)
+def test_matches_diffusers_controlnet_pipeline(cache, ref, pipeline_class):
+    model, runner = _runner(cache, ref)
+    net = cache.controlnet(RANDOM_CONTROLNET, model)
+    spec = job(ref, controls=(ControlRef(RANDOM_CONTROLNET, _png(FACE), 0.8),))
+    samples = runner.prepare([spec], [net])
+    while not all(s.done for s in samples):
+        runner.step([s for s in samples if not s.done])
+    [ours] = runner.decode(samples)
+    call = {"image": FACE, "controlnet_conditioning_scale": 0.8}
+    theirs = run_diffusers(model, spec, pipeline_class, call, controlnet=net)
+    assert_matches(ours, theirs)
+    # The control acts: without it the image differs.
+    [plain] = run_runner(runner, [job(ref)])
+    assert np.abs(plain - ours).max() > 0.01
+
+
+def test_strength_per_job_in_one_batch_and_several_controlnets(cache):
+    model, runner = _runner(cache, SD15)
+    net = cache.controlnet(RANDOM_CONTROLNET, model)
+
+    def controls(*pairs):
+        return tuple(ControlRef(RANDOM_CONTROLNET, _png(image), strength) for image, strength in pairs)
+
+    jobs = [
+        job(SD15, controls=controls((FACE, 1.0))),
+        job(SD15, controls=controls((FACE, 0.0)), seed=5),
+        job(SD15, controls=controls((CAT, 0.5)), seed=6),
+    ]
+    samples = runner.prepare(jobs, [net])
+    while not all(s.done for s in samples):
+        runner.step([s for s in samples if not s.done])
+    batched = runner.decode(samples)
+    alone = [runner_image(runner, spec, [net]) for spec in jobs]
+    for ours, single in zip(batched, alone, strict=True):
+        assert np.abs(ours - single).max() < 1e-4  # a job's image does not depend on its neighbours
+    # Strength 0 is the image without ControlNet.
+    [plain] = run_runner(runner, [job(SD15, seed=5)])
+    assert np.abs(batched[1] - plain).max() < 1e-4
+    # Two ControlNets (the same weights twice here) at 0.5 each equal one at 1.0.
+    two = job(SD15, controls=controls((FACE, 0.5), (FACE, 0.5)))
+    assert np.abs(runner_image(runner, two, [net, net]) - batched[0]).max() < 1e-4
+
+
+def runner_image(runner, spec: JobSpec, nets) -> np.ndarray:
+    samples = runner.prepare([spec], nets)
+    while not samples[0].done:
+        runner.step(samples)
+    return runner.decode(samples)[0]
+
+
+def test_engine_loads_a_controlnet_once_and_keeps_it(tmp_path):
+    with Engine(make_settings(tmp_path)) as engine:
+        control = (ControlRef(RANDOM_CONTROLNET, _png(FACE), 0.7),)
+        first = engine.run(
+            [JobSpec(PROMPT, SD15, width=64, height=64, steps=3, seed=s, controls=control) for s in range(2)]
+        )
+        second = engine.run([JobSpec(PROMPT, SD15, width=64, height=64, steps=3, seed=9, controls=control)])
+        assert all(not isinstance(r, Exception) for r in first + second), first + second
+        assert engine.models.loads[RANDOM_CONTROLNET] == 1 and engine.models.loads[SD15] == 1
+        assert first[0].batch_size == 2  # both jobs in one batch
+        missing = engine.run(
+            [
+                JobSpec(
+                    PROMPT,
+                    SD15,
+                    width=64,
+                    height=64,
+                    steps=2,
+                    controls=(ControlRef("openpose-sd15", _png(FACE)),),
+                )
+            ]
+        )
+        assert isinstance(missing[0], JobFailed) and "no ControlNet 'openpose-sd15'" in str(missing[0])
+        with pytest.raises(UserError, match="strength"):
+            engine.submit(
+                JobSpec(
+                    PROMPT, SD15, width=64, height=64, controls=(ControlRef(RANDOM_CONTROLNET, b"x", 3.0),)
+                )
+            )
+
+
+def test_bad_control_image_fails_the_job_with_a_reason(tmp_path):
+    with Engine(make_settings(tmp_path)) as engine:
+        [result] = engine.run(
+            [
+                JobSpec(
+                    PROMPT,
+                    SD15,
+                    width=64,
+                    height=64,
+                    steps=2,
+                    controls=(ControlRef(RANDOM_CONTROLNET, b"not an image"),),
+                )
+            ]
+        )
+        assert isinstance(result, JobFailed) and "control image" in str(result)
+
+
+def test_random_controlnet_is_reproducible_and_leaves_the_global_generator_alone(tmp_path):
+    settings = make_settings(tmp_path).models
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = ModelCache(settings)
+    a = first.controlnet(RANDOM_CONTROLNET, first.get(SD15))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = ModelCache(settings)
+    b = second.controlnet(RANDOM_CONTROLNET, second.get(SD15))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
