@@ -162,3 +162,51 @@ def test_random_controlnet_is_reproducible_and_leaves_the_global_generator_alone
     assert all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
+
+
+def test_controlnet_route_and_cli(tmp_path):
+    """The v1 route end to end (a ready control image), and the CLI's --control."""
+    import base64
+    import json
+
+    from typer.testing import CliRunner
+
+    from imagegenx.cli import app
+    from support.server import Server, wait_for
+
+    photo = tmp_path / "face.png"
+    FACE.save(photo)
+    result = CliRunner().invoke(
+        app,
+        ["generate", "a portrait", "-m", SD15, "--steps", "2", "--seed", "3", "--out", str(tmp_path / "o"),
+         "--control", f"none,{RANDOM_CONTROLNET},{photo},0.6", "--json"],
+        env={"IMAGEGENX_MODELS__MODEL_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert record["controls"] == [{"model": RANDOM_CONTROLNET, "strength": 0.6}]
+    bad = CliRunner().invoke(app, ["generate", "x", "-m", SD15, "--control", "pose-ish"])
+    assert bad.exit_code == 2 and "TYPE,MODEL,IMAGE" in bad.output
+
+    (tmp_path / "srv").mkdir()
+    server = Server(tmp_path / "srv").start()
+    try:
+        with server.client(server.key()) as client:
+            control = {
+                "type": "none",
+                "model": RANDOM_CONTROLNET,
+                "image": base64.b64encode(_png(FACE)).decode(),
+            }
+            body = {"text": "a portrait", "width": 64, "height": 64, "steps": 2, "controls": [control]}
+            response = client.post("/api/v1/image/controlnet", json=body)
+            assert response.status_code == 200, response.text
+            view = wait_for(client, response.json()["data"]["task_ids"][0], timeout=300)
+            assert view["status"] == "succeeded", view["error"]
+            assert view["metadata"]["controls"] == [{"model": RANDOM_CONTROLNET, "strength": 1.0}]
+            missing = client.post(
+                "/api/v1/image/controlnet", json=body | {"controls": [control | {"model": "nope"}]}
+            )
+            view = wait_for(client, missing.json()["data"]["task_ids"][0], timeout=300)
+            assert view["status"] == "failed" and "no ControlNet 'nope'" in view["error"]
+    finally:
+        server.stop()

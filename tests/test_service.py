@@ -128,7 +128,12 @@ def test_bad_requests_get_clear_errors(client):
         ("/api/v1/image/img2img", {"text": "x", **SMALL, "image": "%%%"}, 400, "base64"),
         ("/api/v1/image/img2img", {"text": "x", **SMALL, "image_url": "http://169.254.169.254/x"}, 400, ""),
         ("/api/v1/image/generate", {"text": "x", **SMALL, "callback_url": "http://127.0.0.1:1/"}, 400, ""),
-        ("/api/v1/image/controlnet", {}, 501, "ControlNet"),
+        (
+            "/api/v1/image/controlnet",
+            {"text": "x", **SMALL, "controls": [{"type": "canny", "model": "m"}]},
+            400,
+            "canny image is required",
+        ),
         ("/api/v1/image/generate", {"text": "you stupid fucking idiot", **SMALL}, 400, "safety filter"),
         (
             "/api/v1/image/batch-generate",

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imagegenx.config import Settings
-from imagegenx.types import JobSpec, LoraRef, Priority, Task, UserError
+from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="imagegenx: generate images, fast.")
 err = Console(stderr=True)
@@ -46,6 +46,26 @@ def _parse_lora(text: str) -> LoraRef:
         return LoraRef(name.strip(), float(weight) if weight else 1.0)
     except ValueError:
         raise UserError(f"--lora {text!r}: expected NAME or NAME:WEIGHT") from None
+
+
+def _parse_control(text: str) -> ControlRef:
+    """``TYPE,MODEL,IMAGE[,STRENGTH]`` → a ControlRef holding the finished control image."""
+    import io
+
+    from imagegenx.vision.controls import DEFAULT_STRENGTH, make_control_image
+
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) not in (3, 4):
+        raise UserError(f"--control {text!r}: expected TYPE,MODEL,IMAGE[,STRENGTH]")
+    kind, model, path = parts[:3]
+    try:
+        strength = float(parts[3]) if len(parts) == 4 else DEFAULT_STRENGTH.get(kind, 1.0)
+    except ValueError:
+        raise UserError(f"--control {text!r}: strength {parts[3]!r} is not a number") from None
+    image = make_control_image(kind, _read_image(Path(path), f"--control image {path}"))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return ControlRef(model, buffer.getvalue(), strength)
 
 
 def _read_prompts(prompt: str | None, batch_file: Path | None) -> list[str]:
@@ -105,6 +125,14 @@ def generate(
     ] = None,
     clip_skip: Annotated[int, typer.Option(help="A1111 convention: 1 = last layer.")] = 1,
     lora: Annotated[list[str] | None, typer.Option(help="NAME[:WEIGHT], repeatable.")] = None,
+    control: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TYPE,MODEL,IMAGE[,STRENGTH], repeatable: TYPE openpose (a photo), canny (a photo), "
+            "depth (a depth map) or none (a ready control image); MODEL a ControlNet folder "
+            "or random:controlnet."
+        ),
+    ] = None,
     image: Annotated[Path | None, typer.Option(help="Input image: img2img, or inpaint with --mask.")] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpaint mask: white = repaint.")] = None,
     strength: Annotated[float, typer.Option(help="img2img/inpaint denoising strength.")] = 0.75,
@@ -173,6 +201,7 @@ def generate(
         )
         reference_image = _read_image(reference, "--reference")
         loras = tuple(_parse_lora(item) for item in lora or [])
+        controls = tuple(_parse_control(item) for item in control or [])
         task = Task.TEXT2IMG if image is None else Task.INPAINT if mask is not None else Task.IMG2IMG
         if mask is not None and image is None:
             raise UserError("--mask needs --image")
@@ -202,6 +231,7 @@ def generate(
                 init_image=init_image,
                 mask_image=mask_image,
                 loras=loras,
+                controls=controls,
                 priority=Priority(priority),
                 job_id=f"image-{n}",
             )

@@ -14,12 +14,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 
 from imagegenx.api import ssrf
-from imagegenx.api.app import AppContext, ErrorBody, NotFound, error_body, error_responses
+from imagegenx.api.app import AppContext, ErrorBody, NotFound, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.schemas import (
     BatchGenerateParams,
@@ -180,18 +180,6 @@ async def inpaint_upload(
     image_data, mask_data = await _read_upload(ctx, image, "image"), await _read_upload(ctx, mask, "mask")
     item = _task_input(ctx, body, "inpaint", init_image=image_data, mask_image=mask_data)
     return _submitted(await run_in_threadpool(ctx.service.submit, key, [item]))
-
-
-@router.post(
-    "/image/controlnet",
-    summary="ControlNet (not available yet)",
-    status_code=501,
-    responses={501: {"description": "Not implemented yet"}},
-)
-def controlnet(key: KeyDep) -> JSONResponse:
-    return JSONResponse(
-        error_body(501, "ControlNet is not available yet; it comes with the ControlNet release"), 501
-    )
 
 
 @router.post("/image/batch-generate", summary="Many texts, one batch id", response_model=Envelope[Submitted])

@@ -25,6 +25,7 @@ from imagegenx.storage.blobs import BlobStore
 from imagegenx.storage.tasks import TaskStore
 from imagegenx.types import (
     ApiKey,
+    ControlRef,
     JobSpec,
     LoraRef,
     Priority,
@@ -64,6 +65,8 @@ class TaskInput:
     init_image: bytes | None = None
     mask_image: bytes | None = None
     output_format: str = "webp"
+    # ControlNet images, in the order of params["controls"] (their model and strength live there)
+    control_images: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Service:
         now = time.time()
         for item in inputs:
             task_id = uuid.uuid4().hex
-            job = job_from_params(task_id, item.params, item.init_image, item.mask_image)
+            job = job_from_params(task_id, item.params, item.init_image, item.mask_image, item.control_images)
             self._check_tier(user, job, item.params)
             validate_job(job, self.settings.engine)
             jobs.append(job)
@@ -119,6 +122,8 @@ class Service:
                 self.blobs.put(input_key(record.task_id, "image"), item.init_image)
             if item.mask_image is not None:
                 self.blobs.put(input_key(record.task_id, "mask"), item.mask_image)
+            for index, control in enumerate(item.control_images):
+                self.blobs.put(input_key(record.task_id, f"control{index}"), control)
         with tracer.start_as_current_span("queue", attributes={"tasks": len(records)}):
             self.store.create(records)
             for record, job in zip(records, jobs, strict=True):
@@ -208,10 +213,20 @@ def batch_key_text(job: JobSpec) -> str:
 
 
 def job_from_params(
-    task_id: str, params: dict[str, Any], init_image: bytes | None, mask_image: bytes | None
+    task_id: str,
+    params: dict[str, Any],
+    init_image: bytes | None,
+    mask_image: bytes | None,
+    control_images: list[bytes] | None = None,
 ) -> JobSpec:
     """The JobSpec a task's stored parameters describe (pure: no torch, no I/O)."""
-    known = {f for f in JobSpec.__dataclass_fields__} - {"init_image", "mask_image", "job_id", "loras"}
+    known = {f for f in JobSpec.__dataclass_fields__} - {
+        "init_image",
+        "mask_image",
+        "job_id",
+        "loras",
+        "controls",
+    }
     values = {k: v for k, v in params.items() if k in known}
     try:
         job = JobSpec(**values)
@@ -226,6 +241,10 @@ def job_from_params(
             ),
             init_image=init_image,
             mask_image=mask_image,
+            controls=tuple(
+                ControlRef(str(control["model"]), image, float(control.get("strength", 1.0)))
+                for control, image in zip(params.get("controls", []), control_images or [], strict=True)
+            ),
         )
     except (TypeError, ValueError, KeyError) as exc:
         raise UserError(f"invalid task parameters: {exc}") from None

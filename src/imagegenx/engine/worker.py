@@ -161,7 +161,11 @@ class ServiceWorker:
         try:
             image = service.blobs.get(input_key(task_id, "image")) if record.task_type != "text2img" else None
             mask = service.blobs.get(input_key(task_id, "mask")) if record.task_type == "inpaint" else None
-            job.future = self.engine.submit(job_from_params(task_id, record.params, image, mask))
+            controls = [
+                service.blobs.get(input_key(task_id, f"control{index}"))
+                for index in range(len(record.params.get("controls", [])))
+            ]
+            job.future = self.engine.submit(job_from_params(task_id, record.params, image, mask, controls))
         except (UserError, KeyError) as exc:
             self._in_flight.pop(task_id, None)
             service.store.fail(task_id, str(exc))

@@ -142,6 +142,8 @@ def image_metadata(image: GeneratedImage) -> dict[str, Any]:
     }
     if job.task in _DENOISING_TASKS:
         record["strength"] = job.strength
+    if job.controls:
+        record["controls"] = [{"model": c.model, "strength": c.strength} for c in job.controls]
     record["batch_size"] = image.batch_size
     record["timings"] = {
         "queued_s": round(timings.queued_s, 3),
