@@ -87,6 +87,19 @@ class ControlRef:
 
 
 @dataclass(frozen=True)
+class IdentityRef:
+    """InstantID: a face identity to keep. ``adapter`` names the InstantID weights (IP-Adapter image
+    projection and attention; ``random:instantid`` for tests); ``embedding`` is the face embedding
+    (ArcFace 512-d for real InstantID weights); ``scale`` the identity strength (0.9-1.1, seed 000).
+    IdentityNet, the ControlNet that follows the face-keypoint image, is given in the job's
+    ``controls`` like any ControlNet."""
+
+    adapter: str
+    embedding: tuple[float, ...]
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class BatchKey:
     """Jobs with equal keys can share one denoising batch.
 
@@ -100,6 +113,7 @@ class BatchKey:
     task: Task
     loras: tuple[LoraRef, ...] = ()
     controls: tuple[str, ...] = ()  # ControlNet models: every job of a batch runs the same ones
+    identity: tuple[str, float] | None = None  # InstantID adapter and scale: shared by a batch
 
 
 @dataclass(frozen=True)
@@ -124,11 +138,13 @@ class JobSpec:
     priority: Priority = Priority.P2
     job_id: str = ""
     controls: tuple[ControlRef, ...] = ()
+    identity: IdentityRef | None = None
 
     @property
     def batch_key(self) -> BatchKey:
         controls = tuple(control.model for control in self.controls)
-        return BatchKey(self.model, self.width, self.height, self.task, self.loras, controls)
+        identity = (self.identity.adapter, self.identity.scale) if self.identity else None
+        return BatchKey(self.model, self.width, self.height, self.task, self.loras, controls, identity)
 
     @property
     def effective_negative_prompt(self) -> str:
