@@ -97,6 +97,7 @@ class IdentityRef:
     adapter: str
     embedding: tuple[float, ...]
     scale: float = 1.0
+    identitynet: str | None = None  # which of the job's ControlNets is IdentityNet (it reads identity tokens)
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,20 @@ class Engine:
             for job in batch:
                 self._fail(job.job_id, str(exc))
             return
+        if isinstance(runner, SDRunner):
+            # ControlNets are built from the plain UNet: load them before identity attention goes on.
+            runner.set_identity(None, None)
+            try:
+                for ref in key.controls:
+                    self.models.controlnet(ref, model)
+                adapter = self.models.identity_adapter(key.identity[0], model) if key.identity else None
+            except UserError as exc:
+                for job in batch:
+                    self._fail(job.job_id, str(exc))
+                return
+            runner.set_identity(adapter, key.identity[1] if key.identity else None)
         if isinstance(runner, FlowRunner):
-            if key.controls:
+            if key.controls or key.identity:
                 for job in batch:
                     self._fail(
                         job.job_id, f"ControlNet needs an SD 1.5, SD 2.x or SDXL model, not {model.family}"

@@ -49,3 +49,10 @@ def validate_job(job: JobSpec, settings: EngineSettings) -> None:
             raise UserError(f"ControlNet {control.model!r} strength {control.strength} is outside 0-2")
         if not control.image:
             raise UserError(f"ControlNet {control.model!r} has no control image")
+    if job.identity is not None:
+        if not (math.isfinite(job.identity.scale) and 0 <= job.identity.scale <= 2):
+            raise UserError(f"identity scale {job.identity.scale} is outside 0-2")
+        if not job.identity.embedding or not all(math.isfinite(v) for v in job.identity.embedding):
+            raise UserError("the identity's face embedding is empty or not finite")
+        if job.identity.identitynet and job.identity.identitynet not in {c.model for c in job.controls}:
+            raise UserError(f"IdentityNet {job.identity.identitynet!r} is not among the job's ControlNets")

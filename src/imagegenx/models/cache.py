@@ -13,6 +13,7 @@ from typing import Any
 
 from imagegenx.config import ModelSettings
 from imagegenx.models.controlnet import load_controlnet
+from imagegenx.models.instantid import load_identity_adapter
 from imagegenx.models.loader import LoadedModel, load_model
 from imagegenx.models.lora import LoraLibrary, LoraSet
 from imagegenx.models.sources import ModelSource, resolve
@@ -55,6 +56,15 @@ class ModelCache:
                 nets[ref] = load_controlnet(ref, base, self.settings)
                 self.loads[ref] += 1
             return nets[ref]
+
+    def identity_adapter(self, ref: str, base: LoadedModel) -> Any:
+        """InstantID's identity adapter ``ref`` for ``base``, loaded once and kept with it."""
+        with self._lock:
+            adapters = base.extras.setdefault("identity_adapters", {})
+            if ref not in adapters:
+                adapters[ref] = load_identity_adapter(ref, base, self.settings)
+                self.loads[ref] += 1
+            return adapters[ref]
 
     def resident(self) -> list[str]:
         with self._lock:

@@ -71,6 +71,8 @@ def _random_controlnet(base: LoadedModel) -> Any:
     channels = tuple(16 * 2**i for i in range(levels + 1))
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
+    if unet.encoder_hid_proj is not None:
+        raise RuntimeError("build ControlNets from the plain UNet (identity attention off)")
     try:
         net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
         zero_convs = [

@@ -24,6 +24,7 @@ class SampleControl:
     net: Any  # a diffusers ControlNetModel
     image: torch.Tensor  # (1, 3, H, W) in [0, 1], at the job's size
     strength: float
+    reads_identity: bool = False  # InstantID's IdentityNet: attends to the identity tokens, not the prompt
 
 
 def prepare_controls(
@@ -35,7 +36,8 @@ def prepare_controls(
     for control, net in zip(job.controls, nets, strict=True):
         pil = decode_input_image(control.image, f"the control image for {control.model}")
         image = processor.preprocess(pil, height=job.height, width=job.width).to(device, dtype)
-        controls.append(SampleControl(net, image, control.strength))
+        reads_identity = job.identity is not None and job.identity.identitynet == control.model
+        controls.append(SampleControl(net, image, control.strength, reads_identity))
     return controls
 
 
@@ -45,9 +47,11 @@ def control_residuals(
     t: torch.Tensor,
     hidden: torch.Tensor,
     added_cond_kwargs: dict[str, torch.Tensor] | None,
+    identity_tokens: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Residuals for the UNet's down and mid blocks, summed over the ControlNets; ``rows[i]`` holds
-    row i's controls (a padding row repeats a real one with strength 0)."""
+    row i's controls (a padding row repeats a real one with strength 0). IdentityNet attends to
+    ``identity_tokens`` instead of the prompt, as InstantID's pipeline feeds it."""
     down: list[torch.Tensor] | None = None
     mid: torch.Tensor | None = None
     for k in range(len(rows[0])):
@@ -56,7 +60,8 @@ def control_residuals(
         strength = torch.tensor([row[k].strength for row in rows], device=x.device, dtype=x.dtype)
         strength = strength.view(-1, 1, 1, 1)
         kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
-        d, m = net(x, t, encoder_hidden_states=hidden, controlnet_cond=image, return_dict=False, **kwargs)
+        states = identity_tokens if rows[0][k].reads_identity and identity_tokens is not None else hidden
+        d, m = net(x, t, encoder_hidden_states=states, controlnet_cond=image, return_dict=False, **kwargs)
         d = [residual * strength for residual in d]
         m = m * strength
         down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]

@@ -36,6 +36,7 @@ class Sample:
     mask: torch.Tensor | None = None
     masked_image_latents: torch.Tensor | None = None  # 9-channel inpainting UNets only
     controls: list = field(default_factory=list)  # pipelines.control.SampleControl, one per ControlNet
+    identity: torch.Tensor | None = None  # (1, dim) InstantID face embedding
     index: int = 0
     canceled: bool = False
     times: dict[str, float] = field(default_factory=dict)

@@ -24,6 +24,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from imagegenx.models.instantid import IdentityAdapter
 from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import batch_bucket
 from imagegenx.pipelines.control import control_residuals, prepare_controls
@@ -53,6 +54,7 @@ class SDRunner:
         self.nine_channel = self.unet.config.in_channels == 9
         self.distilled_guidance = self.unet.config.time_cond_proj_dim is not None
         self.compiled = "compile" in model.speedups
+        self.identity: IdentityAdapter | None = None  # InstantID adapter of the current batch
         # The SD VAEs overflow in fp16 (diffusers' force_upcast). bf16 has fp32's range: on GPUs that
         # have it the VAE runs in bf16 (1.4x faster than fp32 at 1024², benchmarks/), else in fp32.
         if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
@@ -78,6 +80,14 @@ class SDRunner:
     def prepare(self, jobs: list[JobSpec], controlnets: list | None = None) -> list[Sample]:
         """``controlnets``: the loaded ControlNets of the jobs' batch key, in the key's order."""
         return [self._prepare_one(job, controlnets or []) for job in jobs]
+
+    def set_identity(self, adapter: IdentityAdapter | None, scale: float | None) -> None:
+        """Identity attention on for the coming batch (InstantID), or off for a batch without one."""
+        if adapter is not None:
+            adapter.use(self.unet, scale)
+        elif self.identity is not None:
+            self.identity.use(self.unet, None)
+        self.identity = adapter
 
     def _prepare_one(self, job: JobSpec, controlnets: list) -> Sample:
         started = time.perf_counter()
@@ -108,6 +118,16 @@ class SDRunner:
         )
         if self.is_xl:
             self._add_xl_conditioning(sample, cond, uncond)
+        if job.identity is not None:
+            if self.identity is None:
+                raise UserError("an identity needs its InstantID adapter loaded for the batch")
+            embedding = torch.tensor([job.identity.embedding], device=self.device, dtype=self.dtype)
+            if embedding.shape[1] != self.identity.embedding_dim:
+                raise UserError(
+                    f"the face embedding has {embedding.shape[1]} values; the InstantID adapter takes "
+                    f"{self.identity.embedding_dim} (an ArcFace embedding)"
+                )
+            sample.identity = embedding
         if job.controls:
             if self.nine_channel:
                 raise UserError("ControlNet does not work with 9-channel inpainting models")
@@ -201,15 +221,24 @@ class SDRunner:
             self._scheduler_step(sample, prediction)
 
     def _unet(self, samples: list[Sample]) -> torch.Tensor:
-        inputs, timesteps, hidden, pooled, time_ids, guidance, controls = [], [], [], [], [], [], []
+        inputs, timesteps, hidden, pooled, time_ids, guidance, controls, faces = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
         for s in samples:
             t = s.timesteps[s.index]
             x = s.scheduler.scale_model_input(s.latents, t)
             if self.nine_channel:
                 x = torch.cat([x, s.mask, s.masked_image_latents], dim=1)
-            pairs = [(s.uncond, s.uncond_pooled, s.uncond_time_ids)] if s.guided else []
-            pairs.append((s.cond, s.cond_pooled, s.cond_time_ids))
-            for embeds, pool, ids in pairs:
+            pairs = [(s.uncond, s.uncond_pooled, s.uncond_time_ids, True)] if s.guided else []
+            pairs.append((s.cond, s.cond_pooled, s.cond_time_ids, False))
+            for embeds, pool, ids, negative in pairs:
                 inputs.append(x)
                 timesteps.append(t.reshape(1).float())
                 hidden.append(embeds)
@@ -217,10 +246,12 @@ class SDRunner:
                 time_ids.append(ids)
                 guidance.append(s.job.guidance_scale)
                 controls.append(s.controls)
+                if s.identity is not None:  # InstantID's negative rows see a zero face embedding
+                    faces.append(torch.zeros_like(s.identity) if negative else s.identity)
         rows = len(inputs)
         if self.compiled:  # a few static shapes: pad the batch to its bucket with copies of the last row
             extra = batch_bucket(rows) - rows
-            for values in (inputs, timesteps, hidden, pooled, time_ids, guidance):
+            for values in (inputs, timesteps, hidden, pooled, time_ids, guidance, faces):
                 values += values[-1:] * extra
             controls += [[replace(c, strength=0.0) for c in controls[-1]]] * extra
         encoder_states, attention_mask = _pad_sequences(hidden)
@@ -231,8 +262,17 @@ class SDRunner:
             w = torch.tensor(guidance, device=self.device) - 1.0
             kwargs["timestep_cond"] = _guidance_embedding(w, self.unet.config.time_cond_proj_dim, self.dtype)
         x, t = torch.cat(inputs), torch.cat(timesteps).to(self.device)
+        tokens = None
+        if faces:
+            embeddings = torch.cat(faces)
+            tokens = self.identity.tokens(embeddings)
+            added = kwargs.setdefault("added_cond_kwargs", {})
+            added["image_embeds"] = [embeddings[:, None, None, :]]
         if controls[0]:
-            down, mid = control_residuals(controls, x, t, encoder_states, kwargs.get("added_cond_kwargs"))
+            control_kwargs = {
+                k: v for k, v in kwargs.get("added_cond_kwargs", {}).items() if k != "image_embeds"
+            }
+            down, mid = control_residuals(controls, x, t, encoder_states, control_kwargs or None, tokens)
             kwargs |= {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         if self.before_unet is not None:
             self.before_unet(len(inputs))
