@@ -48,7 +48,7 @@ def control_image(control: ControlInput, data: bytes) -> bytes:
         with Image.open(io.BytesIO(data)) as opened:
             if opened.width * opened.height > MAX_CONTROL_PIXELS:
                 raise UserError(f"the {control.type} image is larger than {MAX_CONTROL_PIXELS} pixels")
-            image = opened.convert("RGB")
+            image = opened.copy()  # as stored: a 16-bit depth map keeps its precision
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise UserError(f"the {control.type} image is not a readable image: {exc}") from None
     image = make_control_image(control.type, image, control.low_threshold, control.high_threshold)

@@ -24,7 +24,7 @@ def make_control_image(kind: str, image: Image.Image, low: int = 100, high: int 
     if kind == "depth":
         from imagegenx.vision.canny import depth_control_image
 
-        return depth_control_image(image.convert("L"))
+        return depth_control_image(image)  # keeps 16-bit and float depth precision
     if kind == "none":
         return image.convert("RGB")
     raise UserError(f"unknown control type {kind!r}; choose one of: {', '.join(CONTROL_TYPES)}")
