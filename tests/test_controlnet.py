@@ -203,6 +203,17 @@ def test_controlnet_route_and_cli(tmp_path):
             view = wait_for(client, response.json()["data"]["task_ids"][0], timeout=300)
             assert view["status"] == "succeeded", view["error"]
             assert view["metadata"]["controls"] == [{"model": RANDOM_CONTROLNET, "strength": 1.0}]
+            # A photo made into a pose skeleton on the API node; a photo without a person is refused.
+            photo = base64.b64encode(_png(Image.fromarray(data.astronaut()))).decode()
+            as_pose = {"controls": [control | {"type": "openpose", "image": photo}]}
+            pose = client.post("/api/v1/image/controlnet", json=body | as_pose)
+            assert pose.status_code == 200, pose.text
+            view = wait_for(client, pose.json()["data"]["task_ids"][0], timeout=300)
+            assert view["status"] == "succeeded" and view["metadata"]["controls"][0]["strength"] == 0.45
+            coffee = base64.b64encode(_png(Image.fromarray(data.coffee()))).decode()
+            no_person = {"controls": [control | {"type": "openpose", "image": coffee}]}
+            nobody = client.post("/api/v1/image/controlnet", json=body | no_person)
+            assert nobody.status_code == 400 and "no person" in nobody.json()["message"]
             missing = client.post(
                 "/api/v1/image/controlnet", json=body | {"controls": [control | {"model": "nope"}]}
             )
