@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from imagegenx.cli_portrait import portrait
 from imagegenx.config import Settings
 from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserError
 
@@ -455,6 +456,9 @@ def keys_revoke(key_id: Annotated[str, typer.Argument()]) -> None:
     if not _task_store(Settings()).revoke_key(key_id):
         raise _fail(f"no key {key_id!r}")
     typer.echo(f"revoked {key_id}")
+
+
+app.command()(portrait)
 
 
 def _with(settings: Settings, **slices: dict) -> Settings:

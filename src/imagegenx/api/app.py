@@ -76,11 +76,19 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> 
         lifespan=lifespan,
     )
     _install_error_handlers(app)
-    from imagegenx.api import routes_a1111, routes_control, routes_openai, routes_ops, routes_v1
+    from imagegenx.api import (
+        routes_a1111,
+        routes_control,
+        routes_openai,
+        routes_ops,
+        routes_portrait,
+        routes_v1,
+    )
 
     app.include_router(routes_ops.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_control.router)
+    app.include_router(routes_portrait.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_a1111.router)
     return app

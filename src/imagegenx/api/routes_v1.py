@@ -38,8 +38,16 @@ from imagegenx.pipelines.samplers import parse_sampler
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus, Tier, UserError
 
 router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_responses(ErrorBody))
-VERSIONS = ("original", "512", "256")
-MEDIA_TYPES = {".webp": "image/webp", ".png": "image/png", ".jpg": "image/jpeg", ".avif": "image/avif"}
+# An image task's results: the original and two thumbnails; a portrait task's also its ranked images
+# ("rank1" ...), the report and the contact sheet.
+VERSION_PATTERN = "^(original|512|256|report|contact_sheet|rank[0-9]{1,3})$"
+MEDIA_TYPES = {
+    ".webp": "image/webp",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".avif": "image/avif",
+    ".json": "application/json",
+}
 
 
 # Submitting ---------------------------------------------------------------------------------------
@@ -201,8 +209,7 @@ def _view(ctx: AppContext, record: TaskRecord, base_url: str) -> TaskView:
     base = (ctx.settings.service.public_url or base_url).rstrip("/")
     urls = {
         version: f"{base}/api/v1/image/task/{record.task_id}/download?version={version}"
-        for version in VERSIONS
-        if version in record.results
+        for version in record.results
     }
     return TaskView(
         task_id=record.task_id,
@@ -288,12 +295,12 @@ def download(
     task_id: str,
     key: KeyDep,
     ctx: ContextDep,
-    version: Annotated[str, Query(pattern="^(original|512|256)$")] = "original",
+    version: Annotated[str, Query(pattern=VERSION_PATTERN)] = "original",
 ) -> Response:
     record = _record(ctx, task_id, key)
     blob_key = record.results.get(version)
     if blob_key is None:
-        raise NotFound(f"task {task_id} has no {version} image (status {record.status})")
+        raise NotFound(f"task {task_id} has no {version} result (status {record.status})")
     extension = blob_key[blob_key.rfind(".") :]
     filename = f"{task_id}-{version}{extension}"
     return Response(

@@ -66,6 +66,7 @@ class ServiceWorker:
         # the loop keeps leasing and heartbeating meanwhile (their leases stay ours until acked).
         self._storing: set[str] = set()
         self._post = ThreadPoolExecutor(1, thread_name_prefix="imagegenx-post")
+        self._portraits = ThreadPoolExecutor(2, thread_name_prefix="imagegenx-portrait")
         self._done: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._last_progress: dict[str, int] = {}
@@ -84,6 +85,7 @@ class ServiceWorker:
         self._stop.set()
         self._thread.join(timeout=30)
         self._post.shutdown(wait=True)
+        self._portraits.shutdown(wait=False, cancel_futures=True)  # a portrait cut short runs again
 
     def cancel(self, task_id: str) -> None:
         self.engine.cancel(task_id)
@@ -152,6 +154,9 @@ class ServiceWorker:
             service.store.mark_canceled(task_id)
             self._finish(task_id)
             return
+        if record.task_type == "portrait":
+            self._begin_portrait(lease, record)
+            return
         # The attempt counts real starts (the engine's first step), not leases.
         job = _InFlight(lease, attempt=record.attempts + 1, span=tracer.start_span("inference"))
         job.span.set_attributes(
@@ -172,6 +177,42 @@ class ServiceWorker:
             self._finish(task_id)
             return
         job.future.add_done_callback(lambda _f, task_id=task_id: self._done.put(task_id))
+
+    def _begin_portrait(self, lease: Lease, record: TaskRecord) -> None:
+        """A portrait task runs its stages on the post thread pool (it waits on the engine a lot)."""
+        attempt = record.attempts + 1
+        if not self.service.store.start(record.task_id, attempt):
+            self._finish(record.task_id)
+            return
+        self.service.notify(record.task_id)
+        self._storing.add(record.task_id)  # heartbeats keep its lease while it runs
+        self._portraits.submit(self._run_portrait, record, attempt)
+
+    def _run_portrait(self, record: TaskRecord, attempt: int) -> None:
+        from imagegenx.engine.portrait_task import PortraitCanceled, run_portrait_task
+
+        service, task_id = self.service, record.task_id
+
+        def publish(data: dict) -> None:
+            service.events.publish(task_id, data)
+
+        try:
+            results, metadata = run_portrait_task(service, self.engine, record, attempt, publish)
+            service.store.succeed(task_id, attempt, results, metadata)
+        except PortraitCanceled:
+            service.store.mark_canceled(task_id)
+        except UserError as exc:
+            service.store.fail(task_id, str(exc), attempt)
+        except BlobWriteError as exc:  # nothing reported as done: the task runs again later
+            log.error("could not store results of %s: %s", task_id, exc)
+            service.queue.nack(self.owner, task_id, delay_s=5.0)
+            self._storing.discard(task_id)
+            return
+        except Exception as exc:  # a bug fails this task with the reason, never the worker
+            log.exception("portrait task %s failed", task_id)
+            service.store.fail(task_id, f"internal error: {exc!r}", attempt)
+        self._storing.discard(task_id)
+        self._finish(task_id)
 
     def _drain_done(self) -> None:
         """Hand every job the engine finished to the post thread, as one group (one chain batch)."""
