@@ -280,3 +280,57 @@ def test_a_progress_callback_that_raises_cancels_the_queued_drafts(engine, selfi
     drafts = {job: status for job, status in statuses.items() if job.startswith("portrait-")}
     assert len(drafts) == 48 and "canceled" in drafts.values()
     assert set(drafts.values()) <= {"succeeded", "canceled"}
+
+
+def test_portrait_over_http_with_progress_events(tmp_path, selfies):
+    """POST /api/v1/portrait: one task, staged progress over SSE, ranked images, report, sheet."""
+    import base64
+
+    from support.server import Server, wait_for
+
+    server = Server(tmp_path, model=MODEL).start()
+    try:
+        with server.client(server.key(tier="paid")) as client, server.client(server.key(tier="free")) as free:
+            body = {
+                "prompt": "a portrait photo of a woman",
+                "selfies": [base64.b64encode(data).decode() for _, data in selfies],
+                "n": 12, "shortlist": 4, "refine_top": 2, "upscale": 1, "seed": 5,
+                "instantid": RANDOM_INSTANTID, "identitynet": RANDOM_CONTROLNET,
+            }  # fmt: skip
+            # InstantID needs an ArcFace embedding: refused without one, random parts run with the stand-in.
+            refused = client.post("/api/v1/portrait", json=body)
+            assert refused.status_code == 400 and "ArcFace" in refused.json()["message"]
+            missing = client.post("/api/v1/portrait", json=body | {"arcface": "w600k_r50"})
+            assert missing.status_code == 400 and "w600k_r50.onnx" in missing.json()["message"]
+            body |= {"arcface": RANDOM_ARCFACE}
+            assert free.post("/api/v1/portrait", json=body | {"upscale": 4}).status_code == 403
+            response = client.post("/api/v1/portrait", json=body)
+            assert response.status_code == 200, response.text
+            task_id = response.json()["data"]["task_ids"][0]
+            stages = []
+            with client.stream("GET", f"/api/v1/image/task/{task_id}/events", timeout=300) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        stages.append(event.get("stage"))
+                        if event["status"] in ("succeeded", "failed"):
+                            break
+            seen = [stage for stage in dict.fromkeys(stages) if stage]
+            assert seen == [s for s in STAGES if s in seen] and {"drafts", "qc", "write"} <= set(seen)
+            view = wait_for(client, task_id, timeout=300)
+            assert view["status"] == "succeeded", view["error"]
+            assert {"original", "rank1", "rank4", "report", "contact_sheet"} <= set(view["urls"])
+            report = client.get(view["urls"]["report"]).json()
+            assert len(report["drafts"]) == 12 and len(report["shortlist"]) == 4
+            assert report["instantid"]["adapter"] == RANDOM_INSTANTID
+            best = Image.open(io.BytesIO(client.get(view["urls"]["original"]).content))
+            assert best.size == (64, 64)
+            sheet = Image.open(io.BytesIO(client.get(view["urls"]["contact_sheet"]).content))
+            assert sheet.size == sheet_grid(12)[2:]
+            bad = client.post(
+                "/api/v1/portrait", json=body | {"selfies": [base64.b64encode(b"text").decode()]}
+            )
+            view = wait_for(client, bad.json()["data"]["task_ids"][0], timeout=120)
+            assert view["status"] == "failed" and "selfie1: not a readable image" in view["error"]
+    finally:
+        server.stop()

@@ -19,7 +19,7 @@ from imagegenx.engine.portrait import STAGES, PortraitSpec, run_portrait
 from imagegenx.engine.service import Forbidden, QuotaExceeded, Service, ServiceBusy, input_key
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus, Tier, UserError
 
-PORTRAIT_FIELDS = set(PortraitSpec.__dataclass_fields__) - {"loras", "arcface", "nsfw_max"}
+PORTRAIT_FIELDS = set(PortraitSpec.__dataclass_fields__) - {"loras", "nsfw_max"}
 
 
 class PortraitCanceled(Exception):
