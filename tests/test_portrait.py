@@ -294,7 +294,7 @@ def test_portrait_over_http_with_progress_events(tmp_path, selfies):
             body = {
                 "prompt": "a portrait photo of a woman",
                 "selfies": [base64.b64encode(data).decode() for _, data in selfies],
-                "n": 12, "shortlist": 4, "refine_top": 2, "upscale": 1, "seed": 5,
+                "n": 100, "shortlist": 4, "refine_top": 2, "upscale": 1, "seed": 5,
                 "instantid": RANDOM_INSTANTID, "identitynet": RANDOM_CONTROLNET,
             }  # fmt: skip
             # InstantID needs an ArcFace embedding: refused without one, random parts run with the stand-in.
@@ -321,12 +321,12 @@ def test_portrait_over_http_with_progress_events(tmp_path, selfies):
             assert view["status"] == "succeeded", view["error"]
             assert {"original", "rank1", "rank4", "report", "contact_sheet"} <= set(view["urls"])
             report = client.get(view["urls"]["report"]).json()
-            assert len(report["drafts"]) == 12 and len(report["shortlist"]) == 4
+            assert len(report["drafts"]) == 100 and len(report["shortlist"]) == 4
             assert report["instantid"]["adapter"] == RANDOM_INSTANTID
             best = Image.open(io.BytesIO(client.get(view["urls"]["original"]).content))
             assert best.size == (64, 64)
             sheet = Image.open(io.BytesIO(client.get(view["urls"]["contact_sheet"]).content))
-            assert sheet.size == sheet_grid(12)[2:]
+            assert sheet.size == sheet_grid(100)[2:]
             bad = client.post(
                 "/api/v1/portrait", json=body | {"selfies": [base64.b64encode(b"text").decode()]}
             )

@@ -50,21 +50,20 @@ class ModelCache:
 
     def controlnet(self, ref: str, base: LoadedModel) -> Any:
         """The ControlNet ``ref`` for ``base``, loaded on first use and kept (and counted) with it."""
-        with self._lock:
-            nets = base.extras.setdefault("controlnets", {})
-            if ref not in nets:
-                nets[ref] = load_controlnet(ref, base, self.settings)
-                self.loads[ref] += 1
-            return nets[ref]
+        return self._attached(base, "controlnets", ref, load_controlnet)
 
     def identity_adapter(self, ref: str, base: LoadedModel) -> Any:
         """InstantID's identity adapter ``ref`` for ``base``, loaded once and kept with it."""
+        return self._attached(base, "identity_adapters", ref, load_identity_adapter)
+
+    def _attached(self, base: LoadedModel, kind: str, ref: str, load: Any) -> Any:
+        """A part loaded for ``base`` and kept in its extras: evicting the base drops it too."""
         with self._lock:
-            adapters = base.extras.setdefault("identity_adapters", {})
-            if ref not in adapters:
-                adapters[ref] = load_identity_adapter(ref, base, self.settings)
+            parts = base.extras.setdefault(kind, {})
+            if ref not in parts:
+                parts[ref] = load(ref, base, self.settings)
                 self.loads[ref] += 1
-            return adapters[ref]
+            return parts[ref]
 
     def resident(self) -> list[str]:
         with self._lock:

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from imagegenx.postprocess.gfpgan_arch import GFPGANv1Clean
+from imagegenx.postprocess.steps import device_and_dtype, param
 from imagegenx.types import UserError
 from imagegenx.vision.identity import umeyama
 
@@ -242,10 +243,7 @@ def get_restorer(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> GFPGANRestorer:
     """The cached :class:`GFPGANRestorer` for (path, device, dtype), loaded on first use."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    dev, dt = device_and_dtype(device, dtype)
     key = (str(check_model_path(path).resolve()), str(dev), dt)
     with _CACHE_LOCK:
         if key not in _CACHE:
@@ -255,14 +253,6 @@ def get_restorer(
 
 # --------------------------------------------------------------------------------------------------
 # The step
-
-
-def _param(params: Any, key: str, default: Any) -> Any:
-    if params is None:
-        return default
-    if isinstance(params, Mapping):
-        return params.get(key, default)
-    return getattr(params, key, default)
 
 
 class FaceRestore:
@@ -292,10 +282,10 @@ class FaceRestore:
         images = list(images)
         if len(detections) != len(images):
             raise ValueError(f"{len(images)} images but {len(detections)} detection lists")
-        weight = float(_param(params, "weight", 0.5))
+        weight = float(param(params, "weight", 0.5))
         if not 0.0 <= weight <= 1.0:
             raise UserError(f"face restore weight must lie in [0, 1], got {weight}")
-        batch_size = _param(params, "batch_size", None)
+        batch_size = param(params, "batch_size", None)
         if weight == 0.0:
             return images
 

