@@ -4,6 +4,7 @@ reads the identity tokens, and switching identity off gives the base model back 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -11,7 +12,7 @@ from conftest import make_settings
 from imagegenx.engine.engine import Engine, JobFailed
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.controlnet import RANDOM_CONTROLNET
-from imagegenx.models.instantid import ARCFACE_DIM, RANDOM_INSTANTID
+from imagegenx.models.instantid import ARCFACE_DIM, RANDOM_FACEID, RANDOM_INSTANTID
 from imagegenx.pipelines.sd import SDRunner
 from imagegenx.types import ControlRef, IdentityRef, JobSpec
 from test_controlnet import FACE, _png, runner_image
@@ -21,14 +22,16 @@ SD15 = "random:tiny-sd15"
 FACE_EMBEDDING = tuple(float(v) for v in np.random.default_rng(7).normal(size=ARCFACE_DIM))
 
 
-def test_identity_attention_matches_diffusers_ip_adapter_path(tmp_path):
+@pytest.mark.parametrize("adapter_ref", [RANDOM_INSTANTID, RANDOM_FACEID], ids=["instantid", "faceid"])
+def test_identity_attention_matches_diffusers_ip_adapter_path(tmp_path, adapter_ref):
     cache = ModelCache(make_settings(tmp_path).models)
     model = cache.get(SD15)
     runner = SDRunner(model)
     plain_before = runner_image(runner, job(SD15), [])
-    adapter = cache.identity_adapter(RANDOM_INSTANTID, model)
+    adapter = cache.identity_adapter(adapter_ref, model)
+    assert adapter.embedding_dim == ARCFACE_DIM
     runner.set_identity(adapter, 0.9)
-    spec = job(SD15, identity=IdentityRef(RANDOM_INSTANTID, FACE_EMBEDDING, 0.9))
+    spec = job(SD15, identity=IdentityRef(adapter_ref, FACE_EMBEDDING, 0.9))
     ours = runner_image(runner, spec, [])
     face = torch.tensor([FACE_EMBEDDING])
     embeds = torch.cat([torch.zeros_like(face), face])[:, None, None, :]  # negative, then the face

@@ -1,14 +1,17 @@
-"""InstantID's identity adapter: a face embedding → 16 identity tokens that every cross-attention
-layer of the UNet also attends to (IP-Adapter attention, scaled by the identity scale).
+"""Identity adapters: a face embedding → identity tokens that every cross-attention layer of the
+UNet also attends to (IP-Adapter attention, scaled by the identity scale). InstantID's adapter
+(a Resampler: 16 tokens) and the IP-Adapter FaceID variant (a feed-forward projection: 4 tokens)
+are both this; they differ in the projection, which diffusers' loader recognises from the weights.
 
 The other half of InstantID, IdentityNet, is a ControlNet on the face-keypoint image
 (models/controlnet.py); it reads the identity tokens instead of the prompt.
 
-A reference is ``random:instantid`` (random weights in the base model's shapes, for tests and speed
-measurements) or a ``.safetensors`` file in the model folder (or a path) holding InstantID's
-``ip-adapter.bin`` converted without pickle: its ``image_proj.*`` (the Resampler) and ``ip_adapter.*``
-(the attention projections) tensors under those prefixes. Built with diffusers' own IP-Adapter
-classes (``IPAdapterPlusImageProjection``, ``IPAdapterAttnProcessor2_0``), loaded once per base model.
+A reference is ``random:instantid`` or ``random:faceid`` (random weights in the base model's
+shapes, for tests and speed measurements) or a ``.safetensors`` file in the model folder (or a path)
+holding InstantID's ``ip-adapter.bin`` converted without pickle: its ``image_proj.*`` (the
+Resampler) and ``ip_adapter.*`` (the attention projections) tensors under those prefixes; an
+IP-Adapter FaceID file likewise. Built with diffusers' own IP-Adapter classes and loader, once per
+base model.
 
 The adapter is switched on for a batch that asks for an identity and off for the others, so one
 resident UNet serves both without reloading (``use``).
@@ -27,6 +30,8 @@ from imagegenx.models.loader import LoadedModel
 from imagegenx.types import UserError
 
 RANDOM_INSTANTID = "random:instantid"
+RANDOM_FACEID = "random:faceid"
+FACEID_TOKENS = 4
 ARCFACE_DIM = 512  # InstantID's face embedding (ArcFace, antelopev2)
 NUM_TOKENS = 16
 
@@ -55,7 +60,7 @@ class IdentityAdapter:
             unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
 
     def tokens(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(rows, dim) face embeddings → (rows, 16, cross-attention dim) identity tokens."""
+        """(rows, dim) face embeddings → (rows, tokens, cross-attention dim) identity tokens."""
         return self.projection([embeddings[:, None, None, :]])[0][:, 0]
 
 
@@ -64,12 +69,13 @@ def load_identity_adapter(ref: str, base: LoadedModel, settings: ModelSettings) 
         raise UserError(f"InstantID needs an SD 1.5, SD 2.x or SDXL base model, not {base.family}")
     unet = base.pipe.unet
     plain = dict(unet.attn_processors)
-    if ref == RANDOM_INSTANTID:
-        projection, processors = _random_adapter(unet)
-        dim = ARCFACE_DIM
+    if ref in (RANDOM_INSTANTID, RANDOM_FACEID):
+        projection, processors = _random_adapter(unet, faceid=ref == RANDOM_FACEID)
     else:
         projection, processors = _from_file(_file(ref, settings), unet)
-        dim = projection.image_projection_layers[0].proj_in.in_features
+    # The embedding size is what the projection's first linear layer takes.
+    first = next(m for m in projection.modules() if isinstance(m, torch.nn.Linear))
+    dim = first.in_features
     projection.to(base.device, base.dtype)
     for processor in processors.values():
         if isinstance(processor, torch.nn.Module):
@@ -113,9 +119,13 @@ def _from_file(path: Path, unet: Any) -> tuple[Any, dict[str, Any]]:
     return projection, processors
 
 
-def _random_adapter(unet: Any) -> tuple[Any, dict[str, Any]]:
+def _random_adapter(unet: Any, faceid: bool) -> tuple[Any, dict[str, Any]]:
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
-    from diffusers.models.embeddings import IPAdapterPlusImageProjection, MultiIPAdapterImageProjection
+    from diffusers.models.embeddings import (
+        IPAdapterFaceIDImageProjection,
+        IPAdapterPlusImageProjection,
+        MultiIPAdapterImageProjection,
+    )
 
     config = unet.config
     cross = config.cross_attention_dim
@@ -125,21 +135,26 @@ def _random_adapter(unet: Any) -> tuple[Any, dict[str, Any]]:
         # InstantID's Resampler shape, narrowed to the UNet's width for tiny test models.
         hidden = min(1280, cross * 2)
         heads = max(1, hidden // 64)
-        resampler = IPAdapterPlusImageProjection(
-            embed_dims=ARCFACE_DIM, output_dims=cross, hidden_dims=hidden, depth=4,
-            dim_head=hidden // heads, heads=heads, num_queries=NUM_TOKENS, ffn_ratio=4,
-        )  # fmt: skip
+        if faceid:
+            tokens = FACEID_TOKENS
+            layer = IPAdapterFaceIDImageProjection(ARCFACE_DIM, cross, mult=1, num_tokens=tokens)
+        else:
+            tokens = NUM_TOKENS
+            layer = IPAdapterPlusImageProjection(
+                embed_dims=ARCFACE_DIM, output_dims=cross, hidden_dims=hidden, depth=4,
+                dim_head=hidden // heads, heads=heads, num_queries=tokens, ffn_ratio=4,
+            )  # fmt: skip
         processors: dict[str, Any] = {}
         for name in unet.attn_processors:
             if name.endswith("attn1.processor"):
                 processors[name] = AttnProcessor2_0()
             else:
                 processors[name] = IPAdapterAttnProcessor2_0(
-                    _hidden_size(name, config.block_out_channels), cross, num_tokens=(NUM_TOKENS,)
+                    _hidden_size(name, config.block_out_channels), cross, num_tokens=(tokens,)
                 )
     finally:
         torch.random.set_rng_state(state)
-    return MultiIPAdapterImageProjection([resampler]), processors
+    return MultiIPAdapterImageProjection([layer]), processors
 
 
 def _set_processors(unet: Any, processors: dict[str, Any]) -> None:
