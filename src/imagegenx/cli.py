@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from imagegenx.cli_bench import bench
+from imagegenx.cli_keys import keys_app
 from imagegenx.cli_portrait import portrait
 from imagegenx.config import Settings
 from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserError
@@ -242,7 +244,9 @@ def generate(
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create --out folder {out}: {exc.strerror}") from None
-        failed = _run_jobs(
+        from imagegenx.cli_generate import run_jobs
+
+        failed = run_jobs(
             settings,
             jobs,
             out,
@@ -333,61 +337,6 @@ def _configure_tracing() -> None:
     trace.set_tracer_provider(provider)
 
 
-@app.command()
-def bench(
-    scenarios: Annotated[list[str] | None, typer.Argument(help="Scenario names [default: all].")] = None,
-    list_: Annotated[bool, typer.Option("--list", help="List the scenarios and exit.")] = False,
-    smoke: Annotated[
-        bool, typer.Option(help="Tiny models on the CPU: proves the harness, not speed.")
-    ] = False,
-    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
-    peer: Annotated[
-        list[str] | None, typer.Option(help="A peer to run beside us, repeatable [default: all].")
-    ] = None,
-    no_peers: Annotated[bool, typer.Option("--no-peers", help="Measure imagegenx alone.")] = False,
-    peer_compile: Annotated[
-        str, typer.Option(help="torch.compile mode of the fast-recipe peer (max-autotune as published; off).")
-    ] = "max-autotune",
-) -> None:
-    """Measure scenarios on this machine's GPU beside diffusers; prints a table, writes JSON."""
-    _quiet_libraries()
-    from imagegenx.bench.scenarios import SCENARIOS
-
-    if list_:
-        table = Table("scenario", "what", "status")
-        for scenario in SCENARIOS.values():
-            table.add_row(scenario.name, scenario.what, scenario.missing or "ready")
-        Console().print(table)
-        return
-    names = scenarios or list(SCENARIOS)
-    unknown = [name for name in names if name not in SCENARIOS]
-    if unknown:
-        raise _fail(f"unknown scenario(s): {', '.join(unknown)}; see `imagegenx bench --list`")
-    import torch
-
-    from imagegenx.bench import report
-    from imagegenx.bench.peers import PEERS
-    from imagegenx.bench.scenarios import BenchContext
-
-    settings = Settings()
-    if smoke:
-        settings = _with(settings, models={"device": "cpu"})
-    elif not torch.cuda.is_available():
-        raise _fail("no CUDA device: benchmarks measure a GPU (use --smoke to check the harness on a CPU)")
-    peers = () if no_peers else tuple(peer or PEERS)
-    if set(peers) - set(PEERS):
-        raise _fail(
-            f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))}; peers: {', '.join(PEERS)}"
-        )
-    ctx = BenchContext(settings, smoke, peers, peer_compile, repeats=2 if smoke else 5)
-    console = Console(width=max(160, Console().width))  # ten columns: wider than a default pipe
-    try:
-        result = report.run(names, ctx, console, out)
-    except UserError as exc:
-        raise _fail(str(exc)) from None
-    report.print_table(result, console)
-
-
 @app.command("watermark-check")
 def watermark_check(path: Annotated[Path, typer.Argument(help="An image written by imagegenx.")]) -> None:
     """Read the invisible watermark back from an image (prints one JSON line)."""
@@ -402,62 +351,8 @@ def watermark_check(path: Annotated[Path, typer.Argument(help="An image written 
         raise typer.Exit(1)
 
 
-keys_app = typer.Typer(help="API keys: only their hashes are stored; a secret is shown once, at creation.")
 app.add_typer(keys_app, name="keys")
-
-
-def _task_store(settings: Settings):
-    from imagegenx.storage.tasks import TaskStore
-
-    return TaskStore(settings.storage.database_url)
-
-
-@keys_app.command("create")
-def keys_create(
-    name: Annotated[str, typer.Argument(help="A label for the key's owner.")],
-    tier: Annotated[str, typer.Option(help="free (up to 1024x1024) or paid")] = "free",
-    rate: Annotated[float, typer.Option(help="Requests per second.")] = 30.0,
-    quota: Annotated[int, typer.Option(help="Tasks queued or running at once.")] = 100,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the secret.")] = False,
-) -> None:
-    """Create a key and print its secret (the only time it is shown)."""
-    from imagegenx.types import Tier
-
-    try:
-        tier_value = Tier(tier)
-    except ValueError:
-        raise _fail(f"unknown tier {tier!r}; use free or paid") from None
-    key, secret = _task_store(Settings()).create_key(name, tier_value, rate, quota)
-    if quiet:
-        typer.echo(secret)
-    else:
-        typer.echo(f"key id: {key.key_id}  tier: {key.tier}\nsecret (shown once): {secret}")
-
-
-@keys_app.command("list")
-def keys_list() -> None:
-    """All keys, without secrets."""
-    table = Table("key id", "name", "tier", "rate/s", "quota", "revoked")
-    for key in _task_store(Settings()).list_keys():
-        table.add_row(
-            key.key_id,
-            key.name,
-            str(key.tier),
-            f"{key.rate_limit_per_s:g}",
-            str(key.queue_quota),
-            "yes" if key.revoked_at else "",
-        )
-    Console().print(table)
-
-
-@keys_app.command("revoke")
-def keys_revoke(key_id: Annotated[str, typer.Argument()]) -> None:
-    """Revoke a key: refused on the next request."""
-    if not _task_store(Settings()).revoke_key(key_id):
-        raise _fail(f"no key {key_id!r}")
-    typer.echo(f"revoked {key_id}")
-
-
+app.command()(bench)
 app.command()(portrait)
 
 
@@ -466,99 +361,6 @@ def _with(settings: Settings, **slices: dict) -> Settings:
     return settings.model_copy(
         update={name: getattr(settings, name).model_copy(update=values) for name, values in slices.items()}
     )
-
-
-def _run_jobs(
-    settings,
-    jobs,
-    out: Path,
-    fmt,
-    post,
-    reference,
-    shortlist: int,
-    *,
-    as_json: bool,
-    embed_metadata: bool,
-    console: Console,
-) -> int:
-    """Submit every job to one engine, post-process the finished images as one batch, write each
-    with its .json metadata (and, with QC, qc.json: every image's scores best first, and the
-    shortlist); returns the failure count."""
-    from concurrent.futures import CancelledError
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from imagegenx.engine.engine import Engine, JobFailed
-    from imagegenx.postprocess.chain import apply_chain
-    from imagegenx.postprocess.encode import encode_image, image_metadata
-    from imagegenx.types import JobStatus
-
-    failed = 0
-    total_steps = sum(job.steps for job in jobs)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=as_json or not console.is_terminal,
-    )
-    with Engine(settings) as engine, progress:
-        bar = progress.add_task(f"{len(jobs)} image(s)", total=total_steps)
-        steps_done = {job.job_id: 0 for job in jobs}
-
-        def on_event(event) -> None:
-            # Only the requested images count; post-processing passes have ids of their own.
-            if event.job_id in steps_done and event.status in (JobStatus.RUNNING, JobStatus.SUCCEEDED):
-                steps_done[event.job_id] = event.step
-                progress.update(bar, completed=sum(steps_done.values()))
-
-        engine.subscribe(on_event)
-        futures = [engine.submit(job) for job in jobs]
-        finished = []
-        for index, future in enumerate(futures):
-            try:
-                finished.append((index, future.result()))
-            except (JobFailed, CancelledError) as exc:
-                failed += 1
-                console.print(f"[red]image {index} failed:[/red] {exc}", highlight=False)
-        if post.steps:
-            progress.update(bar, description="post-processing")
-        images = apply_chain([image for _, image in finished], post, engine, reference)
-        written = []
-        for (index, _), image in zip(finished, images, strict=True):
-            if "error" in image.post:
-                failed += 1
-                console.print(f"[red]image {index} failed:[/red] {image.post['error']}", highlight=False)
-                continue
-            stem = out / f"{index:05d}-{image.job.seed}"
-            path = stem.with_suffix(fmt.extension)
-            meta = image_metadata(image) | {"file": path.name}
-            try:
-                path.write_bytes(encode_image(image, fmt, embed_metadata=embed_metadata))
-                stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-            except OSError as exc:
-                raise UserError(f"cannot write {path}: {exc.strerror}") from None
-            written.append(meta)
-            if as_json:
-                typer.echo(json.dumps(meta | {"path": str(path)}))
-        if post.qc:
-            _write_qc_report(out / "qc.json", written, shortlist)
-    if not as_json:
-        console.print(f"wrote {len(jobs) - failed} image(s) to {out}")
-    return failed
-
-
-def _write_qc_report(path: Path, written: list[dict], shortlist: int) -> None:
-    ranked = sorted(written, key=lambda m: (m["qc"]["rank"] is None, m["qc"]["rank"] or 0))
-    report = {
-        "shortlist": [m["file"] for m in ranked if m["qc"]["rank"] is not None][:shortlist],
-        "images": [{"file": m["file"], "seed": m["seed"], **m["qc"]} for m in ranked],
-    }
-    try:
-        path.write_text(json.dumps(report, indent=2))
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def main() -> None:  # pragma: no cover - console script shim

@@ -1,0 +1,69 @@
+"""`imagegenx bench`: the benchmark scenarios beside plain diffusers and its fast recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imagegenx.config import Settings
+from imagegenx.types import UserError
+
+
+def bench(
+    scenarios: Annotated[list[str] | None, typer.Argument(help="Scenario names [default: all].")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the scenarios and exit.")] = False,
+    smoke: Annotated[
+        bool, typer.Option(help="Tiny models on the CPU: proves the harness, not speed.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    peer: Annotated[
+        list[str] | None, typer.Option(help="A peer to run beside us, repeatable [default: all].")
+    ] = None,
+    no_peers: Annotated[bool, typer.Option("--no-peers", help="Measure imagegenx alone.")] = False,
+    peer_compile: Annotated[
+        str, typer.Option(help="torch.compile mode of the fast-recipe peer (max-autotune as published; off).")
+    ] = "max-autotune",
+) -> None:
+    """Measure scenarios on this machine's GPU beside diffusers; prints a table, writes JSON."""
+    from imagegenx.cli import _fail, _quiet_libraries, _with
+
+    _quiet_libraries()
+    from imagegenx.bench.scenarios import SCENARIOS
+
+    if list_:
+        table = Table("scenario", "what", "status")
+        for scenario in SCENARIOS.values():
+            table.add_row(scenario.name, scenario.what, scenario.missing or "ready")
+        Console().print(table)
+        return
+    names = scenarios or list(SCENARIOS)
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        raise _fail(f"unknown scenario(s): {', '.join(unknown)}; see `imagegenx bench --list`")
+    import torch
+
+    from imagegenx.bench import report
+    from imagegenx.bench.peers import PEERS
+    from imagegenx.bench.scenarios import BenchContext
+
+    settings = Settings()
+    if smoke:
+        settings = _with(settings, models={"device": "cpu"})
+    elif not torch.cuda.is_available():
+        raise _fail("no CUDA device: benchmarks measure a GPU (use --smoke to check the harness on a CPU)")
+    peers = () if no_peers else tuple(peer or PEERS)
+    if set(peers) - set(PEERS):
+        raise _fail(
+            f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))}; peers: {', '.join(PEERS)}"
+        )
+    ctx = BenchContext(settings, smoke, peers, peer_compile, repeats=2 if smoke else 5)
+    console = Console(width=max(160, Console().width))  # ten columns: wider than a default pipe
+    try:
+        result = report.run(names, ctx, console, out)
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    report.print_table(result, console)
