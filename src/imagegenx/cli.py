@@ -51,7 +51,7 @@ def _parse_lora(text: str) -> LoraRef:
         raise UserError(f"--lora {text!r}: expected NAME or NAME:WEIGHT") from None
 
 
-def _parse_control(text: str) -> ControlRef:
+def _parse_control(text: str, depth_model: Path | None = None) -> ControlRef:
     """``TYPE,MODEL,IMAGE[,STRENGTH]`` → a ControlRef holding the finished control image."""
     import io
 
@@ -65,7 +65,8 @@ def _parse_control(text: str) -> ControlRef:
         strength = float(parts[3]) if len(parts) == 4 else DEFAULT_STRENGTH.get(kind, 1.0)
     except ValueError:
         raise UserError(f"--control {text!r}: strength {parts[3]!r} is not a number") from None
-    image = make_control_image(kind, _read_image(Path(path), f"--control image {path}"))
+    model = str(depth_model) if depth_model else None
+    image = make_control_image(kind, _read_image(Path(path), f"--control image {path}"), depth_model=model)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return ControlRef(model, buffer.getvalue(), strength)
@@ -136,6 +137,9 @@ def generate(
             "or random:controlnet."
         ),
     ] = None,
+    depth_model: Annotated[
+        Path | None, typer.Option(help="ONNX depth model: depth controls then take a photo, not a depth map.")
+    ] = None,
     image: Annotated[Path | None, typer.Option(help="Input image: img2img, or inpaint with --mask.")] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpaint mask: white = repaint.")] = None,
     strength: Annotated[float, typer.Option(help="img2img/inpaint denoising strength.")] = 0.75,
@@ -204,7 +208,7 @@ def generate(
         )
         reference_image = _read_image(reference, "--reference")
         loras = tuple(_parse_lora(item) for item in lora or [])
-        controls = tuple(_parse_control(item) for item in control or [])
+        controls = tuple(_parse_control(item, depth_model) for item in control or [])
         task = Task.TEXT2IMG if image is None else Task.INPAINT if mask is not None else Task.IMG2IMG
         if mask is not None and image is None:
             raise UserError("--mask needs --image")

@@ -36,13 +36,18 @@ class ControlInput(BaseModel):
     strength: float | None = Field(None, ge=0, le=2, description="Default: 0.45 for openpose, else 1")
     low_threshold: int = Field(100, ge=0, le=255, description="Canny's lower threshold")
     high_threshold: int = Field(200, ge=0, le=255, description="Canny's upper threshold")
+    depth_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="depth only: an ONNX depth model by name in the model folder; the image is then a photo",
+    )
 
 
 class ControlNetParams(GenerateParams):
     controls: list[ControlInput] = Field(min_length=1, max_length=4)
 
 
-def control_image(control: ControlInput, data: bytes) -> bytes:
+def control_image(control: ControlInput, data: bytes, model_dir=None) -> bytes:
     """The control image the ControlNet sees, as PNG bytes."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
@@ -51,7 +56,15 @@ def control_image(control: ControlInput, data: bytes) -> bytes:
             image = opened.copy()  # as stored: a 16-bit depth map keeps its precision
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise UserError(f"the {control.type} image is not a readable image: {exc}") from None
-    image = make_control_image(control.type, image, control.low_threshold, control.high_threshold)
+    depth_model = None
+    if control.depth_model:
+        file = control.depth_model if control.depth_model.endswith(".onnx") else f"{control.depth_model}.onnx"
+        if ".." in file or model_dir is None or not (model_dir / file).is_file():
+            raise UserError(f"no depth model {file!r} in the server's model folder")
+        depth_model = str(model_dir / file)
+    image = make_control_image(
+        control.type, image, control.low_threshold, control.high_threshold, depth_model
+    )
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
@@ -63,7 +76,11 @@ def control_image(control: ControlInput, data: bytes) -> bytes:
     response_model=Envelope[Submitted],
 )
 def controlnet(body: ControlNetParams, key: KeyDep, ctx: ContextDep) -> Envelope[Submitted]:
-    images = [control_image(c, _image(ctx, c.image, c.image_url, f"{c.type} image")) for c in body.controls]
+    model_dir = ctx.settings.models.model_dir
+    images = [
+        control_image(c, _image(ctx, c.image, c.image_url, f"{c.type} image"), model_dir)
+        for c in body.controls
+    ]
     item = _task_input(ctx, body, "text2img")
     item.params["controls"] = [
         {

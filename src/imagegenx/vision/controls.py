@@ -10,9 +10,13 @@ CONTROL_TYPES = ("openpose", "canny", "depth", "none")
 DEFAULT_STRENGTH = {"openpose": 0.45, "canny": 1.0, "depth": 1.0, "none": 1.0}  # seed 000: pose 0.4-0.5
 
 
-def make_control_image(kind: str, image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+def make_control_image(
+    kind: str, image: Image.Image, low: int = 100, high: int = 200, depth_model: str | None = None
+) -> Image.Image:
     """``openpose``: the person's pose drawn as an OpenPose skeleton; ``canny``: edges (thresholds
-    ``low``/``high``); ``depth``: the image read as a depth map, near = bright; ``none``: as given."""
+    ``low``/``high``); ``depth``: the image read as a depth map, near = bright, or, with
+    ``depth_model`` (a user's ONNX depth model), a photo whose depth the model estimates; ``none``:
+    as given."""
     if kind == "openpose":
         from imagegenx.vision.pose import pose_control_image
 
@@ -24,6 +28,10 @@ def make_control_image(kind: str, image: Image.Image, low: int = 100, high: int 
     if kind == "depth":
         from imagegenx.vision.canny import depth_control_image
 
+        if depth_model is not None:
+            from imagegenx.vision.depth import DepthOnnx
+
+            return depth_control_image(DepthOnnx(depth_model).estimate(image))
         return depth_control_image(image)  # keeps 16-bit and float depth precision
     if kind == "none":
         return image.convert("RGB")
