@@ -24,18 +24,21 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
         "sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "esrgan-x4-1024", "vae-decode-1024",
         "portrait-100", "cold-start", "flux-dev-1024-28",
     }  # fmt: skip
-    for name in ("sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1"):
+    for name in ("sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "flux-dev-1024-28"):
         rows = scenarios[name]["rows"]
         assert [row["runner"] for row in rows] == ["imagegenx", "diffusers", "diffusers-fast"]
         for row in rows:
-            assert row["images"] > 0 and row["images_per_s"] > 0 and row["tflop_per_image"] > 0
-            assert row["achieved_tflops"] > 0 and row["peak_vram_gib"] is None  # no GPU here
+            assert row["images"] > 0 and row["images_per_s"] > 0 and row["peak_vram_gib"] is None  # CPU
+            if name != "flux-dev-1024-28":  # transformer FLOPs are not counted yet
+                assert row["tflop_per_image"] > 0 and row["achieved_tflops"] > 0
         assert set(scenarios[name]["speedup_vs"]) == {"diffusers", "diffusers-fast"}
     latency_rows = scenarios["sdxl-1024-30"]["rows"]
     assert all(len(row["latencies"]) == 2 and row["p50_s"] <= row["p99_s"] for row in latency_rows)
     assert len(scenarios["esrgan-x4-1024"]["rows"]) == 2
     assert len(scenarios["vae-decode-1024"]["rows"]) == 4
-    assert "issue 6" in scenarios["portrait-100"]["skipped"]
+    [portrait] = scenarios["portrait-100"]["rows"]
+    assert portrait["images"] == 8 and "drafts" in portrait["note"] and "qc" in portrait["note"]
+    assert "skipped" in scenarios["cold-start"]
     assert "sdxl-1024-30" in result.output  # the table
 
 

@@ -1,0 +1,52 @@
+"""The ``portrait-100`` scenario: seed 000's workload through the engine, end to end.
+
+100 SDXL LCM-4 drafts with InstantID (random parts: adapter, IdentityNet, the random:arcface
+stand-in), QC against the selfies, shortlist 15, refine the top 10 (~10 steps), face fix where faces
+are found (random drafts have none), Real-ESRGAN x4 with strength 0.35 and unsharp, encoding, the
+report and the contact sheet. Drafts of random weights are noise, so the face fix finds nothing:
+the row's note says which stages did no work. Smoke mode: 8 tiny drafts, no upscale.
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from skimage import data
+
+from imagegenx.bench.measure import Row, peak_gib, reset_peak, timed
+from imagegenx.engine.engine import Engine
+from imagegenx.engine.portrait import PortraitSpec, run_portrait
+from imagegenx.models.controlnet import RANDOM_CONTROLNET
+from imagegenx.models.instantid import RANDOM_INSTANTID
+from imagegenx.vision.selfie import RANDOM_ARCFACE
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def portrait_100(name: str, ctx, engine_settings) -> list[Row]:
+    photo = Image.fromarray(data.astronaut())
+    selfies = [("astronaut.png", _png(photo)), ("crop.png", _png(photo.crop((90, 0, 346, 256))))]
+    n = 8 if ctx.smoke else 100
+    spec = PortraitSpec(
+        "a portrait photo of a woman, studio light",
+        n=n,
+        seed=1,
+        model="random:tiny-sdxl" if ctx.smoke else "random:sdxl",
+        upscale=1 if ctx.smoke else 4,
+        instantid=RANDOM_INSTANTID,
+        identitynet=RANDOM_CONTROLNET,
+        arcface=RANDOM_ARCFACE,
+    )
+    device = ctx.device
+    with Engine(engine_settings) as engine:
+        reset_peak(device)
+        seconds, result = timed(device, lambda: run_portrait(engine, selfies, spec))
+    stages = ", ".join(f"{stage} {s:.2f} s" for stage, s in result.report["timings_s"].items())
+    fixed = sum(bool(image.post.get("fixed")) for image in result.finals)
+    note = f"{stages}; faces fixed in {fixed} of {len(result.finals)} finals (random drafts have no faces)"
+    return [Row(name, "imagegenx", n, seconds, [], peak_gib(device), None, note)]
