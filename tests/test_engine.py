@@ -157,9 +157,10 @@ def test_a_queued_job_cancelled_never_runs(tmp_path):
     assert not engine.cancel("gone")
 
 
-def test_out_of_memory_splits_the_batch(settings):
+def test_out_of_memory_splits_the_batch(tmp_path):
     jobs = [job(job_id=f"o{i}", seed=i) for i in range(4)]
-    with Engine(settings) as engine:
+    # A long batching window: the four jobs form one batch even on a machine busy with other work.
+    with Engine(make_settings(tmp_path, batch_window_ms=1000)) as engine:
         alone = engine.submit(replace(jobs[0], job_id="alone")).result(timeout=120)
         runner = engine.models.get(MODEL).extras["runner"]
         calls: list[int] = []

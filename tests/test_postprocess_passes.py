@@ -124,3 +124,22 @@ def test_nsfw_gate_withholds_the_image():
     [held] = apply_chain([photo], PostprocessSpec(qc=True, nsfw_max=0.0, upscale=2))
     assert "withheld" in held.post["error"]
     assert held.width == 512  # later steps skipped
+
+
+def test_cancel_stops_the_post_processing_passes_of_a_job(engine):
+    """Cancelling a job also cancels its passes (``<id>:hires`` ...): the chain reports it, fast."""
+    import threading
+    import time
+
+    [first] = _generated(engine, [21])
+    slow = PostprocessSpec(hires_scale=2, hires_strength=1.0, hires_steps=150)
+    out: list = []
+    worker = threading.Thread(target=lambda: out.extend(apply_chain([first], slow, engine)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while f"{first.job.job_id}:hires" not in engine._active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.cancel(first.job.job_id)  # the base job is done: only its pass is still running
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert "hires failed: canceled" in out[0].post["error"]

@@ -107,15 +107,16 @@ class Engine:
         return results
 
     def cancel(self, job_id: str) -> bool:
-        """A queued job never runs; a running one stops at the next step boundary."""
+        """A queued job never runs; a running one stops at the next step boundary. The job's
+        post-processing passes (ids ``<job_id>:...``: hires, refine, fixes) are cancelled with it."""
         with self._wake:
-            if job_id not in self._active:
-                return False
-            if self.scheduler.cancel(job_id):
-                self._finish_canceled(job_id)
-            else:
-                self._cancel_requested.add(job_id)
-        return True
+            found = [i for i in self._active if i == job_id or i.startswith(f"{job_id}:")]
+            for i in found:
+                if self.scheduler.cancel(i):
+                    self._finish_canceled(i)
+                else:
+                    self._cancel_requested.add(i)
+        return bool(found)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` (on the engine thread; keep it quick) with every progress event."""

@@ -291,6 +291,10 @@ class ServiceWorker:
 
     def _store_outcome(self, job: _InFlight, record: TaskRecord, image: GeneratedImage) -> None:
         service, task_id = self.service, job.lease.task_id
+        if "error" in image.post and (current := service.store.get(task_id)) and current.cancel_requested:
+            service.store.mark_canceled(task_id)  # cancelled while post-processing: its passes stopped
+            self._finish(task_id)
+            return
         if "error" in image.post:
             service.store.fail(task_id, image.post["error"])
             self._finish(task_id)
