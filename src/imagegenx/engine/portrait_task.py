@@ -26,6 +26,10 @@ class PortraitCanceled(Exception):
     """The task's cancel was requested: stop between stages."""
 
 
+class WorkerStopping(Exception):
+    """The worker is shutting down: stop between stages and leave the lease, so the task runs again."""
+
+
 def submit_portrait(
     service: Service, user: ApiKey, selfies: list[tuple[str, bytes]], params: dict[str, Any], priority: int
 ) -> TaskRecord:
@@ -68,7 +72,11 @@ def portrait_spec(params: dict[str, Any]) -> PortraitSpec:
 
 
 def run_portrait_task(
-    service: Service, engine: Any, record: TaskRecord, attempt: int, publish: Callable[[dict], None]
+    service: Service,
+    engine: Any,
+    record: TaskRecord,
+    publish: Callable[[dict], None],
+    stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Run the portrait; returns (results: version → blob key, metadata) once every blob is written."""
     task_id = record.task_id
@@ -79,6 +87,8 @@ def run_portrait_task(
     last = {"progress": -100}
 
     def progress(stage: str, done: int, total: int) -> None:
+        if stopping():
+            raise WorkerStopping
         current = service.store.get(task_id)
         if current is None or current.cancel_requested:
             raise PortraitCanceled

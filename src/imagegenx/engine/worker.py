@@ -189,7 +189,7 @@ class ServiceWorker:
         self._portraits.submit(self._run_portrait, record, attempt)
 
     def _run_portrait(self, record: TaskRecord, attempt: int) -> None:
-        from imagegenx.engine.portrait_task import PortraitCanceled, run_portrait_task
+        from imagegenx.engine.portrait_task import PortraitCanceled, WorkerStopping, run_portrait_task
 
         service, task_id = self.service, record.task_id
 
@@ -197,8 +197,11 @@ class ServiceWorker:
             service.events.publish(task_id, data)
 
         try:
-            results, metadata = run_portrait_task(service, self.engine, record, attempt, publish)
+            results, metadata = run_portrait_task(service, self.engine, record, publish, self._stop.is_set)
             service.store.succeed(task_id, attempt, results, metadata)
+        except WorkerStopping:  # the lease stays: after it expires the task runs again elsewhere
+            self._storing.discard(task_id)
+            return
         except PortraitCanceled:
             service.store.mark_canceled(task_id)
         except UserError as exc:
