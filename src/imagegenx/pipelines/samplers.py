@@ -7,7 +7,9 @@ share a UNet batch and join or leave it at any step.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 from functools import cache
 from typing import Any
 
@@ -32,11 +34,22 @@ _SAMPLERS: dict[SchedulerName, tuple[str, dict[str, Any]]] = {
 
 
 def make_scheduler(name: SchedulerName, base_config: dict[str, Any]):
-    """A new scheduler of the named kind, keeping the model's training schedule (betas, prediction)."""
-    import diffusers
+    """A new scheduler of the named kind, keeping the model's training schedule (betas, prediction).
 
-    class_name, overrides = _SAMPLERS[name]
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+    Building one from its config costs about a millisecond of CPU (config validation, betas); every
+    image needs its own, so a prototype per (sampler, config) is built once and copied."""
+    key = (name, json.dumps(dict(base_config), sort_keys=True, default=str))
+    prototype = _PROTOTYPES.get(key)
+    if prototype is None:
+        import diffusers
+
+        class_name, overrides = _SAMPLERS[name]
+        prototype = getattr(diffusers, class_name).from_config(base_config, **overrides)
+        _PROTOTYPES[key] = prototype
+    return copy.deepcopy(prototype)
+
+
+_PROTOTYPES: dict[tuple[SchedulerName, str], Any] = {}
 
 
 def parse_sampler(value: str) -> SchedulerName:
