@@ -57,3 +57,31 @@ def test_bad_depth_models_are_refused(tmp_path):
     junk.write_bytes(b"not onnx")
     with pytest.raises(UserError, match="not a readable ONNX model"):
         DepthOnnx(junk).estimate(Image.new("RGB", (32, 32)))
+
+
+def test_cli_depth_control_from_a_photo(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from imagegenx.cli import app
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(data.astronaut()).resize((64, 64)).save(photo)
+    model = _model(tmp_path / "depth.onnx", 64)
+    args = [
+        "generate",
+        "a room",
+        "-m",
+        "random:tiny-sd15",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    ]
+    args += ["--control", f"depth,random:controlnet,{photo},0.7", "--depth-model", model]
+    result = CliRunner().invoke(app, args, env={"IMAGEGENX_MODELS__MODEL_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert record["controls"] == [{"model": "random:controlnet", "strength": 0.7}]

@@ -65,8 +65,8 @@ def _parse_control(text: str, depth_model: Path | None = None) -> ControlRef:
         strength = float(parts[3]) if len(parts) == 4 else DEFAULT_STRENGTH.get(kind, 1.0)
     except ValueError:
         raise UserError(f"--control {text!r}: strength {parts[3]!r} is not a number") from None
-    model = str(depth_model) if depth_model else None
-    image = make_control_image(kind, _read_image(Path(path), f"--control image {path}"), depth_model=model)
+    depth = str(depth_model) if depth_model else None
+    image = make_control_image(kind, _read_image(Path(path), f"--control image {path}"), depth_model=depth)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return ControlRef(model, buffer.getvalue(), strength)
