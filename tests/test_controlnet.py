@@ -102,51 +102,27 @@ def runner_image(runner, spec: JobSpec, nets) -> np.ndarray:
     return runner.decode(samples)[0]
 
 
+def _spec(*controls: ControlRef, seed: int = 0, steps: int = 3) -> JobSpec:
+    return JobSpec(PROMPT, SD15, width=64, height=64, steps=steps, seed=seed, controls=controls)
+
+
 def test_engine_loads_a_controlnet_once_and_keeps_it(tmp_path):
     with Engine(make_settings(tmp_path)) as engine:
-        control = (ControlRef(RANDOM_CONTROLNET, _png(FACE), 0.7),)
-        first = engine.run(
-            [JobSpec(PROMPT, SD15, width=64, height=64, steps=3, seed=s, controls=control) for s in range(2)]
-        )
-        second = engine.run([JobSpec(PROMPT, SD15, width=64, height=64, steps=3, seed=9, controls=control)])
+        control = ControlRef(RANDOM_CONTROLNET, _png(FACE), 0.7)
+        first = engine.run([_spec(control, seed=s) for s in range(2)])
+        second = engine.run([_spec(control, seed=9)])
         assert all(not isinstance(r, Exception) for r in first + second), first + second
         assert engine.models.loads[RANDOM_CONTROLNET] == 1 and engine.models.loads[SD15] == 1
         assert first[0].batch_size == 2  # both jobs in one batch
-        missing = engine.run(
-            [
-                JobSpec(
-                    PROMPT,
-                    SD15,
-                    width=64,
-                    height=64,
-                    steps=2,
-                    controls=(ControlRef("openpose-sd15", _png(FACE)),),
-                )
-            ]
-        )
-        assert isinstance(missing[0], JobFailed) and "no ControlNet 'openpose-sd15'" in str(missing[0])
+        [missing] = engine.run([_spec(ControlRef("openpose-sd15", _png(FACE)), steps=2)])
+        assert isinstance(missing, JobFailed) and "no ControlNet 'openpose-sd15'" in str(missing)
         with pytest.raises(UserError, match="strength"):
-            engine.submit(
-                JobSpec(
-                    PROMPT, SD15, width=64, height=64, controls=(ControlRef(RANDOM_CONTROLNET, b"x", 3.0),)
-                )
-            )
+            engine.submit(_spec(ControlRef(RANDOM_CONTROLNET, b"x", 3.0)))
 
 
 def test_bad_control_image_fails_the_job_with_a_reason(tmp_path):
     with Engine(make_settings(tmp_path)) as engine:
-        [result] = engine.run(
-            [
-                JobSpec(
-                    PROMPT,
-                    SD15,
-                    width=64,
-                    height=64,
-                    steps=2,
-                    controls=(ControlRef(RANDOM_CONTROLNET, b"not an image"),),
-                )
-            ]
-        )
+        [result] = engine.run([_spec(ControlRef(RANDOM_CONTROLNET, b"not an image"), steps=2)])
         assert isinstance(result, JobFailed) and "control image" in str(result)
 
 
