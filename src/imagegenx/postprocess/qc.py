@@ -20,6 +20,7 @@ from PIL import Image
 
 from imagegenx.postprocess.encode import to_pil
 from imagegenx.types import GeneratedImage, UserError
+from imagegenx.vision.quality import DEFAULT_SSIM_TAU, combined_scores, qc_batch
 
 if TYPE_CHECKING:
     from imagegenx.postprocess.chain import PostprocessSpec
@@ -44,24 +45,32 @@ def score_batch(
     spec: PostprocessSpec,
     reference: Image.Image | None,
     detections: Sequence[Sequence[Any]],
+    *,
+    reference_embedding: np.ndarray | None = None,
+    identity: Any = None,
+    ssim_tau: float = DEFAULT_SSIM_TAU,
 ) -> None:
-    """Fill ``post["qc"]`` of each image (in place) and withhold those over the NSFW limit."""
-    from imagegenx.vision.quality import combined_scores, qc_batch
+    """Fill ``post["qc"]`` of each image (in place) and withhold those over the NSFW limit.
 
-    # 1. The reference's identity, when there is a reference.
-    ref_pixels = ref_embedding = None
-    if reference is not None:
-        ref_pixels = np.asarray(reference.convert("RGB"))
-        ref_embedding = _identity().embed(ref_pixels)
-        if ref_embedding is None:
+    ``reference_embedding`` replaces the reference image's own face as the identity to compare with
+    (a portrait's mean over several selfies); ``identity`` replaces the default face backend.
+    Besides the scores, the record holds ``combined`` (with the SSIM gate; ``None`` = gated),
+    ``score`` (the same without the SSIM gate), ``passed_ssim_gate`` and ``rank``.
+    """
+    faces = identity or _identity()
+    # 1. The identity to compare with, when there is a reference.
+    ref_pixels = np.asarray(reference.convert("RGB")) if reference is not None else None
+    if reference_embedding is None and ref_pixels is not None:
+        reference_embedding = faces.embed(ref_pixels)
+        if reference_embedding is None:
             raise UserError("no face found in the reference image: identity cannot be scored")
     # 2. Every score of every image (one batched NSFW call).
     extra = {"brisque": True} if spec.brisque else {}
     scores = qc_batch(
         [np.asarray(to_pil(image)) for image in images],
         reference=ref_pixels,
-        reference_embedding=ref_embedding,
-        identity=_identity() if ref_embedding is not None else None,
+        reference_embedding=reference_embedding,
+        identity=faces if reference_embedding is not None else None,
         nsfw=_nsfw(),
         **extra,
     )
@@ -71,12 +80,18 @@ def score_batch(
             for s, found in zip(scores, detections, strict=True)
         ]
     # 3. Rank the batch: best combined score first; gated images get no rank.
-    combined = combined_scores(scores, nsfw_max=spec.nsfw_max)
+    combined = combined_scores(scores, ssim_tau, nsfw_max=spec.nsfw_max)
+    ungated = combined_scores(scores, float("-inf"), nsfw_max=spec.nsfw_max)
     order = sorted((i for i, c in enumerate(combined) if c is not None), key=lambda i: -combined[i])
     ranks = {i: rank for rank, i in enumerate(order, start=1)}
     for i, (image, s) in enumerate(zip(images, scores, strict=True)):
         record = {k: _round(v) for k, v in s.as_dict().items()}
-        image.post["qc"] = record | {"combined": _round(combined[i]), "rank": ranks.get(i)}
+        image.post["qc"] = record | {
+            "rank": ranks.get(i),
+            "combined": _round(combined[i]),
+            "score": _round(ungated[i]),
+            "passed_ssim_gate": s.ssim is None or s.ssim >= ssim_tau,
+        }
         # 4. The NSFW gate (the limit comes from the key's tier).
         if spec.nsfw_max is not None and s.nsfw is not None and s.nsfw > spec.nsfw_max:
             image.post["error"] = (
