@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
-from imagegenx.api.routes_v1 import _image, _submitted, _task_input
+from imagegenx.api.routes_v1 import _image, _submitted, _task_input, model_file
 from imagegenx.api.schemas import Envelope, GenerateParams, Submitted
 from imagegenx.types import UserError
 from imagegenx.vision.controls import DEFAULT_STRENGTH, make_control_image
@@ -47,7 +47,7 @@ class ControlNetParams(GenerateParams):
     controls: list[ControlInput] = Field(min_length=1, max_length=4)
 
 
-def control_image(control: ControlInput, data: bytes, model_dir=None) -> bytes:
+def control_image(control: ControlInput, data: bytes, depth_model: str | None = None) -> bytes:
     """The control image the ControlNet sees, as PNG bytes."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
@@ -56,12 +56,6 @@ def control_image(control: ControlInput, data: bytes, model_dir=None) -> bytes:
             image = opened.copy()  # as stored: a 16-bit depth map keeps its precision
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise UserError(f"the {control.type} image is not a readable image: {exc}") from None
-    depth_model = None
-    if control.depth_model:
-        file = control.depth_model if control.depth_model.endswith(".onnx") else f"{control.depth_model}.onnx"
-        if ".." in file or model_dir is None or not (model_dir / file).is_file():
-            raise UserError(f"no depth model {file!r} in the server's model folder")
-        depth_model = str(model_dir / file)
     image = make_control_image(
         control.type, image, control.low_threshold, control.high_threshold, depth_model
     )
@@ -76,11 +70,10 @@ def control_image(control: ControlInput, data: bytes, model_dir=None) -> bytes:
     response_model=Envelope[Submitted],
 )
 def controlnet(body: ControlNetParams, key: KeyDep, ctx: ContextDep) -> Envelope[Submitted]:
-    model_dir = ctx.settings.models.model_dir
-    images = [
-        control_image(c, _image(ctx, c.image, c.image_url, f"{c.type} image"), model_dir)
-        for c in body.controls
-    ]
+    images = []
+    for c in body.controls:
+        depth = str(model_file(ctx, c.depth_model, ".onnx", "depth model")) if c.depth_model else None
+        images.append(control_image(c, _image(ctx, c.image, c.image_url, f"{c.type} image"), depth))
     item = _task_input(ctx, body, "text2img")
     item.params["controls"] = [
         {

@@ -16,10 +16,9 @@ from pydantic import BaseModel, Field
 
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
-from imagegenx.api.routes_v1 import _submitted
+from imagegenx.api.routes_v1 import _submitted, model_file
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, Envelope, Submitted, decode_base64_image
 from imagegenx.engine.portrait_task import submit_portrait
-from imagegenx.types import UserError
 from imagegenx.vision.selfie import RANDOM_ARCFACE
 
 router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_responses(ErrorBody))
@@ -54,15 +53,6 @@ class PortraitParams(BaseModel):
     priority: int = Field(2, ge=0, le=3)
 
 
-def _model_file(ctx, name: str, suffix: str):
-    """A file by name in the model folder (never a path: a request cannot reach other files)."""
-    file = name if name.endswith(suffix) else f"{name}{suffix}"
-    path = ctx.settings.models.model_dir / file
-    if ".." in name or "/" in name or not path.is_file():
-        raise UserError(f"no {file!r} in the server's model folder")
-    return path
-
-
 @router.post("/portrait", summary="Identity portraits from 1-3 selfies", response_model=Envelope[Submitted])
 async def portrait(body: PortraitParams, key: KeyDep, ctx: ContextDep) -> Envelope[Submitted]:
     limit = ctx.settings.service.max_upload_bytes
@@ -76,7 +66,7 @@ async def portrait(body: PortraitParams, key: KeyDep, ctx: ContextDep) -> Envelo
         "seed": body.seed if body.seed is not None else random.randrange(2**32),
     }
     if body.arcface and body.arcface != RANDOM_ARCFACE:
-        params["arcface"] = str(_model_file(ctx, body.arcface, ".onnx"))
+        params["arcface"] = str(model_file(ctx, body.arcface, ".onnx", "ArcFace model"))
     if ctx.prompt_filter is not None:
         ctx.prompt_filter.enforce(body.prompt)
     record = await run_in_threadpool(submit_portrait, ctx.service, key, selfies, params, body.priority)

@@ -10,6 +10,7 @@ import random
 import uuid
 import zipfile
 from collections.abc import AsyncIterable
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -87,7 +88,9 @@ def _task_input(
     flat = {"upscale": p.upscale, "watermark_text": p.watermark, "invisible_watermark": p.invisible_watermark}
     post |= {k: v for k, v in flat.items() if v and v != 1}
     if "face_restore" in post:
-        post["face_restore"] = str(_face_restore_model(ctx, post["face_restore"]))
+        post["face_restore"] = str(
+            model_file(ctx, post["face_restore"], ".safetensors", "face restoration model")
+        )
     if post:
         params["postprocess"] = post
     if not p.embed_metadata:
@@ -95,12 +98,13 @@ def _task_input(
     return TaskInput(params, p.priority, p.callback_url, p.style, output_format=p.format.lower(), **images)
 
 
-def _face_restore_model(ctx: AppContext, name: str):
-    """A GFPGAN file by name in the model folder (never a path: a request cannot reach other files)."""
-    file = name if name.endswith(".safetensors") else f"{name}.safetensors"
+def model_file(ctx: AppContext, name: str, suffix: str, what: str) -> Path:
+    """A helper model's file by name in the model folder (a GFPGAN, ArcFace or depth model). Never a
+    path: a request cannot reach other files."""
+    file = name if name.endswith(suffix) else f"{name}{suffix}"
     path = ctx.settings.models.model_dir / file
-    if ".." in name or not path.is_file():
-        raise UserError(f"no face restoration model {file!r} in the server's model folder")
+    if ".." in name or "/" in name or not path.is_file():
+        raise UserError(f"no {what} {file!r} in the server's model folder")
     return path
 
 
