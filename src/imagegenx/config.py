@@ -51,9 +51,24 @@ class StorageSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     database_url: str = Field(default_factory=lambda: f"sqlite:///{_data_home() / 'imagegenx.db'}")
-    blob_url: str = Field(default_factory=lambda: str(_data_home() / "blobs"))  # a folder (S3 later)
+    # A local folder, or s3://bucket/prefix (S3-compatible; the s3_* fields below reach it)
+    blob_url: str = Field(default_factory=lambda: str(_data_home() / "blobs"))
+    s3_endpoint: str = ""  # e.g. http://127.0.0.1:8333 for SeaweedFS/MinIO; empty: AWS
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # Results served by a presigned URL (redirect) instead of proxied through the API node
+    s3_presign: bool = False
     spool_dir: Path = Field(default_factory=lambda: _data_home() / "spool")
     history_days: int = 90
+
+
+class QueueSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    # Empty: the embedded queue (rows in the task database). nats://host:4222: NATS JetStream.
+    url: str = ""
+    stream: str = "imagegenx"  # JetStream stream (and subject prefix) name
 
 
 class ServiceSettings(BaseModel):
@@ -68,6 +83,8 @@ class ServiceSettings(BaseModel):
     max_deliveries: int = 3  # a job leased this often without finishing fails with the reason
     max_upload_bytes: int = 20 * 1024 * 1024
     max_lora_bytes: int = 512 * 1024 * 1024
+    # Empty: rate limits kept in this process. redis://host:6379/0: shared by every API node.
+    rate_limit_url: str = ""
     require_keys: bool = True  # false only for local experiments: every request is an anonymous free user
     webhook_retries: int = 5
     # "host:port" entries that image_url and callback_url may reach although they are private
@@ -85,4 +102,5 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
