@@ -32,7 +32,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegenx import __version__
@@ -56,6 +56,7 @@ from imagegenx.engine.service import TaskInput
 from imagegenx.pipelines.samplers import parse_sampler
 from imagegenx.postprocess.encode import read_parameters
 from imagegenx.types import ApiKey, SchedulerName, TaskRecord, TaskStatus, UserError
+from imagegenx.vision.imagefile import decode_image
 
 
 def _a1111_error(request: Request, exc: Exception, status: int, message: str) -> tuple[int, dict[str, Any]]:
@@ -224,9 +225,7 @@ def _decode(ctx: AppContext, value: str, what: str) -> bytes:
     """A1111 images: base64 (data: URLs too) or, where allowed, an http(s) URL."""
     value = value.strip()
     is_url = value.startswith(("http://", "https://"))
-    data = (_image(ctx, None, value, what) if is_url else _image(ctx, value, None, what)) or b""
-    open_image(data, what)  # a bad image is the client's error now, not a failed task later
-    return data
+    return (_image(ctx, None, value, what) if is_url else _image(ctx, value, None, what)) or b""  # decoded
 
 
 def _inputs(ctx: AppContext, body: Txt2ImgRequest) -> list[TaskInput]:
@@ -290,9 +289,8 @@ def _inputs(ctx: AppContext, body: Txt2ImgRequest) -> list[TaskInput]:
 
 
 def _inverted(mask: bytes) -> bytes:
-    with Image.open(io.BytesIO(mask)) as image:
-        buf = io.BytesIO()
-        ImageOps.invert(image.convert("L")).save(buf, "PNG")
+    buf = io.BytesIO()
+    ImageOps.invert(decode_image(mask, "mask", mode="L")).save(buf, "PNG")
     return buf.getvalue()
 
 

@@ -13,15 +13,14 @@ import io
 from typing import Literal
 
 from fastapi import APIRouter
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.routes_v1 import _image, _submitted, _task_input, model_file
 from imagegenx.api.schemas import Envelope, GenerateParams, Submitted
-from imagegenx.types import UserError
 from imagegenx.vision.controls import DEFAULT_STRENGTH, make_control_image
+from imagegenx.vision.imagefile import decode_image
 
 router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_responses(ErrorBody))
 
@@ -49,13 +48,7 @@ class ControlNetParams(GenerateParams):
 
 def control_image(control: ControlInput, data: bytes, depth_model: str | None = None) -> bytes:
     """The control image the ControlNet sees, as PNG bytes."""
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            if opened.width * opened.height > MAX_CONTROL_PIXELS:
-                raise UserError(f"the {control.type} image is larger than {MAX_CONTROL_PIXELS} pixels")
-            image = opened.copy()  # as stored: a 16-bit depth map keeps its precision
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise UserError(f"the {control.type} image is not a readable image: {exc}") from None
+    image = decode_image(data, f"the {control.type} image", mode=None)  # 16-bit depth keeps its precision
     image = make_control_image(
         control.type, image, control.low_threshold, control.high_threshold, depth_model
     )

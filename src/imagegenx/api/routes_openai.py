@@ -43,7 +43,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imagegenx.api.app import AppContext, error_responses
@@ -52,6 +52,7 @@ from imagegenx.api.routes_v1 import _read_upload, _record, _task_input, _view
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, GenerateParams, Img2ImgParams, InpaintParams
 from imagegenx.engine.service import TaskInput
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus, UserError
+from imagegenx.vision.imagefile import decode_image
 
 log = logging.getLogger("imagegenx.api")
 
@@ -231,18 +232,9 @@ def failure(record: TaskRecord) -> TaskFailure:
 
 # Input images --------------------------------------------------------------------------------------
 
-MAX_INPUT_PIXELS = 4096 * 4096  # the engine's limit for input images
-
-
 def open_image(data: bytes, what: str) -> Image.Image:
-    """A readable input image (header read only), or ``UserError``."""
-    try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{what} is not a readable image: {exc}") from None
-    if image.width * image.height > MAX_INPUT_PIXELS:
-        raise UserError(f"{what} is {image.width}x{image.height}; the limit is {MAX_INPUT_PIXELS} pixels")
-    return image
+    """A readable input image, decoded as stored (alpha kept), or ``UserError``."""
+    return decode_image(data, what, mode=None)
 
 
 def _alpha(image: Image.Image) -> Image.Image | None:

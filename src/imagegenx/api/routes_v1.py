@@ -37,6 +37,7 @@ from imagegenx.api.styles import STYLES, apply_style
 from imagegenx.engine.service import Forbidden, TaskInput
 from imagegenx.pipelines.samplers import parse_sampler
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus, Tier, UserError
+from imagegenx.vision.imagefile import decode_image
 
 router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_responses(ErrorBody))
 # An image task's results: the original and two thumbnails; a portrait task's also its ranked images
@@ -117,9 +118,10 @@ def _image(
 ) -> bytes | None:
     limit = ctx.settings.service.max_upload_bytes
     if b64:
-        return decode_base64_image(b64, what, limit)
+        return _checked(decode_base64_image(b64, what, limit), what)
     if url:
-        return ssrf.fetch(url, max_bytes=limit, allow_hosts=ctx.settings.service.allowed_private_hosts)
+        hosts = ctx.settings.service.allowed_private_hosts
+        return _checked(ssrf.fetch(url, max_bytes=limit, allow_hosts=hosts), what)
     if required:
         raise UserError(f"{what} is required: give it as base64, an upload, or a URL")
     return None
@@ -153,6 +155,12 @@ async def _read_upload(ctx: AppContext, upload: UploadFile | None, what: str) ->
     data = await upload.read(limit + 1)
     if len(data) > limit:
         raise UserError(f"{what} is larger than {limit} bytes")
+    return await run_in_threadpool(_checked, data, what)
+
+
+def _checked(data: bytes, what: str) -> bytes:
+    """``data`` once it decodes: a bad image is the client's error now (400), not a failed task later."""
+    decode_image(data, what, mode=None, max_bytes=len(data))  # the caller applied the upload limit
     return data
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from imagegenx.types import ControlRef, IdentityRef, UserError
 from imagegenx.vision.identity import ARCFACE_TEMPLATE, DlibIdentity, arcface_points, umeyama
+from imagegenx.vision.imagefile import ImageRejected, decode_image
 
 __all__ = ["Selfie", "SelfieError", "aligned_crop", "instantid_refs", "keypoint_image", "read_selfie"]
 
@@ -62,12 +63,9 @@ class Selfie:
 def read_selfie(name: str, data: bytes, detector: DlibIdentity) -> Selfie:
     """One selfie, or ``UserError`` with the reason (without the file name)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_SELFIE_PIXELS:
-                raise UserError(f"too large ({img.width}x{img.height}; at most {MAX_SELFIE_PIXELS} pixels)")
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise UserError("not a readable image") from None
+        rgb = decode_image(data, "the selfie", max_pixels=MAX_SELFIE_PIXELS, exif_transpose=True)
+    except ImageRejected as exc:
+        raise UserError(exc.reason) from None
     scale = min(1.0, DETECT_SIDE / max(rgb.size))
     small = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BOX)
     found = detector.faces(np.asarray(small))
