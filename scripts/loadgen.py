@@ -155,6 +155,8 @@ def task_body(a: argparse.Namespace, index: int) -> dict:
         "width": a.width,
         "height": a.height,
         "steps": a.steps,
+        "cfg_scale": a.cfg,
+        "sampler": a.sampler,
         "seed": a.seed * 1_000_003 + index + 1,
         "priority": a.priority,
         **({"model": a.model} if a.model else {}),
@@ -501,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     job.add_argument("--width", type=int, default=64)
     job.add_argument("--height", type=int, default=64)
     job.add_argument("--steps", type=int, default=4)
+    job.add_argument("--cfg", type=float, default=7.0, help="cfg_scale; 0 for turbo models [7]")
+    job.add_argument("--sampler", default="dpmpp_2m_karras", help="[dpmpp_2m_karras]")
     job.add_argument("--priority", type=int, default=2)
     job.add_argument("--model", help="Model per request (default: the server's)")
     job.add_argument("--prompt", default="a lighthouse on a cliff at dusk")

@@ -13,7 +13,7 @@ MODEL = "random:tiny-sd15"
 def _write_loras(engine: Engine, folder) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from support.lora_files import write_kohya_lora, write_peft_lora
+    from imagegenx.models.lora_files import write_kohya_lora, write_peft_lora
 
     components = engine.models.get(MODEL).pipe.components
     write_peft_lora(folder / "style.safetensors", StableDiffusionPipeline, components, seed=3, scale=0.3)

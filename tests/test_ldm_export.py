@@ -25,7 +25,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from support.ldm_export import UNET_PREFIX, save_ldm_checkpoint, to_ldm_state_dict, unet_to_ldm
+from imagegenx.models.ldm_export import UNET_PREFIX, save_ldm_checkpoint, to_ldm_state_dict, unet_to_ldm
 
 CLIP_L_HIDDEN = 32
 # diffusers tells SDXL's two text encoders apart in a checkpoint by their width (768 vs 1280 in the

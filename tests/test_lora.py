@@ -27,7 +27,7 @@ from transformers import (
 
 from imagegenx.models.lora import LoraLibrary, LoraSet
 from imagegenx.types import LoraRef, UserError
-from support.lora_files import write_kohya_lora, write_peft_lora
+from imagegenx.models.lora_files import write_kohya_lora, write_peft_lora
 
 TOKENIZER_DIR = resources.files("imagegenx.models") / "tokenizers/clip"
 

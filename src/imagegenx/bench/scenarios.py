@@ -6,13 +6,13 @@ Each scenario returns ``Row``s: ours first, then each peer (bench/peers.py) doin
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from imagegenx.bench.measure import Row, count_tflop, peak_gib, reset_peak, timed
+from imagegenx.bench.coldstart import cold_start
+from imagegenx.bench.measure import Row, count_tflop, free_device, peak_gib, reset_peak, timed
 from imagegenx.bench.peers import Peer, load_peer
 from imagegenx.bench.portrait import portrait_100
 from imagegenx.config import Settings
@@ -108,13 +108,6 @@ def _engine_settings(ctx: BenchContext) -> Settings:
     return ctx.settings.model_copy(update={"engine": engine})
 
 
-def _free() -> None:
-    """Give the device memory of models just dropped back, before the next runner loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _run_peers(ctx: BenchContext, name: str, work: Workload, measure: Callable[[Peer], Row]) -> list[Row]:
     rows = []
     for peer_name in ctx.peers:
@@ -125,7 +118,7 @@ def _run_peers(ctx: BenchContext, name: str, work: Workload, measure: Callable[[
         row = measure(peer)
         rows.append(replace(row, scenario=name, runner=peer_name, note=peer.note))
         del peer
-        _free()
+        free_device()
     return rows
 
 
@@ -157,7 +150,7 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         return Row(name, peer.name, len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
 
     row = ours()
-    _free()
+    free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
 
 
@@ -186,7 +179,7 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         return Row(name, peer.name, calls * work.peer_batch, seconds, [], peak_gib(device), tflop)
 
     row = ours()
-    _free()
+    free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
 
 
@@ -249,7 +242,7 @@ def vae_decode(name: str, ctx: BenchContext) -> list[Row]:
         measure(vae.to(dtype), dtype, batch) for dtype in (torch.float32, torch.bfloat16) for batch in (1, 4)
     ]
     del vae
-    _free()
+    free_device()
     return rows
 
 
@@ -304,7 +297,9 @@ SCENARIOS: dict[str, Scenario] = {
         lambda ctx: portrait_100("portrait-100", ctx, _engine_settings(ctx)),
     ),
     "cold-start": Scenario(
-        "cold-start", "single-file SDXL checkpoint → first image; LoRA switches", missing="not written yet"
+        "cold-start",
+        "single-file SDXL checkpoint → first image; LoRA switches; no reloads over mixed requests",
+        lambda ctx: cold_start("cold-start", ctx),
     ),
     "flux-dev-1024-28": Scenario(
         "flux-dev-1024-28",

@@ -1,4 +1,4 @@
-"""Write small LoRA files for tests: diffusers/peft format (via peft + ``save_lora_weights``) and kohya.
+"""Write random LoRA files (diffusers/peft format and kohya) for tests and the LoRA-switch benchmark.
 
 Both take a tiny pipeline's components and give every LoRA tensor random non-zero values, so that an
 active LoRA visibly changes the output. Components are deep-copied; the caller's stay untouched.

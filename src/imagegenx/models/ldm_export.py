@@ -4,7 +4,8 @@ That is the layout of the single-file ``.safetensors`` checkpoints users downloa
 ComfyUI): ``model.diffusion_model.*`` for the UNet, ``first_stage_model.*`` for the VAE, and the text
 encoders under ``cond_stage_model.*`` (SD 1.x) or ``conditioner.embedders.{0,1}.*`` (SDXL; the second
 one, OpenCLIP ViT-bigG, in OpenCLIP's own naming). Tests use it to make tiny checkpoints that the
-loader then reads back through diffusers' ``from_single_file``.
+loader then reads back through diffusers' ``from_single_file``; the cold-start benchmark writes a full-size
+one the same way.
 
 The UNet and VAE block numbering is derived from the modules themselves (how many resnets each block
 has, whether it has attentions, a down- or upsampler), so any ``layers_per_block`` and any mix of

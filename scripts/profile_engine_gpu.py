@@ -1,0 +1,84 @@
+"""Where the engine's time goes on a GPU: torch.profiler over the turbo-512-1 and sdxl-1024-lcm4 work.
+
+Run on a CUDA machine:  python scripts/profile_engine_gpu.py OUT_DIR
+Writes OUT_DIR/profile-<scenario>.txt: wall time, the share of it the GPU was busy with kernels, and
+the top operations by host (CPU) time and by device time. A GPU busy well under 100% means the
+engine's Python work between kernels, not the kernels, sets the pace.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from imagegenx.config import EngineSettings, Settings
+from imagegenx.engine.engine import Engine
+from imagegenx.types import JobSpec, SchedulerName
+
+WORK = {
+    "turbo-512-1": ("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 128),
+    "sdxl-1024-lcm4": ("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 32),
+}
+
+
+def jobs(name: str, first_seed: int) -> list[JobSpec]:
+    model, side, steps, cfg, sampler, count = WORK[name]
+    return [
+        JobSpec("a red fox in fresh snow", model, width=side, height=side, steps=steps,
+                guidance_scale=cfg, scheduler=sampler, seed=first_seed + i)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def device_busy_seconds(prof) -> float:
+    """Kernel time on the device, merged where kernels overlap (several streams)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0.0, -1.0
+    for start, stop in spans:
+        if start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy / 1e6  # microseconds
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(engine=EngineSettings(max_batch=32, max_pixels_per_batch=16 * 1024 * 1024))
+    with Engine(settings) as engine:
+        for name in WORK:
+            engine.run(jobs(name, 0)[:32])  # load and warm up
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                started = time.perf_counter()
+                engine.run(jobs(name, 1000))
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - started
+            busy = device_busy_seconds(prof)
+            count = WORK[name][-1]
+            averages = prof.key_averages()
+            text = [
+                f"{name}: {count} images in {wall:.3f} s ({count / wall:.1f} images/s); "
+                f"GPU busy with kernels {busy:.3f} s = {100 * busy / wall:.0f}% of the wall time",
+                "",
+                "Top by host time (self CPU):",
+                averages.table(sort_by="self_cpu_time_total", row_limit=25),
+                "Top by device time:",
+                averages.table(sort_by="self_device_time_total", row_limit=25),
+            ]
+            (out / f"profile-{name}.txt").write_text("\n".join(text))
+            print(text[0], flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "profiles"))
