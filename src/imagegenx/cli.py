@@ -19,6 +19,7 @@ from rich.table import Table
 from imagegenx.cli_bench import bench
 from imagegenx.cli_keys import keys_app
 from imagegenx.cli_portrait import portrait
+from imagegenx.cli_roles import api, worker
 from imagegenx.config import Settings
 from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserError
 
@@ -358,6 +359,8 @@ def watermark_check(path: Annotated[Path, typer.Argument(help="An image written 
 app.add_typer(keys_app, name="keys")
 app.command()(bench)
 app.command()(portrait)
+app.command()(api)
+app.command()(worker)
 
 
 def _with(settings: Settings, **slices: dict) -> Settings:

@@ -55,6 +55,7 @@ class AppContext:
     ready: threading.Event = field(default_factory=threading.Event)
     a1111_options: dict[str, Any] = field(default_factory=dict)  # /sdapi/v1/options, in memory
     prompt_filter: Any = None  # vision.safety.PromptFilter when enabled
+    relay: Any = None  # engine.service.StoreEventRelay on an API node without an engine
 
 
 def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> FastAPI:
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> 
         routes_ops,
         routes_portrait,
         routes_v1,
+        routes_web,
     )
 
     app.include_router(routes_ops.router)
@@ -91,11 +93,12 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> 
     app.include_router(routes_portrait.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_a1111.router)
+    routes_web.install(app)  # the browser page at / and its static files under /web
     return app
 
 
-def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
-    from imagegenx.queue.embedded import EmbeddedQueue
+def build_service(settings: Settings) -> Service:
+    """The service every role shares: task store, queue, blob store and webhook sender (no torch)."""
     from imagegenx.storage.blobs import BlobStore
     from imagegenx.storage.tasks import TaskStore
 
@@ -103,7 +106,7 @@ def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
     service = Service(
         settings=settings,
         store=store,
-        queue=EmbeddedQueue(store.engine),
+        queue=_open_queue(settings, store),
         blobs=BlobStore(settings.storage.blob_url, settings.storage.spool_dir),
     )
     allowed = settings.service.allowed_private_hosts
@@ -112,6 +115,26 @@ def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
         retries=settings.service.webhook_retries,
         check=functools.partial(check_url, allow_hosts=allowed),
     )
+    return service
+
+
+def _open_queue(settings: Settings, store: Any):
+    """The embedded queue (rows in the task database) unless ``queue.url`` names a NATS server."""
+    if not settings.queue.url:
+        from imagegenx.queue.embedded import EmbeddedQueue
+
+        return EmbeddedQueue(store.engine)
+    try:
+        from imagegenx.queue.factory import open_queue
+    except ImportError:
+        raise UserError(f"queue url {settings.queue.url!r}: this build has no NATS queue") from None
+    return open_queue(settings.queue, store.engine)
+
+
+def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
+    """``run_worker``: this process generates too (``serve``); otherwise it is an API node whose
+    tasks run on ``imagegenx worker`` processes, and SSE hears of them through the task database."""
+    service = build_service(settings)
     ctx = AppContext(settings, service, RateLimiter(), prompt_filter=_prompt_filter(settings))
     if run_worker:
         from imagegenx.engine.engine import Engine
@@ -122,6 +145,10 @@ def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
         ctx.worker.start()
         threading.Thread(target=_warm_up, args=(ctx,), name="imagegenx-warmup", daemon=True).start()
     else:
+        from imagegenx.engine.service import StoreEventRelay
+
+        ctx.relay = StoreEventRelay(service.store, service.events)
+        ctx.relay.start()
         ctx.ready.set()
     return ctx
 
@@ -140,6 +167,8 @@ def _prompt_filter(settings: Settings):
 
 
 def close_context(ctx: AppContext) -> None:
+    if ctx.relay is not None:
+        ctx.relay.stop()
     if ctx.worker is not None:
         ctx.worker.stop()
     if ctx.engine is not None:
@@ -150,21 +179,25 @@ def close_context(ctx: AppContext) -> None:
 
 def _warm_up(ctx: AppContext) -> None:
     """Load the default model and run one tiny image, so /readyz means the first request is fast."""
+    if ctx.prompt_filter is not None:
+        ctx.prompt_filter.warmup()
+    if warm_up_engine(ctx.engine, ctx.settings):
+        ctx.ready.set()
+
+
+def warm_up_engine(engine: Any, settings: Settings) -> bool:
+    """One tiny image of the default model; False (logged) when that model is broken."""
     from imagegenx.engine.validation import TINY_SIZE_RANGE
     from imagegenx.types import JobSpec
 
-    if ctx.prompt_filter is not None:
-        ctx.prompt_filter.warmup()
-    model = ctx.settings.models.default_model
-    side = TINY_SIZE_RANGE[0] if model.startswith("random:tiny-") else ctx.settings.engine.min_size
+    model = settings.models.default_model
+    side = TINY_SIZE_RANGE[0] if model.startswith("random:tiny-") else settings.engine.min_size
     try:
-        ctx.engine.submit(
-            JobSpec("warm-up", model, width=side, height=side, steps=1, job_id="warm-up")
-        ).result()
+        engine.submit(JobSpec("warm-up", model, width=side, height=side, steps=1, job_id="warm-up")).result()
     except Exception as exc:  # a broken default model must not stop the service answering
         log.error("warm-up of %s failed: %s", model, exc)
-        return
-    ctx.ready.set()
+        return False
+    return True
 
 
 def _webhook_secret(settings: Settings) -> str:

@@ -34,6 +34,11 @@ class TaskEvents:
             if not subscribers:
                 self._subscribers.pop(task_id, None)
 
+    def watched(self) -> list[str]:
+        """Task ids somebody is subscribed to (an API node polls the database for these)."""
+        with self._lock:
+            return list(self._subscribers)
+
     def publish(self, task_id: str, event: dict) -> None:
         with self._lock:
             targets = list(self._subscribers.get(task_id, ()))

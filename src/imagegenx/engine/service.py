@@ -8,6 +8,8 @@ duplicated task. Results are produced by ``engine.worker.ServiceWorker``.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from imagegenx.engine.validation import validate_job
 from imagegenx.postprocess.chain import PostprocessSpec
 from imagegenx.queue.base import JobQueue
 from imagegenx.storage.blobs import BlobStore
-from imagegenx.storage.tasks import TaskStore
+from imagegenx.storage.tasks import StorageUnavailable, TaskStore
 from imagegenx.types import (
     ApiKey,
     ControlRef,
@@ -37,6 +39,7 @@ from imagegenx.types import (
     UserError,
 )
 
+log = logging.getLogger("imagegenx.service")
 tracer = trace.get_tracer("imagegenx.service")  # a no-op unless an exporter is configured
 TIER_MAX_SIDE = {Tier.FREE: 1024, Tier.PAID: 2048}
 ANONYMOUS = ApiKey("anonymous", "anonymous", Tier.FREE, rate_limit_per_s=30, queue_quota=100, created_at=0)
@@ -195,6 +198,50 @@ class Service:
         self.events.publish(task_id, {"status": str(record.status), "progress": record.progress})
         if record.status.final and record.callback_url and self.webhooks is not None:
             self.webhooks.send(record.callback_url, f"task.{record.status}", task_summary(record))
+
+
+class StoreEventRelay:
+    """Progress and completion of tasks that run in other processes, for this process's SSE clients.
+
+    An API node has no engine: the workers write status and progress (every 5%) to the task database,
+    and this thread reads the rows somebody is subscribed to, one query per tick, and publishes what
+    changed. The database is the source of truth anyway, so no event bus is needed for correctness.
+    """
+
+    def __init__(self, store: TaskStore, events: TaskEvents, *, interval_s: float = 0.5) -> None:
+        self.store = store
+        self.events = events
+        self.interval_s = interval_s
+        self._seen: dict[str, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="imagegenx-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def poll(self) -> int:
+        """Publish the changes since the last poll; returns how many events went out."""
+        watched = self.events.watched()
+        self._seen = {task_id: self._seen[task_id] for task_id in watched if task_id in self._seen}
+        sent = 0
+        for record in self.store.get_many(watched):
+            state = (str(record.status), record.progress)
+            if self._seen.get(record.task_id) != state:
+                self._seen[record.task_id] = state
+                self.events.publish(record.task_id, {"status": state[0], "progress": state[1]})
+                sent += 1
+        return sent
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except StorageUnavailable as exc:  # SSE clients fall back to asking the database
+                log.warning("relay: storage unavailable: %s", exc)
 
 
 def input_key(task_id: str, name: str) -> str:

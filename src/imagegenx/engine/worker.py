@@ -44,6 +44,7 @@ class _InFlight:
 
 
 THUMBNAILS = (512, 256)
+CANCEL_POLL_S = 0.5  # how often the task rows of running jobs are checked for a cancel request
 
 
 def default_owner() -> str:
@@ -69,6 +70,7 @@ class ServiceWorker:
         self._portraits = ThreadPoolExecutor(2, thread_name_prefix="imagegenx-portrait")
         self._done: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
+        self._draining = threading.Event()  # no new leases: the process is shutting down
         self._last_progress: dict[str, int] = {}
         self._thread = threading.Thread(target=self._loop, name="imagegenx-worker", daemon=True)
         service.on_cancel = self.cancel
@@ -90,10 +92,24 @@ class ServiceWorker:
     def cancel(self, task_id: str) -> None:
         self.engine.cancel(task_id)
 
+    def drain(self, timeout_s: float) -> list[str]:
+        """Graceful shutdown: take no more jobs, let those in hand finish for up to ``timeout_s``,
+        then stop and give back the leases still held (ready again at once for other workers).
+        Returns the task ids given back."""
+        self._draining.set()
+        deadline = time.monotonic() + timeout_s
+        while (self._in_flight or self._storing) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [*list(self._in_flight), *list(self._storing)]
+        for task_id in left:  # they run again from the start elsewhere: stop them here
+            self.engine.cancel(task_id)
+        self.stop()
+        return [task_id for task_id in left if self.service.queue.nack(self.owner, task_id)]
+
     # Loop ---------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        last_heartbeat = last_sweep = last_purge = 0.0
+        last_heartbeat = last_sweep = last_purge = last_cancel_check = 0.0
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
@@ -103,6 +119,9 @@ class ServiceWorker:
                     held = [*self._in_flight, *list(self._storing)]
                     self.service.queue.heartbeat(self.owner, held, self.lease_s)
                     last_heartbeat = now
+                if self._in_flight and now - last_cancel_check > CANCEL_POLL_S:
+                    self._check_cancels()
+                    last_cancel_check = now
                 if now - last_sweep > 1.0:
                     self.service.expire_stale()
                     self.service.queue.recover_expired()
@@ -118,6 +137,13 @@ class ServiceWorker:
             except Exception:  # never let one bad job kill the worker
                 log.exception("worker loop error")
                 self._stop.wait(0.5)
+
+    def _check_cancels(self) -> None:
+        """A cancel through another process (an API node) only marks the task row: stop such jobs
+        here at their next step. Rows gone final meanwhile (expired, failed by a sweep) stop too."""
+        for record in self.service.store.get_many(list(self._in_flight)):
+            if record.cancel_requested or record.status.final:
+                self.engine.cancel(record.task_id)
 
     def _purge_old_history(self) -> None:
         """Tasks past the history window go, with their images (seed 003: 90 days)."""
@@ -135,7 +161,7 @@ class ServiceWorker:
 
     def _lease_more(self) -> None:
         free = self.capacity - len(self._in_flight) - len(self._storing)
-        if free <= 0:
+        if free <= 0 or self._draining.is_set():
             return
         for lease in self.service.queue.lease(self.owner, free, self.lease_s):
             self._begin(lease)

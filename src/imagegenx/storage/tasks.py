@@ -262,6 +262,15 @@ class TaskStore:
             row = conn.execute(stmt).mappings().first()
         return None if row is None else _task_record(row)
 
+    def get_many(self, task_ids: Iterable[str]) -> list[TaskRecord]:
+        """The tasks among ``task_ids`` that exist, in no particular order (one query)."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return []
+        with self._tx(read_only=True) as conn:
+            rows = conn.execute(sa.select(tasks_table).where(_t.task_id.in_(ids))).mappings().all()
+        return [_task_record(r) for r in rows]
+
     def query(
         self,
         user_id: str,

@@ -1,0 +1,198 @@
+"""Scale-out fault tests: `imagegenx api` and `imagegenx worker` as real processes on one machine,
+sharing a fresh PostgreSQL database and a blob store; tiny models on the CPU.
+
+One cluster serves the whole module (process start-up dominates the cost), so the tests run in file
+order and each leaves the workers it needs for the next. Leases last 3 s and a job may be delivered
+twice, so redelivery after a crash takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.cluster import Cluster, Node, postgres_database
+
+LEASE_S = 3
+MAX_DELIVERIES = 2
+FINAL = {"succeeded", "failed", "canceled", "expired"}
+
+
+class Scene:
+    """The module's cluster and the nodes the tests hand on to each other."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.api, self.url = cluster.start_api()
+        self.workers: dict[str, Node] = {}
+
+    def task(self, task_id: str) -> dict:
+        response = httpx.get(f"{self.url}/api/v1/image/task/{task_id}", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+    def submit(self, texts: list[str], *, steps: int, side: int = 64, timeout: float = 10) -> list[str]:
+        body = {"texts": texts, "width": side, "height": side, "steps": steps, "seed": 7}
+        response = httpx.post(f"{self.url}/api/v1/image/batch-generate", json=body, timeout=timeout)
+        assert response.status_code == 200, response.text
+        return response.json()["data"]["task_ids"]
+
+    def wait(self, task_ids: list[str], done, timeout: float = 90) -> list[dict]:
+        """Poll until ``done(view)`` holds for every task; the cluster's logs explain a time-out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            views = [self.task(task_id) for task_id in task_ids]
+            if all(done(view) for view in views):
+                return views
+            if time.monotonic() > deadline:
+                states = [(v["status"], v["progress"], v["attempts"]) for v in views]
+                pytest.fail(f"not done in {timeout} s: {states}\n{self.cluster.logs()}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    env = {
+        "IMAGEGENX_SERVICE__LEASE_S": str(LEASE_S),
+        "IMAGEGENX_SERVICE__MAX_DELIVERIES": str(MAX_DELIVERIES),
+        "IMAGEGENX_ENGINE__MAX_BATCH": "8",
+    }
+    with postgres_database() as database_url:
+        cluster = Cluster(root, database_url, env=env)
+        try:
+            yield Scene(cluster)
+        finally:
+            cluster.close()
+
+
+def _maps(node: Node) -> str:
+    return Path(f"/proc/{node.proc.pid}/maps").read_text()
+
+
+def test_kill9_worker_mid_batch_every_job_finishes_once_elsewhere(scene):
+    cluster = scene.cluster
+    first = cluster.start_worker("w1", wait=False)
+    second = cluster.start_worker("w2", wait=False)
+    first.wait_for_line(" ready (")
+    second.wait_for_line(" ready (")
+    second.signal(signal.SIGSTOP)  # frozen: the whole batch goes to the first worker
+    task_ids = scene.submit([f"a lighthouse {i}" for i in range(6)], steps=40)
+    scene.wait(task_ids, lambda v: v["status"] == "processing" and 0 < v["progress"] < 60)
+
+    first.kill()
+    second.signal(signal.SIGCONT)
+    views = scene.wait(task_ids, lambda v: v["status"] in FINAL)
+
+    assert [v["status"] for v in views] == ["succeeded"] * 6, cluster.logs()
+    assert [v["attempts"] for v in views] == [2] * 6  # the killed run, then the other worker's
+    for task_id in task_ids:  # one result set each: the original and two thumbnails
+        files = sorted(p.name for p in (cluster.root / "blobs" / "results" / task_id).iterdir())
+        assert files == ["256.webp", "512.webp", "original.webp"]
+    assert sum("task succeeded" in line for line in second.log.read_text().splitlines()) == 6
+    assert "libtorch" in _maps(second) and "libtorch" not in _maps(scene.api)  # API node: no torch
+    scene.workers["w2"] = second
+
+
+def test_sse_on_the_api_node_follows_a_job_run_by_a_worker(scene):
+    (task_id,) = scene.submit(["a harbour at dusk"], steps=40)
+    events = []
+    with httpx.stream("GET", f"{scene.url}/api/v1/image/task/{task_id}/events", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if events[-1]["status"] in FINAL:
+                    break
+    progress = [e["progress"] for e in events if e["status"] == "processing"]
+    assert events[-1] == {"status": "succeeded", "progress": 100}
+    assert any(0 < p < 100 for p in progress), events
+    assert progress == sorted(progress)
+
+
+def test_cancel_through_the_api_node_stops_the_job_on_its_worker(scene):
+    (task_id,) = scene.submit(["a very long job"], steps=150, side=128)
+    scene.wait([task_id], lambda v: v["status"] == "processing" and v["progress"] >= 5)
+    asked = time.monotonic()
+    response = httpx.post(f"{scene.url}/api/v1/image/task/{task_id}/cancel", timeout=10)
+    assert response.status_code == 200, response.text
+    (view,) = scene.wait([task_id], lambda v: v["status"] in FINAL, timeout=30)
+    assert view["status"] == "canceled"
+    assert view["progress"] < 100 and not view["urls"]
+    assert time.monotonic() - asked < 10  # stopped at a step, not after its remaining ~100 steps
+    assert not (scene.cluster.root / "blobs" / "results" / task_id).exists()
+
+
+def test_api_node_restarted_under_load_loses_no_accepted_task(scene):
+    scene.workers["w3"] = scene.cluster.start_worker("w3")
+    port = int(scene.url.rsplit(":", 1)[1])
+    accepted: list[str] = []
+    refused = 0
+    stop = threading.Event()
+
+    def client() -> None:
+        nonlocal refused
+        with httpx.Client(timeout=5) as http:
+            while not stop.is_set():
+                body = {"text": "load", "width": 64, "height": 64, "steps": 2}
+                try:
+                    response = http.post(f"{scene.url}/api/v1/image/generate", json=body)
+                except httpx.HTTPError:
+                    refused += 1
+                else:
+                    if response.status_code == 200:
+                        accepted.extend(response.json()["data"]["task_ids"])
+                time.sleep(0.08)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(2)
+        before = len(accepted)
+        scene.api.kill()
+        scene.api, scene.url = scene.cluster.start_api(port)
+        time.sleep(2)
+    finally:
+        stop.set()
+        thread.join()
+    assert before > 5 and len(accepted) > before + 5  # submitted on both sides of the restart
+    views = scene.wait(accepted, lambda v: v["status"] in FINAL, timeout=120)
+    assert {v["status"] for v in views} == {"succeeded"}, [v for v in views if v["status"] != "succeeded"]
+    assert len(set(accepted)) == len(accepted)
+
+
+def test_sigterm_lets_the_running_job_finish(scene):
+    worker, other = scene.workers.pop("w3"), scene.workers["w2"]
+    other.signal(signal.SIGSTOP)  # the job goes to the worker about to be stopped
+    try:
+        (task_id,) = scene.submit(["finish me"], steps=60)
+        scene.wait([task_id], lambda v: v["status"] == "processing" and v["progress"] > 0)
+        assert worker.stop() == 0
+    finally:
+        other.signal(signal.SIGCONT)
+    assert "stopped; 0 job(s) given back" in worker.log.read_text()
+    (view,) = scene.wait([task_id], lambda v: v["status"] in FINAL)
+    assert view["status"] == "succeeded" and view["attempts"] == 1
+
+
+def test_poison_job_fails_with_the_delivery_cap_reason(scene):
+    assert scene.workers.pop("w2").stop() == 0  # only workers that die on the poison remain
+    cluster = scene.cluster
+    poisoned = [
+        cluster.start_worker(f"poison{i}", module="support.poison_worker", wait=False) for i in (1, 2)
+    ]
+    for node in poisoned:
+        node.wait_for_line(" ready (")
+    (task_id,) = scene.submit(["POISON pill"], steps=4)
+    for node in poisoned:  # each delivery kills the worker that took it
+        assert node.proc.wait(60) == 86, node.tail()
+    last = cluster.start_worker("poison3", module="support.poison_worker")
+    (view,) = scene.wait([task_id], lambda v: v["status"] in FINAL, timeout=60)
+    assert view["status"] == "failed"
+    assert view["error"] == f"gave up after {MAX_DELIVERIES} attempts that did not finish"
+    assert last.proc.poll() is None  # the third delivery was refused, not run
