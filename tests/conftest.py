@@ -14,6 +14,9 @@ torch.set_num_threads(1)
 
 from imagegenx.config import EngineSettings, ModelSettings, Settings  # noqa: E402
 
+# PostgreSQL, Redis and S3 for the scale-out tests, started when down (support/services.py)
+from support.services import postgres_url, redis_url, s3_server  # noqa: E402, F401
+
 
 def make_settings(tmp_path, **engine) -> Settings:
     models = ModelSettings(model_dir=tmp_path / "models", lora_dir=tmp_path / "loras", device="cpu")

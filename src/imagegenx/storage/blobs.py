@@ -11,14 +11,20 @@ A successful store write removes any spooled copy of the key, so the spool never
 Writes, spooling and syncing of one key are serialized by a striped lock within this process; two
 processes must not share one spool folder.
 
-Backends: a folder path (or ``file://`` URL) is an obstore ``LocalStore``. Other URLs (``s3://`` ...)
-are refused for now; ``_open_store`` is where ``obstore.store.from_url`` will plug in.
+Backends: a folder path (or ``file://`` URL) is an obstore ``LocalStore``; ``s3://bucket/prefix`` is an
+``S3Store`` (AWS or any S3-compatible server: ``S3Config`` gives endpoint, region and keys; an ``http://``
+endpoint, such as a local SeaweedFS or MinIO, is allowed). obstore's own retries are kept short (two
+retries within 10 s, 5 s to connect) so that a dead server costs a write seconds, not minutes, before
+the spool takes the bytes. S3 objects get a ``Content-Type`` from the key's extension, so a presigned
+GET (``presigned_url``: a URL valid one hour, the seed's "temporary image URL") serves the image as such.
+Other schemes are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mimetypes
 import os
 import re
 import secrets
@@ -26,6 +32,8 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -33,12 +41,12 @@ from urllib.parse import urlsplit
 import obstore
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.exceptions import NotFoundError
-from obstore.store import LocalStore
+from obstore.store import LocalStore, S3Store
 
 if TYPE_CHECKING:
     from imagegenx.config import StorageSettings
 
-__all__ = ["BlobStore", "BlobStoreError", "BlobWriteError", "validate_key"]
+__all__ = ["BlobStore", "BlobStoreError", "BlobWriteError", "S3Config", "validate_key"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,7 @@ _MAX_KEY_LEN = 1024
 _STORE_ERRORS = (ObstoreError, OSError)  # obstore raises FileNotFoundError etc. for local failures
 _NOT_FOUND = (NotFoundError, FileNotFoundError)
 _STRIPES = 64
+PRESIGN_TTL = timedelta(hours=1)  # seed 003: temporary image URLs expire after one hour
 
 
 class BlobStoreError(RuntimeError):
@@ -80,31 +89,80 @@ def validate_key(key: str, *, what: str = "blob key") -> str:
     return key
 
 
-def _open_store(blob_url: str) -> LocalStore:
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach an S3-compatible server. Empty fields: obstore's defaults (AWS, and credentials from
+    the ``AWS_*`` environment variables or the instance's role).
+    """
+
+    endpoint: str = ""  # http://127.0.0.1:8333 for a local SeaweedFS; empty: AWS
+    region: str = "us-east-1"
+    access_key_id: str = ""
+    secret_access_key: str = field(default="", repr=False)  # never in a log line
+
+
+def _open_store(blob_url: str, s3: S3Config) -> LocalStore | S3Store:
     scheme = urlsplit(blob_url).scheme
     if scheme == "file":
         return LocalStore.from_url(blob_url, mkdir=True, automatic_cleanup=True)
     if scheme == "" or len(scheme) == 1:  # a plain path (one letter: a Windows drive)
         return LocalStore(Path(blob_url).expanduser(), mkdir=True, automatic_cleanup=True)
-    raise NotImplementedError(f"blob store {scheme}:// is not supported yet; give a folder path")
+    if scheme == "s3":
+        config = {
+            "endpoint": s3.endpoint,
+            "region": s3.region,
+            "access_key_id": s3.access_key_id,
+            "secret_access_key": s3.secret_access_key,
+        }
+        return S3Store.from_url(
+            blob_url,
+            config={name: value for name, value in config.items() if value},
+            client_options={
+                "allow_http": s3.endpoint.startswith("http://"),
+                "connect_timeout": timedelta(seconds=5),
+                "timeout": timedelta(seconds=60),
+            },
+            retry_config={"max_retries": 2, "retry_timeout": timedelta(seconds=10)},
+        )
+    raise NotImplementedError(f"blob store {scheme}:// is not supported; give a folder path or s3://bucket")
 
 
 class BlobStore:
-    """Bytes by key in a local folder (S3 later), with retries and a local spool for failed writes."""
+    """Bytes by key in a local folder or S3, with retries and a local spool for failed writes.
 
-    def __init__(self, blob_url: str, spool_dir: Path, *, retries: int = 3, backoff_s: float = 0.05) -> None:
+    ``presign=True`` (S3 only) makes ``presigned_url`` hand out signed GET URLs instead of None.
+    """
+
+    def __init__(
+        self,
+        blob_url: str,
+        spool_dir: Path,
+        *,
+        s3: S3Config | None = None,
+        presign: bool = False,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+    ) -> None:
         if retries < 1:
             raise ValueError("retries must be >= 1")
         self.blob_url = blob_url
         self.spool_dir = Path(spool_dir).expanduser()
         self.retries = retries
         self.backoff_s = backoff_s
-        self._store = _open_store(blob_url)
+        self._store = _open_store(blob_url, s3 or S3Config())
+        self._is_s3 = isinstance(self._store, S3Store)
+        self.presign = presign and self._is_s3
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
 
     @classmethod
     def from_settings(cls, settings: StorageSettings) -> BlobStore:
-        return cls(settings.blob_url, settings.spool_dir)
+        s3 = S3Config(
+            endpoint=settings.s3_endpoint,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key,
+        )
+        return cls(settings.blob_url, settings.spool_dir, s3=s3, presign=settings.s3_presign)
 
     # --- public API ----------------------------------------------------------------------------------
 
@@ -122,7 +180,7 @@ class BlobStore:
                 raise BlobWriteError(
                     f"blob {key!r}: store failed ({error}); spooling failed ({spool_error})"
                 ) from spool_error
-            log.warning("blob %r spooled after %d failed writes: %s", key, self.retries, error)
+            log.warning("blob %r spooled after %d failed writes: %s", key, self.retries, _first_line(error))
 
     def get(self, key: str) -> bytes:
         """The blob's bytes (spool first, then store); ``KeyError`` if it is in neither,
@@ -149,6 +207,16 @@ class BlobStore:
         except _NOT_FOUND:
             return False
         return True
+
+    def presigned_url(self, key: str, expires_in: timedelta = PRESIGN_TTL) -> str | None:
+        """A signed GET URL for the blob, or None: presigning off, not S3, or the blob still spooled
+        (the caller then serves the bytes itself). Signing is local: no request reaches the server.
+        """
+        validate_key(key)
+        if not self.presign or self._spool_path(key).is_file():
+            return None
+        with _store_errors(f"signing blob {key!r}"):
+            return obstore.sign(self._store, "GET", key, expires_in)
 
     def delete(self, key: str) -> None:
         """Remove the blob from spool and store; a missing blob is not an error."""
@@ -208,7 +276,7 @@ class BlobStore:
                     continue  # a store write or delete got there first
                 error = self._put_with_retries(key, data)
                 if error is not None:
-                    log.warning("blob %r stays spooled: %s", key, error)
+                    log.warning("blob %r stays spooled: %s", key, _first_line(error))
                     continue
                 path.unlink(missing_ok=True)
                 _remove_empty_dirs(path.parent, self.spool_dir)
@@ -228,9 +296,12 @@ class BlobStore:
     def _put_with_retries(self, key: str, data: bytes) -> BaseException | None:
         """None on success, else the last error."""
         delay = self.backoff_s
+        attributes = None
+        if self._is_s3:  # LocalStore refuses attributes
+            attributes = {"Content-Type": mimetypes.guess_type(key)[0] or "application/octet-stream"}
         for attempt in range(1, self.retries + 1):
             try:
-                obstore.put(self._store, key, data)
+                obstore.put(self._store, key, data, attributes=attributes)
                 return None
             except _STORE_ERRORS as error:
                 if attempt == self.retries:
@@ -263,6 +334,11 @@ class BlobStore:
         except (FileNotFoundError, NotADirectoryError):
             return
         _remove_empty_dirs(path.parent, self.spool_dir)
+
+
+def _first_line(error: BaseException) -> str:
+    """obstore's messages append a many-line debug dump; a log line needs only the first line."""
+    return str(error).partition("\n")[0]
 
 
 def _fsync_dir(path: Path) -> None:
