@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imagegenx.api.http_metrics import HttpMetrics, RequestMetricsMiddleware
 from imagegenx.api.ratelimit import RateLimiter
 from imagegenx.api.ssrf import check_url
 from imagegenx.api.webhooks import WebhookSender, new_secret
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> 
         lifespan=lifespan,
     )
     _install_error_handlers(app)
+    app.state.http_metrics = HttpMetrics()  # read by /metrics; request rate is what API nodes scale on
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.http_metrics)
     from imagegenx.api import (
         routes_a1111,
         routes_control,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -28,10 +28,10 @@ def readyz(ctx: ContextDep) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(ctx: ContextDep) -> Response:
+def metrics(ctx: ContextDep, request: Request) -> Response:
     registry = CollectorRegistry()
     registry.register(_QueueCollector(ctx))
-    body = generate_latest(registry)
+    body = generate_latest(registry) + generate_latest(request.app.state.http_metrics.registry)
     if ctx.engine is not None:
         body += generate_latest(ctx.engine.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

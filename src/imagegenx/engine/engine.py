@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from imagegenx.config import Settings
-from imagegenx.engine.metrics import EngineMetrics
+from imagegenx.engine.metrics import EngineMetrics, failure_reason
 from imagegenx.engine.scheduler import BatchScheduler, SchedulerConfig
 from imagegenx.engine.validation import validate_job
 from imagegenx.models.cache import ModelCache
@@ -328,6 +328,8 @@ class Engine:
     def _fail(self, job_id: str, reason: str) -> None:
         entry = self._pop(job_id)
         self._emit(ProgressEvent(job_id, JobStatus.FAILED, message=reason))
+        for lora in job.loras:
+            self.metrics.lora_images.labels(lora.name).inc()
         if entry is not None:
             self.metrics.images.labels(entry.job.model, "failed").inc()
             entry.future.set_exception(JobFailed(reason))
@@ -357,6 +359,7 @@ class Engine:
         for listener in list(self._listeners):
             try:
                 listener(event)
+            self.metrics.failures.labels(failure_reason(reason)).inc()
             except Exception:  # a broken listener must not stop the engine
                 continue
 

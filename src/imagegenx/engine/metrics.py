@@ -38,8 +38,29 @@ class EngineMetrics:
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        # For the dashboard: LoRA usage, and failures by a bounded reason label (see failure_reason)
+        self.lora_images = Counter(
+            "imagegenx_lora_images",
+            "Finished images that used a LoRA, by LoRA name",
+            ["lora"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "imagegenx_failures", "Jobs failed in the engine, by reason", ["reason"], registry=self.registry
+        )
         self.registry.register(_LoadCollector(models))
         self.registry.register(_DeviceMemoryCollector())
+
+
+def failure_reason(message: str) -> str:
+    """A label for a failure message, which is free text: out_of_memory, non_finite, internal or invalid."""
+    if message.startswith("out of device memory"):
+        return "out_of_memory"
+    if "NaN/infinite" in message:
+        return "non_finite"
+    if message.startswith("internal error"):
+        return "internal"
+    return "invalid"  # the rest are UserErrors: unknown model or LoRA, unsupported combination, bad image
 
 
 class _LoadCollector(Collector):
