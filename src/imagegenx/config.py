@@ -76,6 +76,9 @@ class ServiceSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # A worker's Prometheus /metrics port (it has no other HTTP); 0: none. With --gpus all, the worker
+    # for the i-th GPU of its list (0, 1, ...) listens on metrics_port + i. API nodes: /metrics on `port`.
+    metrics_port: int = 0
     public_url: str = ""  # base for result URLs; empty: derived from each request
     queued_task_ttl_s: float = 300.0  # queued longer than this: expired (seed 003: 5 minutes)
     max_queued_tasks: int = 10_000  # beyond this new tasks get 503: memory stays bounded
@@ -83,9 +86,6 @@ class ServiceSettings(BaseModel):
     max_deliveries: int = 3  # a job leased this often without finishing fails with the reason
     max_upload_bytes: int = 20 * 1024 * 1024
     max_lora_bytes: int = 512 * 1024 * 1024
-    # A worker's Prometheus /metrics port (it has no other HTTP); 0: none. With --gpus all, the worker
-    # for the i-th GPU of its list (0, 1, ...) listens on metrics_port + i. API nodes: /metrics on `port`.
-    metrics_port: int = 0
     # Empty: rate limits kept in this process. redis://host:6379/0: shared by every API node.
     rate_limit_url: str = ""
     require_keys: bool = True  # false only for local experiments: every request is an anonymous free user

@@ -319,6 +319,8 @@ class Engine:
             ),
         )
         self.metrics.images.labels(job.model, "succeeded").inc()
+        for lora in job.loras:
+            self.metrics.lora_images.labels(lora.name).inc()
         resolution = f"{job.width}x{job.height}"
         self.metrics.generation_seconds.labels(job.model, resolution).observe(result.timings.total_s)
         self._emit(ProgressEvent(job.job_id, JobStatus.SUCCEEDED, steps, steps))
@@ -328,10 +330,9 @@ class Engine:
     def _fail(self, job_id: str, reason: str) -> None:
         entry = self._pop(job_id)
         self._emit(ProgressEvent(job_id, JobStatus.FAILED, message=reason))
-        for lora in job.loras:
-            self.metrics.lora_images.labels(lora.name).inc()
         if entry is not None:
             self.metrics.images.labels(entry.job.model, "failed").inc()
+            self.metrics.failures.labels(failure_reason(reason)).inc()
             entry.future.set_exception(JobFailed(reason))
 
     def _drop_if_canceled(self, job_id: str) -> bool:
@@ -359,7 +360,6 @@ class Engine:
         for listener in list(self._listeners):
             try:
                 listener(event)
-            self.metrics.failures.labels(failure_reason(reason)).inc()
             except Exception:  # a broken listener must not stop the engine
                 continue
 
