@@ -45,6 +45,13 @@ class EngineSettings(BaseModel):
     min_size: int = 256
     max_size: int = 2048
     max_steps: int = 150
+    # An image that comes out NaN/infinite: "fail" it with the reason, or "retry" it with a new seed
+    # (at most nan_retries times) and fail only if it stays non-finite.
+    nan_policy: Literal["fail", "retry"] = "fail"
+    nan_retries: int = 2
+    # Fault injection for tests: a UNet call with more rows than this raises CUDA out-of-memory, as a
+    # small GPU would, so the batch-split path runs end to end on a CPU (0: off).
+    fault_oom_above_rows: int = 0
 
 
 class StorageSettings(BaseModel):

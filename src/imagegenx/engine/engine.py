@@ -11,6 +11,7 @@ A single worker thread runs the loop (as vLLM's engine step: schedule, execute, 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -55,6 +56,7 @@ class Engine:
         self.metrics = EngineMetrics(self.models)
         self._active: dict[str, _Entry] = {}
         self._cancel_requested: set[str] = set()
+        self._nan_tries: dict[str, int] = {}  # job id -> retries after NaN output (nan_policy="retry")
         self._listeners: list[Listener] = []
         self._wake = threading.Condition()
         self._stopping = False
@@ -223,6 +225,8 @@ class Engine:
         runner = model.extras.get("runner")
         if runner is None:
             runner = SDRunner(model) if model.uses_engine_loop else FlowRunner(model)
+            if (rows := self.settings.engine.fault_oom_above_rows) > 0 and isinstance(runner, SDRunner):
+                runner.before_unet = functools.partial(_simulated_oom, rows)
             model.extras["runner"] = runner
         return runner
 
@@ -297,9 +301,14 @@ class Engine:
         self, job: JobSpec, image, model: LoadedModel, batch_size: int, times: dict, steps: int
     ) -> None:
         if image is None:
-            self._fail(
-                job.job_id, "the image came out as NaN/infinite values (numerical overflow); not returned"
-            )
+            if not self._retry_nan(job):
+                tries = self._nan_tries.get(job.job_id, 0) + 1
+                self._fail(
+                    job.job_id,
+                    "the image came out as NaN/infinite values (numerical overflow)"
+                    + (f" in {tries} tries with different seeds" if tries > 1 else "")
+                    + "; not returned",
+                )
             return
         pixels = to_uint8(image)
         entry = self._pop(job.job_id)
@@ -327,6 +336,24 @@ class Engine:
         if entry is not None:
             entry.future.set_result(result)
 
+    def _retry_nan(self, job: JobSpec) -> bool:
+        """Under ``nan_policy="retry"``, queue a non-finite image again with a new seed; False once
+        the retries are spent (or the policy is "fail"). The result then carries the seed it used."""
+        settings = self.settings.engine
+        tries = self._nan_tries.get(job.job_id, 0)
+        if settings.nan_policy != "retry" or tries >= settings.nan_retries:
+            return False
+        retry = replace(job, seed=(job.seed + _SEED_STEP * (tries + 1)) % 2**32)
+        with self._wake:
+            entry = self._active.get(job.job_id)
+            if entry is None:
+                return False
+            self._nan_tries[job.job_id] = tries + 1
+            entry.job = retry
+            self.scheduler.add(retry, time.monotonic())
+            self._wake.notify()
+        return True
+
     def _fail(self, job_id: str, reason: str) -> None:
         entry = self._pop(job_id)
         self._emit(ProgressEvent(job_id, JobStatus.FAILED, message=reason))
@@ -345,6 +372,7 @@ class Engine:
     def _finish_canceled(self, job_id: str) -> None:
         """Called with the lock held."""
         self._cancel_requested.discard(job_id)
+        self._nan_tries.pop(job_id, None)
         entry = self._active.pop(job_id, None)
         self._emit(ProgressEvent(job_id, JobStatus.CANCELED))
         if entry is not None:
@@ -354,6 +382,7 @@ class Engine:
     def _pop(self, job_id: str) -> _Entry | None:
         with self._wake:
             self._cancel_requested.discard(job_id)
+            self._nan_tries.pop(job_id, None)
             return self._active.pop(job_id, None)
 
     def _emit(self, event: ProgressEvent) -> None:
@@ -373,6 +402,15 @@ class _Entry:
 
 def _with_id(job: JobSpec, job_id: str) -> JobSpec:
     return replace(job, job_id=job_id)
+
+
+_SEED_STEP = 0x9E3779B9  # a NaN retry's seed: far from the first, and the same on every run
+
+
+def _simulated_oom(limit: int, rows: int) -> None:
+    """The ``fault_oom_above_rows`` hook: a device with room for ``limit`` UNet rows."""
+    if rows > limit:
+        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {rows} rows > {limit})")
 
 
 def _empty_cache(device: torch.device) -> None:
