@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagegenx.api.http_metrics import HttpMetrics, RequestMetricsMiddleware
-from imagegenx.api.ratelimit import RateLimiter
+from imagegenx.api.ratelimit import Limiter, open_limiter
 from imagegenx.api.ssrf import check_url
 from imagegenx.api.webhooks import WebhookSender, new_secret
 from imagegenx.config import Settings
@@ -50,7 +50,7 @@ class NotFound(UserError):
 class AppContext:
     settings: Settings
     service: Service
-    limiter: RateLimiter
+    limiter: Limiter
     engine: Any = None  # imagegenx.engine.engine.Engine where this process generates
     worker: Any = None
     ready: threading.Event = field(default_factory=threading.Event)
@@ -110,7 +110,7 @@ def build_service(settings: Settings) -> Service:
         settings=settings,
         store=store,
         queue=_open_queue(settings, store),
-        blobs=BlobStore(settings.storage.blob_url, settings.storage.spool_dir),
+        blobs=BlobStore.from_settings(settings.storage),  # a local folder or S3
     )
     allowed = settings.service.allowed_private_hosts
     service.webhooks = WebhookSender(
@@ -138,7 +138,8 @@ def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
     """``run_worker``: this process generates too (``serve``); otherwise it is an API node whose
     tasks run on ``imagegenx worker`` processes, and SSE hears of them through the task database."""
     service = build_service(settings)
-    ctx = AppContext(settings, service, RateLimiter(), prompt_filter=_prompt_filter(settings))
+    limiter = open_limiter(settings.service.rate_limit_url)  # in-process, or Redis shared by API nodes
+    ctx = AppContext(settings, service, limiter, prompt_filter=_prompt_filter(settings))
     if run_worker:
         from imagegenx.engine.engine import Engine
         from imagegenx.engine.worker import ServiceWorker
@@ -178,6 +179,7 @@ def close_context(ctx: AppContext) -> None:
         ctx.engine.close()
     ctx.service.webhooks.close()
     ctx.service.store.close()
+    ctx.limiter.close()
 
 
 def _warm_up(ctx: AppContext) -> None:

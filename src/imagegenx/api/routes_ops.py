@@ -34,6 +34,9 @@ def metrics(ctx: ContextDep, request: Request) -> Response:
     body = generate_latest(registry) + generate_latest(request.app.state.http_metrics.registry)
     if ctx.engine is not None:
         body += generate_latest(ctx.engine.metrics.registry)
+    limiter_registry = getattr(ctx.limiter, "registry", None)  # the Redis limiter's error count
+    if limiter_registry is not None:
+        body += generate_latest(limiter_registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

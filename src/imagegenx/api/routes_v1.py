@@ -15,7 +15,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 
@@ -302,7 +302,12 @@ async def task_events(
         ctx.service.events.unsubscribe(task_id, subscription)
 
 
-@router.get("/image/task/{task_id}/download", summary="One result image", response_class=Response)
+@router.get(
+    "/image/task/{task_id}/download",
+    summary="One result image",
+    response_class=Response,
+    responses={307: {"description": "Redirect to a presigned S3 URL, valid 1 h (storage.s3_presign)"}},
+)
 def download(
     task_id: str,
     key: KeyDep,
@@ -313,6 +318,9 @@ def download(
     blob_key = record.results.get(version)
     if blob_key is None:
         raise NotFound(f"task {task_id} has no {version} result (status {record.status})")
+    signed = ctx.service.blobs.presigned_url(blob_key)  # with storage.s3_presign: S3 serves the bytes
+    if signed is not None:
+        return RedirectResponse(signed, status_code=307)
     extension = blob_key[blob_key.rfind(".") :]
     filename = f"{task_id}-{version}{extension}"
     return Response(
