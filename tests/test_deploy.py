@@ -294,6 +294,26 @@ def test_api_requests_are_counted_by_route_template(scraped):
     assert "/nope" not in text  # raw paths never become labels
 
 
+def test_chart_runs_real_commands_in_an_image_that_has_them():
+    import tomllib
+
+    import typer.main
+
+    from imagegenx.cli import app
+
+    commands = typer.main.get_command(app).commands
+    [api], [worker] = containers("api"), containers("worker")
+    for args in (api["args"], worker["args"]):
+        command = commands[args[0]]
+        options = {opt for param in command.params for opt in param.opts}
+        assert {a for a in args[1:] if a.startswith("--")} <= options, args
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["imagegenx"]' in dockerfile
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert re.search(r"ARG EXTRAS=(\w+)", dockerfile).group(1) in extras
+    assert f"EXPOSE {values()['api']['port']}" in dockerfile
+
+
 def test_readme_links_the_deployment_guide():
     guide = (DEPLOY / "README.md").read_text()
     assert "helm install" in guide and "KEDA" in guide
