@@ -1,111 +1,52 @@
 """TaskStore and migrations against real databases: SQLite files and a real PostgreSQL server.
 
-PostgreSQL: a fresh database ``imagegenx_test_<random>`` per test session on the server named by
-``IMAGEGENX_TEST_PG`` (default ``postgresql+psycopg2://postgres@127.0.0.1:5432``), dropped at the end.
-If the server is down the tests try to start the local cluster; if it still cannot be reached they FAIL:
-CI must never skip the integration tests silently.
+PostgreSQL (psycopg 3): the session's database from the shared ``postgres_url`` fixture
+(tests/support/services.py), emptied before each test. If the server is down the fixture tries to start
+the local cluster; if it still cannot be reached the tests FAIL: CI must never skip them silently.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import make_url
 
+from imagegenx.config import StorageSettings
 from imagegenx.storage import migrate
-from imagegenx.storage.tasks import StorageUnavailable, TaskExists, TaskStore, make_engine, metadata
+from imagegenx.storage.tasks import (
+    StorageUnavailable,
+    TaskExists,
+    TaskStore,
+    make_engine,
+    metadata,
+    resolve_url,
+    storage_errors,
+)
 from imagegenx.types import TaskRecord, TaskStatus, Tier
+from support.services import create_database, drop_database
 
-PG_SERVER = os.environ.get("IMAGEGENX_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 SECRET_RE = re.compile(r"igx_([0-9a-f]{16})_[A-Za-z0-9_-]{32}")
+HEAD = "0002_tasks_created_at"
 
-# --- PostgreSQL session database ---------------------------------------------------------------------
-
-
-def _pg_admin():
-    url = make_url(PG_SERVER)
-    return psycopg2.connect(
-        host=url.host,
-        port=url.port or 5432,
-        user=url.username,
-        password=url.password,
-        dbname="postgres",
-        connect_timeout=3,
-    )
-
-
-def _start_local_postgres() -> None:
-    etc = Path("/etc/postgresql")
-    if not etc.is_dir():
-        return
-    for version in sorted(os.listdir(etc)):
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-
-
-def _connect_admin_or_fail():
-    try:
-        return _pg_admin()
-    except psycopg2.OperationalError:
-        _start_local_postgres()
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return _pg_admin()
-        except psycopg2.OperationalError as error:
-            if time.monotonic() > deadline:
-                pytest.fail(f"PostgreSQL at {PG_SERVER} unreachable, even after trying to start it: {error}")
-            time.sleep(0.5)
-
-
-def _create_database(name: str) -> str:
-    admin = _connect_admin_or_fail()
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
-    return make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
-
-
-def _drop_database(name: str) -> None:
-    admin = _connect_admin_or_fail()
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
-
-
-@pytest.fixture(scope="session")
-def pg_url():
-    name = f"imagegenx_test_{uuid.uuid4().hex[:12]}"
-    url = _create_database(name)
-    yield url
-    _drop_database(name)
+# --- databases ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'tasks.db'}"
-    url = request.getfixturevalue("pg_url")
+    url = request.getfixturevalue("postgres_url").render_as_string(hide_password=False)
     migrate.upgrade(url)
     engine = make_engine(url, pooled=False)
     with engine.begin() as conn:  # a clean slate per test: tables stay, rows go
@@ -150,7 +91,7 @@ def test_migrations_are_idempotent_and_match_the_tables(db_url):
     engine = make_engine(db_url, pooled=False)
     try:
         with engine.connect() as conn:
-            assert migrate.current_revision(conn) == "0001_initial"
+            assert migrate.current_revision(conn) == HEAD
             ctx = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": False}
             )
@@ -184,6 +125,7 @@ def test_migrations_are_idempotent_and_match_the_tables(db_url):
             assert task_indexes["ix_tasks_user_id_created_at"] == (["user_id", "created_at"], False)
             assert task_indexes["ix_tasks_status_created_at"] == (["status", "created_at"], False)
             assert task_indexes["ix_tasks_batch_id"] == (["batch_id"], False)
+            assert task_indexes["ix_tasks_created_at"] == (["created_at"], False)
         with engine.begin() as conn:  # deliveries defaults to 0 for a plain insert
             conn.exec_driver_sql(
                 "INSERT INTO queue_jobs (task_id, lane, batch_key, state, available_at, enqueued_at) "
@@ -199,9 +141,9 @@ def test_concurrent_first_upgrades_serialize(tmp_path, request):
     migrating different databases at once do not trip over Alembic's module-level state either.
     """
     urls = [f"sqlite:///{tmp_path / 'fresh.db'}", f"sqlite:///{tmp_path / 'other.db'}"]
-    name = f"imagegenx_test_{uuid.uuid4().hex[:12]}"
-    urls.append(_create_database(name))
-    request.addfinalizer(lambda: _drop_database(name))
+    fresh = create_database()
+    request.addfinalizer(lambda: drop_database(fresh))
+    urls.append(fresh.render_as_string(hide_password=False))
     errors: list[BaseException] = []
 
     def run(url):
@@ -223,7 +165,7 @@ def test_concurrent_first_upgrades_serialize(tmp_path, request):
 
 
 def test_storage_unavailable_is_raised_quickly(tmp_path):
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:{closed_port()}/nothing"
+    url = f"postgresql://postgres@127.0.0.1:{closed_port()}/nothing"  # plain: psycopg 3
     t0 = time.monotonic()
     with pytest.raises(StorageUnavailable):
         TaskStore(url)
@@ -247,10 +189,45 @@ def test_in_memory_sqlite_works():
         assert s.get("t1").task_id == "t1"
 
 
+def test_postgres_urls_mean_psycopg_3():
+    for given in ("postgresql://u@h/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"):
+        assert resolve_url(given).drivername == "postgresql+psycopg"
+    assert resolve_url("postgresql+psycopg2://u@h/db").drivername == "postgresql+psycopg2"  # explicit stays
+    assert resolve_url("sqlite:///x.db").drivername == "sqlite"
+
+
+def test_postgres_pool_from_settings(postgres_url):
+    plain = postgres_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    settings = StorageSettings(database_url=plain, db_pool_size=2, db_max_overflow=1)
+    with TaskStore.from_settings(settings) as store:
+        assert store.engine.dialect.driver == "psycopg"
+        assert store.engine.pool.size() == 2
+        held = [store.engine.connect() for _ in range(3)]  # pool_size + max_overflow at once
+        assert store.engine.pool.checkedout() == 3
+        for conn in held:
+            conn.close()
+        assert store.engine.pool.checkedin() == 2  # the overflow connection was closed, not kept
+        store.create([rec("pooled")])
+        assert store.get("pooled") is not None
+
+
+def test_a_busy_pool_is_storage_unavailable(postgres_url):
+    engine = make_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    try:
+        with engine.connect():
+            t0 = time.monotonic()
+            with pytest.raises(StorageUnavailable, match="busy"), storage_errors():
+                engine.connect()
+            assert time.monotonic() - t0 < 2
+    finally:
+        engine.dispose()
+
+
 def test_importing_storage_is_light():
     code = (
         "import sys, imagegenx.storage.tasks, imagegenx.storage.blobs, imagegenx.storage.migrate; "
-        "print(sorted(m for m in ('alembic', 'torch', 'psycopg2', 'imagegenx.api') if m in sys.modules))"
+        "print(sorted(m for m in ('alembic', 'torch', 'psycopg', 'psycopg2', 'imagegenx.api') "
+        "if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stderr

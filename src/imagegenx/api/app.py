@@ -105,7 +105,7 @@ def build_service(settings: Settings) -> Service:
     from imagegenx.storage.blobs import BlobStore
     from imagegenx.storage.tasks import TaskStore
 
-    store = TaskStore(settings.storage.database_url)
+    store = TaskStore.from_settings(settings.storage)  # SQLite, or PostgreSQL with a pool
     service = Service(
         settings=settings,
         store=store,

@@ -59,7 +59,7 @@ def upgrade_connection(connection: Connection) -> None:
 def upgrade(database_url: str) -> None:
     """Bring the database at ``database_url`` to the newest schema; a no-op when it is there already.
 
-    Works for ``sqlite:///path`` and ``postgresql+psycopg2://...`` alike. Raises
+    Works for ``sqlite:///path`` and ``postgresql://...`` (psycopg 3) alike. Raises
     ``imagegenx.storage.tasks.StorageUnavailable`` when the database cannot be reached.
     """
     from imagegenx.storage.tasks import make_engine, storage_errors

@@ -20,8 +20,16 @@ Engines (``make_engine``):
   ``READ_ONLY`` (``conn.execution_options(**{READ_ONLY: True})``): a writer takes the write lock
   before its first read, so read-then-write transactions (the queue's lease) never fail with
   ``SQLITE_BUSY`` halfway, and concurrent writers wait up to 5 s instead.
-* PostgreSQL: a pool (5 + 10 overflow), ``pool_pre_ping`` (a restarted server costs no failed
-  request) and a 5 s connect timeout.
+* PostgreSQL through psycopg 3 (``postgresql+psycopg://``; plain ``postgresql://`` and ``postgres://``
+  URLs are mapped to it). The store is synchronous on purpose, so a sync driver fits: it is called
+  from worker threads and from FastAPI's threadpool (sync routes), never from an event loop, and
+  asyncpg would need an async engine plus a loop hop on every call for no gain. Connections come
+  from a pool per process: ``pool_size`` kept open (default 5) plus up to ``max_overflow`` more under
+  load (default 10; ``StorageSettings.db_pool_size`` / ``db_max_overflow``), ``pool_pre_ping`` (a
+  restarted server costs no failed request), recycled after 30 min, a 5 s connect timeout and a 5 s
+  wait for a free connection (then ``StorageUnavailable``: 503 with Retry-After, not a hung request).
+  Size it so that (API nodes + workers) × (pool_size + max_overflow) stays below the server's
+  ``max_connections`` (100 by default), or put PgBouncer in front.
 
 ``TaskStore.engine`` is that engine; the embedded queue runs its statements on it.
 """
@@ -34,13 +42,16 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus, Tier
+
+if TYPE_CHECKING:
+    from imagegenx.config import StorageSettings
 
 __all__ = [
     "READ_ONLY",
@@ -50,6 +61,7 @@ __all__ = [
     "api_keys_table",
     "make_engine",
     "metadata",
+    "resolve_url",
     "storage_errors",
     "tasks_table",
 ]
@@ -70,8 +82,8 @@ class TaskExists(ValueError):
 
 
 # --- schema ------------------------------------------------------------------------------------------
-# Mirrors migrations/versions/0001_initial.py (a test compares the two). ``queue_jobs`` is the queue
-# room's table and deliberately absent here.
+# Mirrors migrations/versions/ (0001 and 0002; a test compares the two). ``queue_jobs`` is the queue room's
+# table and deliberately absent here.
 
 metadata = sa.MetaData()
 
@@ -104,6 +116,7 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_user_id_created_at", "user_id", "created_at"),
     sa.Index("ix_tasks_status_created_at", "status", "created_at"),
     sa.Index("ix_tasks_batch_id", "batch_id"),
+    sa.Index("ix_tasks_created_at", "created_at"),  # 0002: the history purge scans by creation time
 )
 
 api_keys_table = sa.Table(
@@ -127,12 +140,28 @@ _k = api_keys_table.c
 # --- engines -----------------------------------------------------------------------------------------
 
 
-def make_engine(database_url: str | URL, *, pooled: bool = True) -> Engine:
+def resolve_url(database_url: str | URL) -> URL:
+    """The URL with PostgreSQL's driver made explicit: ``postgresql://`` and ``postgres://`` mean
+    psycopg 3 here (SQLAlchemy's own default would be psycopg2)."""
+    url = make_url(database_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def make_engine(
+    database_url: str | URL,
+    *,
+    pooled: bool = True,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    pool_timeout: float = 5.0,
+) -> Engine:
     """A configured engine for SQLite or PostgreSQL (see the module docs). Connects lazily.
 
     ``pooled=False`` (one-off work such as migrations) opens a fresh connection each time.
     """
-    url = make_url(database_url)
+    url = resolve_url(database_url)
     backend = url.get_backend_name()
     kwargs: dict[str, Any] = {}
     if not pooled:
@@ -154,7 +183,13 @@ def make_engine(database_url: str | URL, *, pooled: bool = True) -> Engine:
         if url.get_driver_name() in ("psycopg2", "psycopg") and "connect_timeout" not in url.query:
             connect_args["connect_timeout"] = 5
         if pooled:
-            kwargs.update(pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_pre_ping=True,
+                pool_recycle=1800,
+                pool_timeout=pool_timeout,
+            )
         return sa.create_engine(url, connect_args=connect_args, **kwargs)
     return sa.create_engine(url, **kwargs)
 
@@ -189,6 +224,8 @@ def storage_errors() -> Iterator[None]:
     """Turn "cannot reach / lost / locked database" errors into ``StorageUnavailable``."""
     try:
         yield
+    except exc.TimeoutError as error:  # every pooled connection busy for pool_timeout
+        raise StorageUnavailable(f"database busy: {error}") from error
     except exc.DBAPIError as error:
         if _is_unavailable(error):
             raise StorageUnavailable(f"database unavailable: {error.orig or error}") from error
@@ -206,8 +243,10 @@ class TaskStore:
     first call, so a service can start while its database is still down and answer 503 meanwhile.
     """
 
-    def __init__(self, database_url: str, *, migrate: bool = True) -> None:
-        self.engine: Engine = make_engine(database_url)
+    def __init__(
+        self, database_url: str | URL, *, migrate: bool = True, pool_size: int = 5, max_overflow: int = 10
+    ) -> None:
+        self.engine: Engine = make_engine(database_url, pool_size=pool_size, max_overflow=max_overflow)
         if migrate:
             from imagegenx.storage.migrate import upgrade_connection
 
@@ -217,6 +256,15 @@ class TaskStore:
             except BaseException:
                 self.engine.dispose()
                 raise
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings, *, migrate: bool = True) -> TaskStore:
+        return cls(
+            settings.database_url,
+            migrate=migrate,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
 
     def close(self) -> None:
         """Close pooled connections. The store must not be used afterwards."""
