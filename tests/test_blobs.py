@@ -8,6 +8,7 @@ and started again, or reached with a wrong secret (403).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
@@ -313,3 +314,14 @@ def test_from_settings_reaches_s3(s3_server, tmp_path):
     blobs.put("inputs/t1/init.png", b"png")
     assert httpx.get(blobs.presigned_url("inputs/t1/init.png")).content == b"png"
     assert s3_server.secret_access_key not in repr(blobs.__dict__)  # the secret stays out of reprs
+
+
+def test_lifecycle_rule_archives_the_results_the_service_writes():
+    """deploy/s3-lifecycle.json: results move to an archive class that still serves GETs at once."""
+    from imagegenx.engine.service import result_key
+
+    rules = json.loads((Path(__file__).parents[1] / "deploy" / "s3-lifecycle.json").read_text())["Rules"]
+    archive = [r for r in rules if r.get("Transitions")]
+    assert len(archive) == 1 and archive[0]["Status"] == "Enabled"
+    assert result_key("t1", "original", ".webp").startswith(archive[0]["Filter"]["Prefix"])
+    assert archive[0]["Transitions"] == [{"Days": 90, "StorageClass": "GLACIER_IR"}]  # seed 003: 90 days
