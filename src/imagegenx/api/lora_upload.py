@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import struct
 from pathlib import Path
 
@@ -47,9 +48,11 @@ def save_lora(folder: Path, filename: str, data: bytes) -> str:
     name = f"{stem}-{hashlib.sha256(data).hexdigest()[:10]}"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.safetensors"
-    if target.exists():
+    if target.is_file() and not target.is_symlink():
         return name  # the same bytes under the same name: already there
-    tmp = folder / f".{name}.{os.getpid()}.upload"
+    # A random temporary name, opened O_EXCL | O_NOFOLLOW, then renamed over the target: nothing is
+    # ever written through a symlink, and a symlink planted at the target is replaced, not followed.
+    tmp = folder / f".{name}.{secrets.token_hex(8)}.upload"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o640)
     try:
         with os.fdopen(fd, "wb") as f:
