@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from support.cluster import Cluster, Node, postgres_database
+from support.server import free_port
 
 LEASE_S = 3
 MAX_DELIVERIES = 2
@@ -79,7 +80,10 @@ def _maps(node: Node) -> str:
 def test_kill9_worker_mid_batch_every_job_finishes_once_elsewhere(scene):
     cluster = scene.cluster
     first = cluster.start_worker("w1", wait=False)
-    second = cluster.start_worker("w2", wait=False)
+    metrics_port = free_port()
+    second = cluster.start_worker(
+        "w2", wait=False, env={"IMAGEGENX_SERVICE__METRICS_PORT": str(metrics_port)}
+    )
     first.wait_for_line(" ready (")
     second.wait_for_line(" ready (")
     second.signal(signal.SIGSTOP)  # frozen: the whole batch goes to the first worker
@@ -97,6 +101,8 @@ def test_kill9_worker_mid_batch_every_job_finishes_once_elsewhere(scene):
         assert files == ["256.webp", "512.webp", "original.webp"]
     assert sum("task succeeded" in line for line in second.log.read_text().splitlines()) == 6
     assert "libtorch" in _maps(second) and "libtorch" not in _maps(scene.api)  # API node: no torch
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text  # the worker's only HTTP
+    assert "imagegenx_" in metrics
     scene.workers["w2"] = second
 
 

@@ -122,17 +122,14 @@ def supervise(devices: list[str], args: list[str]) -> int:
     stopping = threading.Event()
     host = socket.gethostname()[:40]
 
+    metrics_port = Settings().service.metrics_port
+
     def spawn(device: str) -> subprocess.Popen:
-        cmd = [
-            sys.executable,
-            "-m",
-            "imagegenx.cli",
-            "worker",
-            "--owner",
-            f"worker@{host}/gpu{device}",
-            *args,
-        ]
+        owner = f"worker@{host}/gpu{device}"
+        cmd = [sys.executable, "-m", "imagegenx.cli", "worker", "--owner", owner, *args]
         env = os.environ | {"CUDA_VISIBLE_DEVICES": device, "IMAGEGENX_MODELS__DEVICE": "cuda"}
+        if metrics_port:  # the i-th GPU's worker serves /metrics on metrics_port + i
+            env["IMAGEGENX_SERVICE__METRICS_PORT"] = str(metrics_port + devices.index(device))
         return subprocess.Popen(cmd, env=env)
 
     def forward(signum: int, _frame: object) -> None:
@@ -173,6 +170,10 @@ def run_worker(settings: Settings, *, owner: str | None = None, grace_s: float =
     engine = Engine(settings)
     owner = owner or f"worker@{socket.gethostname()[:40]}/pid{os.getpid()}"
     job_worker = ServiceWorker(service, engine, owner=owner)
+    if settings.service.metrics_port:  # Prometheus scrapes workers here: they have no other HTTP
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.service.metrics_port, registry=engine.metrics.registry)
     try:
         warm_up_engine(engine, settings)  # the default model is resident before the first lease
         job_worker.start()

@@ -144,15 +144,22 @@ class Cluster:
             time.sleep(0.2)
         raise TimeoutError(f"API node not ready in {timeout} s\n{node.tail()}")
 
-    def start_worker(self, name: str, *, module: str = "imagegenx.cli", wait: bool = True) -> Node:
+    def start_worker(
+        self,
+        name: str,
+        *,
+        module: str = "imagegenx.cli",
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Node:
         """A worker (``module``: a test wrapper around the CLI, for a worker that crashes on purpose)."""
-        node = self._start(name, [sys.executable, "-m", module, "worker"])
+        node = self._start(name, [sys.executable, "-m", module, "worker"], env)
         if wait:
             node.wait_for_line(" ready (")
         return node
 
-    def _start(self, name: str, cmd: list[str]) -> Node:
-        node = Node(name, cmd, self.env, self.root / f"{name}.log")
+    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Node:
+        node = Node(name, cmd, self.env | (env or {}), self.root / f"{name}.log")
         self.nodes.append(node)
         return node
 
