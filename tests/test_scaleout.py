@@ -12,11 +12,14 @@ import json
 import signal
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
 
+from imagegenx.api.webhooks import sign
 from support.cluster import Cluster, Node, postgres_database
 from support.server import free_port
 
@@ -25,11 +28,27 @@ MAX_DELIVERIES = 2
 FINAL = {"succeeded", "failed", "canceled", "expired"}
 
 
+class Hooks(BaseHTTPRequestHandler):
+    """A webhook receiver: keeps every delivery (headers and body)."""
+
+    received: ClassVar[list[tuple[dict, bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 class Scene:
     """The module's cluster and the nodes the tests hand on to each other."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, hooks_url: str) -> None:
         self.cluster = cluster
+        self.hooks_url = hooks_url
         self.api, self.url = cluster.start_api()
         self.workers: dict[str, Node] = {}
 
@@ -38,9 +57,9 @@ class Scene:
         assert response.status_code == 200, response.text
         return response.json()["data"]
 
-    def submit(self, texts: list[str], *, steps: int, side: int = 64, timeout: float = 10) -> list[str]:
-        body = {"texts": texts, "width": side, "height": side, "steps": steps, "seed": 7}
-        response = httpx.post(f"{self.url}/api/v1/image/batch-generate", json=body, timeout=timeout)
+    def submit(self, texts: list[str], *, steps: int, side: int = 64, **extra) -> list[str]:
+        body = {"texts": texts, "width": side, "height": side, "steps": steps, "seed": 7} | extra
+        response = httpx.post(f"{self.url}/api/v1/image/batch-generate", json=body, timeout=10)
         assert response.status_code == 200, response.text
         return response.json()["data"]["task_ids"]
 
@@ -60,7 +79,11 @@ class Scene:
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hooks = f"127.0.0.1:{receiver.server_port}"
     env = {
+        "IMAGEGENX_SERVICE__ALLOWED_PRIVATE_HOSTS": json.dumps([hooks]),
         "IMAGEGENX_SERVICE__LEASE_S": str(LEASE_S),
         "IMAGEGENX_SERVICE__MAX_DELIVERIES": str(MAX_DELIVERIES),
         "IMAGEGENX_ENGINE__MAX_BATCH": "8",
@@ -68,9 +91,10 @@ def scene(tmp_path_factory):
     with postgres_database() as database_url:
         cluster = Cluster(root, database_url, env=env)
         try:
-            yield Scene(cluster)
+            yield Scene(cluster, f"http://{hooks}/hook")
         finally:
             cluster.close()
+            receiver.shutdown()
 
 
 def _maps(node: Node) -> str:
@@ -106,8 +130,8 @@ def test_kill9_worker_mid_batch_every_job_finishes_once_elsewhere(scene):
     scene.workers["w2"] = second
 
 
-def test_sse_on_the_api_node_follows_a_job_run_by_a_worker(scene):
-    (task_id,) = scene.submit(["a harbour at dusk"], steps=40)
+def test_sse_and_webhook_follow_a_job_run_by_a_worker(scene):
+    (task_id,) = scene.submit(["a harbour at dusk"], steps=40, callback_url=scene.hooks_url)
     events = []
     with httpx.stream("GET", f"{scene.url}/api/v1/image/task/{task_id}/events", timeout=60) as stream:
         for line in stream.iter_lines():
@@ -119,6 +143,15 @@ def test_sse_on_the_api_node_follows_a_job_run_by_a_worker(scene):
     assert events[-1] == {"status": "succeeded", "progress": 100}
     assert any(0 < p < 100 for p in progress), events
     assert progress == sorted(progress)
+
+    deadline = time.monotonic() + 10  # the worker that finished it sends the webhook, signed
+    while not Hooks.received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ((headers, body),) = Hooks.received
+    assert json.loads(body)["type"] == "task.succeeded" and json.loads(body)["data"]["task_id"] == task_id
+    secret = (scene.cluster.root / "webhook_secret").read_text().strip()
+    expected = sign(secret, headers["webhook-id"], int(headers["webhook-timestamp"]), body)
+    assert headers["webhook-signature"] == expected
 
 
 def test_cancel_through_the_api_node_stops_the_job_on_its_worker(scene):

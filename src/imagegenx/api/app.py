@@ -6,9 +6,12 @@ task store, local-folder blob store, the queue in the task database, the engine 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import threading
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,10 +214,14 @@ def _webhook_secret(settings: Settings) -> str:
     if path.is_file():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = new_secret()
-    path.write_text(secret)
-    path.chmod(0o600)
-    return secret
+    # API nodes and workers of one machine may start together: the first link wins, the rest read it.
+    draft = path.with_name(f".webhook_secret.{uuid.uuid4().hex}")
+    draft.write_text(new_secret())
+    draft.chmod(0o600)
+    with contextlib.suppress(FileExistsError):
+        os.link(draft, path)
+    draft.unlink()
+    return path.read_text().strip()
 
 
 def _version() -> str:
