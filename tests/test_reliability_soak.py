@@ -1,0 +1,35 @@
+"""The soak in its CI form: 300 tasks through a real server, every one accounted for, nothing leaked."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SOAK = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
+
+
+def test_soak_accounts_for_every_task_and_leaks_nothing(tmp_path):
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, str(SOAK), "--tasks", "300", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    outcomes = report["outcomes"]
+    assert sum(outcomes.values()) == 300 and report["errors"] == []
+    # Every kind of ending happened, so each path was exercised: normal, cancelled, invalid, and the
+    # overload ones (a full queue refusing with 503 + Retry-After, queued tasks expiring).
+    for outcome in ("succeeded", "canceled", "refused_invalid", "rejected_busy", "expired"):
+        assert outcomes.get(outcome, 0) > 0, outcomes
+    start, half, end = (report["server"][k] for k in ("start", "half", "end"))
+    # Pools grow in the first half; from then on nothing may keep growing.
+    assert end["threads"] <= half["threads"] + 4, report["server"]
+    assert end["open_files"] <= half["open_files"] + 4, report["server"]
+    assert end["sockets"] <= half["sockets"] + 8, report["server"]
+    assert end["rss_mib"] - half["rss_mib"] < 64, report["server"]
+    assert end["rss_mib"] - start["rss_mib"] < 200, report["server"]
+    low, high = report["rss_while_busy_mib"]
+    assert high - low < 64, report  # memory flat while the queue is full
