@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 
 from support.server import free_port
 
@@ -27,8 +26,10 @@ POSTGRES_DSN = os.environ.get(
 )
 
 
-def _admin() -> psycopg.Connection:
+def _admin():
     """Connect, starting the machine's PostgreSQL cluster once if it is down; raise if impossible."""
+    import psycopg  # here: a GPU machine measuring on SQLite has no psycopg
+
     try:
         return psycopg.connect(POSTGRES_DSN, connect_timeout=3, autocommit=True)
     except psycopg.OperationalError:
@@ -74,11 +75,11 @@ class Node:
     def tail(self, chars: int = 3000) -> str:
         return f"--- {self.name} ---\n{self.log.read_text(errors='replace')[-chars:]}"
 
-    def wait_for_line(self, text: str, timeout: float = 120, after: int = 0) -> None:
-        """Until ``text`` appears in the log past byte ``after``; raises if the process exits first."""
+    def wait_for_line(self, text: str, timeout: float = 120, count: int = 1) -> None:
+        """Until ``text`` appears ``count`` times in the log; raises if the process exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log.read_text(errors="replace")[after:]:
+            if self.log.read_text(errors="replace").count(text) >= count:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}\n{self.tail()}")
@@ -114,7 +115,10 @@ class Cluster:
             | {
                 "HF_HUB_OFFLINE": "1",
                 "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": str(Path(__file__).resolve().parents[1]),  # support.* test wrappers
+                # support.* test wrappers, before what the caller's environment has
+                "PYTHONPATH": os.pathsep.join(
+                    [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
+                ),
                 "IMAGEGENX_STORAGE__DATABASE_URL": database_url,
                 "IMAGEGENX_STORAGE__BLOB_URL": str(root / "blobs"),
                 "IMAGEGENX_STORAGE__SPOOL_DIR": str(root / "spool"),
