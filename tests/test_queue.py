@@ -41,7 +41,9 @@ from sqlalchemy import URL, Engine, create_engine, delete, event, select
 
 from imagegenx.queue.base import JobQueue, Lease
 from imagegenx.queue.embedded import EmbeddedQueue, create_table, queue_jobs
+from imagegenx.queue.jetstream import JetStreamQueue
 from imagegenx.storage.tasks import make_engine
+from support.nats_server import nats_url  # noqa: F401 (fixture)
 
 # An admin connection (libpq DSN) to a PostgreSQL server; CI may point it at its own service.
 POSTGRES_DSN = os.environ.get(
@@ -134,8 +136,17 @@ def sql_url(request, tmp_path) -> str | URL:
 # -- backends -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def backend(sql_url) -> Iterator[Backend]:
+@pytest.fixture(params=["sqlite", "postgresql", "jetstream"])
+def backend(request, tmp_path) -> Iterator[Backend]:
+    if request.param == "jetstream":
+        yield from _jetstream_backend(request.getfixturevalue("nats_url"))
+    elif request.param == "sqlite":
+        yield from _embedded_backend(f"sqlite:///{tmp_path / 'queue.db'}")
+    else:
+        yield from _embedded_backend(request.getfixturevalue("postgres_url"))
+
+
+def _embedded_backend(sql_url: str | URL) -> Iterator[Backend]:
     engines: list[Engine] = []
 
     def new_engine() -> Engine:
@@ -164,6 +175,42 @@ def backend(sql_url) -> Iterator[Backend]:
     )
     for engine in engines:
         engine.dispose()
+
+
+def _jetstream_backend(url: str) -> Iterator[Backend]:
+    """Each ``fresh`` queue gets its own uniquely named stream and KV bucket, dropped afterwards.
+
+    The records keep the callers' clock (``now=``), so the contract's fake clock drives leases, nack
+    delays and ``recover_expired`` exactly as for SQL; JetStream's own timers are real time, so AckWait
+    is set far beyond a test's length here, and ``test_jetstream_*`` below test real-time redelivery.
+    """
+    clients: list[JetStreamQueue] = []
+    owners: list[JetStreamQueue] = []  # the client that made each stream: it drops it
+
+    def connect(stream: str, aging_s: float = 10.0) -> JetStreamQueue:
+        clients.append(JetStreamQueue(url, stream, ack_wait_s=120.0, aging_s=aging_s, window=64))
+        return clients[-1]
+
+    def fresh(aging_s: float = 10.0) -> JobQueue:
+        if owners:  # the state machine makes one per example: keep the server tidy
+            owners[-1].drop()
+        owners.append(connect(f"test-{uuid.uuid4().hex[:12]}", aging_s))
+        return owners[-1]
+
+    def snapshot() -> Snapshot:
+        stored = owners[-1].records().items()
+        return {t: Stored(r.state, r.owner, r.lease_until, r.available_at, r.deliveries) for t, r in stored}
+
+    yield Backend(
+        name="jetstream",
+        fresh=fresh,
+        another=lambda: connect(owners[-1].stream, owners[-1].aging_s),
+        snapshot=snapshot,
+    )
+    if owners:
+        owners[-1].drop()
+    for client in clients:
+        client.close()
 
 
 def ids(leases: list[Lease]) -> list[str]:

@@ -29,8 +29,29 @@ control the clock.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from imagegenx.types import Priority
+
+LANES = tuple(int(p) for p in Priority)
+
+
+def clock(now: float | None) -> float:
+    """``now`` if the caller runs its own clock, else the current time."""
+    return time.time() if now is None else float(now)
+
+
+def check_id(what: str, value: str) -> None:
+    if not value or len(value) > 64:
+        raise ValueError(f"{what} must be 1-64 characters, got {value!r}")
+
+
+def check_duration(what: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be finite and >= 0, got {value}")
 
 
 @dataclass(frozen=True)

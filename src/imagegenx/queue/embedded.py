@@ -24,7 +24,6 @@ The table is created by the storage room's Alembic migration with exactly the co
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,12 +48,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from imagegenx.queue.base import JobQueue, Lease
-from imagegenx.types import Priority
+from imagegenx.queue.base import LANES, JobQueue, Lease
+from imagegenx.queue.base import check_duration as _check_duration
+from imagegenx.queue.base import check_id as _check_id
+from imagegenx.queue.base import clock as _clock
 
 READY = "ready"
 LEASED = "leased"
-LANES = tuple(int(p) for p in Priority)
 # The task store's engines begin SQLite transactions with BEGIN IMMEDIATE unless a connection carries
 # this execution option (storage.tasks.READ_ONLY; the queue room may not import storage). The queue's
 # reads set it so that a metrics scrape does not take the write lock; other engines ignore it.
@@ -83,20 +83,6 @@ _c = queue_jobs.c
 def create_table(engine: Engine) -> None:
     """Create ``queue_jobs`` if it is missing. Tests only: production tables come from the migration."""
     metadata.create_all(engine, tables=[queue_jobs])
-
-
-def _clock(now: float | None) -> float:
-    return time.time() if now is None else float(now)
-
-
-def _check_id(what: str, value: str) -> None:
-    if not value or len(value) > 64:
-        raise ValueError(f"{what} must be 1-64 characters, got {value!r}")
-
-
-def _check_duration(what: str, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{what} must be finite and >= 0, got {value}")
 
 
 class EmbeddedQueue(JobQueue):
