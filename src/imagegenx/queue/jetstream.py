@@ -9,14 +9,15 @@ Two JetStream objects per queue name ``S`` (``QueueSettings.stream``):
   delivers it again, which is how a dead worker's jobs come back without anyone calling
   ``recover_expired``. Publishes carry ``Nats-Msg-Id`` = task id + submit token, so a retried publish
   (a lost PubAck) is stored once.
-* the **KV bucket** ``S-jobs`` holds one record per queued task id (:class:`Record`): lane, batch key,
-  times, state, owner, delivery count, the message's stream sequence and the held message's ack
-  subject. It is the truth about a job, written with compare-and-set on the entry's revision, which
-  gives what a stream alone cannot: ``submit`` is ``create`` (atomic "if absent"), and ack or remove
-  deletes the record, so the id is free again at once (the ``Nats-Msg-Id`` window would refuse it for
-  two minutes); only the record's owner may ack or nack; ``depth``/``oldest_wait`` are exact. With the
-  ack subject in the record any client (another process, after a restart) can ack, nak or heartbeat a
-  held message.
+* the **KV bucket** ``S-jobs`` (:mod:`~imagegenx.queue.jetstream_records`) holds one record per queued
+  task id: lane, batch key, times, state, owner, delivery count and the held message's ack subject. It
+  is the truth about a job, written with compare-and-set on the entry's revision, which gives what a
+  stream alone cannot: ``submit`` is ``create`` (atomic "if absent"); ack and remove delete the record,
+  so the id is free again at once (the ``Nats-Msg-Id`` window would refuse it for two minutes); only
+  the record's owner may ack or nack; ``depth``/``oldest_wait`` are exact (a scan of the bucket: cost
+  grows with the queue). With the ack subject in the record any client (another process, after a
+  restart) can ack, nak or heartbeat a held message. A message whose record is gone, or belongs to a
+  later submit of the same id (the token differs), is stale: the lease that meets it acks it away.
 
 A lease fetches what is ready in every lane (up to ``window`` messages each, no waiting), ranks it by the
 contract's order (effective lane ``lane - floor(wait / aging_s)``, then enqueue time, then task id),
@@ -38,57 +39,20 @@ has run out too, and otherwise gives it back until then: keep ``AckWait`` equal 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import re
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 from imagegenx.queue.base import LANES, JobQueue, Lease, check_duration, check_id, clock
-from imagegenx.queue.natsloop import NatsThread
+from imagegenx.queue.jetstream_records import DELETE, LEASED, NAME, READY, Record, RecordStore
+from imagegenx.queue.natsloop import NatsThread, pull_now
 
 log = logging.getLogger(__name__)
 
-READY = "ready"
-LEASED = "leased"
 TASK_HEADER = "Imagegenx-Task"
 TOKEN_HEADER = "Imagegenx-Token"
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_DELETE = object()  # what a record change returns to delete the record
-
-
-@dataclass(frozen=True)
-class Record:
-    """One queued job as the KV bucket stores it (JSON)."""
-
-    task_id: str
-    token: str  # this submit's id; its message carries it, so a message of an earlier submit is stale
-    lane: int
-    batch_key: str
-    enqueued_at: float
-    available_at: float
-    state: str = READY
-    owner: str | None = None
-    lease_until: float | None = None
-    deliveries: int = 0
-    reply: str | None = None  # the held message's ack subject
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Record:
-        return cls(**json.loads(data))
-
-    def ready(self, **changes) -> Record:
-        return replace(self, state=READY, owner=None, lease_until=None, reply=None, **changes)
-
-
-def _key(task_id: str) -> str:
-    """The KV key of a task id: itself where KV allows it, else hex ('=' cannot start a plain id)."""
-    return task_id if _NAME.fullmatch(task_id) else "=" + task_id.encode().hex()
 
 
 def _nak_payload(delay_s: float) -> bytes:
@@ -109,10 +73,10 @@ class JetStreamQueue(JobQueue):
         *,
         ack_wait_s: float = 30.0,
         aging_s: float = 10.0,
-        window: int = 64,
+        window: int = 16,
         timeout_s: float = 10.0,
     ) -> None:
-        if not _NAME.fullmatch(stream):
+        if not NAME.fullmatch(stream):
             raise ValueError(f"queue stream name must be 1-64 of A-Z a-z 0-9 _ -, got {stream!r}")
         if not (math.isfinite(aging_s) and aging_s > 0):
             raise ValueError(f"aging_s must be finite and > 0, got {aging_s}")
@@ -120,8 +84,6 @@ class JetStreamQueue(JobQueue):
             raise ValueError(f"ack_wait_s must be finite and > 0, got {ack_wait_s}")
         self.stream = stream
         self.aging_s = float(aging_s)
-        self._kv_name = f"{stream}-jobs"
-        self._kv_stream = f"KV_{stream}-jobs"
         self._ack_wait_s = float(ack_wait_s)
         self._window = max(1, int(window))
         self._timeout_s = timeout_s
@@ -163,7 +125,8 @@ class JetStreamQueue(JobQueue):
                     f"JetStream consumer {self.stream}/P{lane} exists with AckWait "
                     f"{info.config.ack_wait}s, not {self._ack_wait_s}s: delete it or use that lease time"
                 ) from exc
-        self._kv = await self._js.create_key_value(bucket=self._kv_name, history=1)
+        self._records = RecordStore(self._js, f"{self.stream}-jobs", self._timeout_s)
+        await self._records.open()
 
     def close(self) -> None:
         self._nats.close()
@@ -171,106 +134,15 @@ class JetStreamQueue(JobQueue):
     def drop(self) -> None:
         """Delete the stream and the KV bucket with every queued job (tests, an operator's reset)."""
         self._nats.run(self._js.delete_stream(self.stream))
-        self._nats.run(self._js.delete_key_value(self._kv_name))
+        self._nats.run(self._records.drop())
 
     # -- records --------------------------------------------------------------------------------------
 
-    async def _get(self, task_id: str) -> tuple[Record, int] | None:
-        from nats.js.errors import KeyNotFoundError
-
-        try:
-            entry = await self._kv.get(_key(task_id))
-        except KeyNotFoundError:
-            return None
-        return Record.decode(entry.value), entry.revision
-
-    async def _change(
-        self,
-        task_id: str,
-        change: Callable[[Record], Record | object | None],
-        found: tuple[Record, int] | None = None,
-    ) -> Record | None:
-        """Compare-and-set ``change(record)`` (a new record, ``_DELETE``, or None to leave it).
-
-        Returns the record as it was before a change that was written, else None. ``found`` is a
-        record and revision just read, saving a read on the first try.
-        """
-        from nats.js.errors import APIError, KeyWrongLastSequenceError
-
-        for _ in range(100):
-            found = found or await self._get(task_id)
-            if found is None:
-                return None
-            record, revision = found
-            new = change(record)
-            if new is None:
-                return None
-            try:
-                if new is _DELETE:
-                    await self._kv.delete(_key(task_id), last=revision)
-                else:
-                    await self._kv.update(_key(task_id), new.encode(), last=revision)
-                return record
-            except (KeyWrongLastSequenceError, APIError) as exc:
-                if getattr(exc, "err_code", 10071) not in (10071, 10164):  # not "wrong last sequence"
-                    raise
-                found = None  # someone else changed it meanwhile: read again
-        raise RuntimeError(f"task {task_id}: too many concurrent changes to its queue record")
-
-    async def _scan(self) -> list[tuple[Record, int]]:
-        """Every record and its revision: the bucket's latest values through a short-lived consumer.
-
-        (Not nats-py's KV watcher: its end-of-values marker can go missing under concurrent writes.)
-        """
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=AckPolicy.NONE,
-            filter_subject=f"$KV.{self._kv_name}.>",
-            inactive_threshold=30.0,  # gone by itself should we die before deleting it
-            mem_storage=True,
-        )
-        consumer = await self._js.add_consumer(self._kv_stream, config)
-        found = []
-        try:
-            while batch := await self._pull(self._kv_stream, consumer.name, 1000):
-                for msg in batch:
-                    if not (msg.headers or {}).get("KV-Operation"):  # DEL / PURGE: a tombstone
-                        found.append((Record.decode(msg.data), msg.metadata.sequence.stream))
-                if len(batch) < 1000:
-                    break
-        finally:
-            await self._js.delete_consumer(self._kv_stream, consumer.name)
-        return found
-
     def records(self) -> dict[str, Record]:
         """Every queued job as stored (tests and diagnostics)."""
-        return {r.task_id: r for r, _ in self._nats.run(self._scan())}
+        return {r.task_id: r for r, _ in self._nats.run(self._records.scan())}
 
     # -- messages -------------------------------------------------------------------------------------
-
-    async def _pull(self, stream: str, consumer: str, batch: int) -> list:
-        """The messages a pull consumer can deliver now, up to ``batch`` (no waiting)."""
-        from nats.errors import TimeoutError as NatsTimeout
-
-        nc = self._nats.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        request = json.dumps({"batch": batch, "no_wait": True}).encode()
-        messages = []
-        try:
-            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", request, reply=inbox)
-            while len(messages) < batch:
-                msg = await sub.next_msg(timeout=self._timeout_s)
-                if msg.headers and "Status" in msg.headers:  # 404 nothing / 408 nothing more now
-                    break
-                messages.append(msg)
-        except NatsTimeout:  # what the server sends this inbox later comes back after AckWait
-            log.warning("JetStream pull from %s/%s got no end mark in %ss", stream, consumer, self._timeout_s)
-        finally:
-            await sub.unsubscribe()
-        return messages
 
     async def _reply(self, subject: str | None, payload: bytes) -> None:
         """Ack, nak or ``in_progress`` a held message, waiting for the server to have done it."""
@@ -304,16 +176,12 @@ class JetStreamQueue(JobQueue):
         return self._nats.run(self._submit(Record(task_id, uuid.uuid4().hex, int(lane), batch_key, now, now)))
 
     async def _submit(self, record: Record) -> bool:
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        try:
-            await self._kv.create(_key(record.task_id), record.encode())
-        except KeyWrongLastSequenceError:
+        if not await self._records.create(record):
             return False  # queued already
         try:
             await self._publish(record)
         except BaseException:  # free the id again: the caller sees the error and may retry
-            await self._change(record.task_id, lambda r: _DELETE if r.token == record.token else None)
+            await self._records.change(record.task_id, lambda r: DELETE if r.token == record.token else None)
             raise
         return True
 
@@ -336,9 +204,11 @@ class JetStreamQueue(JobQueue):
         self, owner: str, max_jobs: int, lease_s: float, batch_key: str | None, now: float, real: bool
     ) -> list[Lease]:
         window = max(self._window, max_jobs)
-        pulled = await asyncio.gather(*(self._pull(self.stream, f"P{lane}", window) for lane in LANES))
+        pulled = await asyncio.gather(
+            *(pull_now(self._nats.nc, self.stream, f"P{lane}", window, self._timeout_s) for lane in LANES)
+        )
         messages = [m for lane in pulled for m in lane]
-        found = await asyncio.gather(*(self._get(m.headers[TASK_HEADER]) for m in messages))
+        found = await asyncio.gather(*(self._records.get(m.headers[TASK_HEADER]) for m in messages))
         stale, back, ready = [], [], []  # back: (message, seconds until it may be taken)
         for msg, hit in zip(messages, found, strict=True):
             if hit is None or hit[0].token != msg.headers.get(TOKEN_HEADER):
@@ -375,7 +245,9 @@ class JetStreamQueue(JobQueue):
 
             return change
 
-        taken = await asyncio.gather(*(self._change(r.task_id, take(m), (r, rev)) for m, (r, rev) in chosen))
+        taken = await asyncio.gather(
+            *(self._records.change(r.task_id, take(m), (r, rev)) for m, (r, rev) in chosen)
+        )
         leases = []
         for (msg, _), before in zip(chosen, taken, strict=True):
             if before is None:
@@ -397,7 +269,7 @@ class JetStreamQueue(JobQueue):
 
     async def _settle(self, owner: str, task_id: str, change: Callable, payload: bytes) -> bool:
         """``change`` the record of a job ``owner`` holds, then send ``payload`` to its message."""
-        before = await self._change(
+        before = await self._records.change(
             task_id, lambda r: change(r) if r.state == LEASED and r.owner == owner else None
         )
         if before is not None:
@@ -419,7 +291,7 @@ class JetStreamQueue(JobQueue):
 
     def ack(self, owner: str, task_id: str) -> bool:
         # The record goes first, so the id is free even if the ack is lost (the message is then stale).
-        return self._nats.run(self._settle(owner, task_id, lambda r: _DELETE, b"+ACK"))
+        return self._nats.run(self._settle(owner, task_id, lambda r: DELETE, b"+ACK"))
 
     def nack(self, owner: str, task_id: str, delay_s: float = 0.0, *, now: float | None = None) -> bool:
         check_duration("delay_s", delay_s)
@@ -434,7 +306,7 @@ class JetStreamQueue(JobQueue):
         # which drops it as stale. Not the stream's delete_msg: on nats-server 2.9 deleting a message
         # a filtered consumer has not delivered yet can leave its no-wait pulls unanswered.
         async def remove() -> bool:
-            before = await self._change(task_id, lambda r: _DELETE)
+            before = await self._records.change(task_id, lambda r: DELETE)
             if before is not None:
                 await self._reply(before.reply, b"+ACK")
             return before is not None
@@ -452,13 +324,15 @@ class JetStreamQueue(JobQueue):
         """Make the leased jobs ``which`` picks ready again (their messages go back at once)."""
 
         async def release_one(found: tuple[Record, int]) -> bool:
-            before = await self._change(found[0].task_id, lambda r: r.ready() if which(r) else None, found)
+            before = await self._records.change(
+                found[0].task_id, lambda r: r.ready() if which(r) else None, found
+            )
             if before is not None:
                 await self._reply(before.reply, b"-NAK")
             return before is not None
 
         async def release() -> int:
-            found = [f for f in await self._scan() if which(f[0])]
+            found = [f for f in await self._records.scan() if which(f[0])]
             return sum(await asyncio.gather(*(release_one(f) for f in found)))
 
         return self._nats.run(release())

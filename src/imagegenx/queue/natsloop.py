@@ -10,6 +10,7 @@ the one loop, as nats-py expects.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Coroutine
@@ -68,3 +69,25 @@ class NatsThread:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def pull_now(nc: Any, stream: str, consumer: str, batch: int, timeout_s: float) -> list:
+    """The messages a pull consumer can deliver now, up to ``batch`` (no waiting)."""
+    from nats.errors import TimeoutError as NatsTimeout
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    request = json.dumps({"batch": batch, "no_wait": True}).encode()
+    messages = []
+    try:
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", request, reply=inbox)
+        while len(messages) < batch:
+            msg = await sub.next_msg(timeout=timeout_s)
+            if msg.headers and "Status" in msg.headers:  # 404 nothing / 408 nothing more now
+                break
+            messages.append(msg)
+    except NatsTimeout:  # what the server sends this inbox later comes back after AckWait
+        log.warning("JetStream pull from %s/%s got no end mark in %ss", stream, consumer, timeout_s)
+    finally:
+        await sub.unsubscribe()
+    return messages
