@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.cluster import Cluster, postgres_database
+from support.cluster import Cluster
 
 KEY_LIMITS = ["--quota", "100000", "--rate", "1000", "-q"]  # the load must stay under the key limits
 
@@ -33,8 +33,13 @@ KEY_LIMITS = ["--quota", "100000", "--rate", "1000", "-q"]  # the load must stay
 def run(workers: int, args: argparse.Namespace, root: Path) -> dict:
     if args.database == "sqlite":  # a GPU machine without PostgreSQL: the embedded queue on SQLite
         return run_on(f"sqlite:///{root / 'tasks.db'}", workers, args, root)
-    with postgres_database("imagegenx_throughput") as database_url:
-        return run_on(database_url, workers, args, root)
+    from support.services import create_database, drop_database
+
+    url = create_database()
+    try:
+        return run_on(url.render_as_string(hide_password=False), workers, args, root)
+    finally:
+        drop_database(url)
 
 
 def run_on(database_url: str, workers: int, args: argparse.Namespace, root: Path) -> dict:

@@ -1,5 +1,5 @@
 """Scale-out fault tests: `imagegenx api` and `imagegenx worker` as real processes on one machine,
-sharing a fresh PostgreSQL database and a blob store; tiny models on the CPU.
+sharing a fresh PostgreSQL database and an S3 server (SeaweedFS); tiny models on the CPU.
 
 One cluster serves the whole module (process start-up dominates the cost), so the tests run in file
 order and each leaves the workers it needs for the next. Leases last 3 s and a job may be delivered
@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import ClassVar
 
 import httpx
+import obstore
 import pytest
 
 from imagegenx.api.webhooks import sign
-from support.cluster import Cluster, Node, postgres_database
+from support.cluster import Cluster, Node
 from support.server import free_port
+from support.services import create_database, drop_database
 
 LEASE_S = 3
 MAX_DELIVERIES = 2
@@ -46,11 +48,17 @@ class Hooks(BaseHTTPRequestHandler):
 class Scene:
     """The module's cluster and the nodes the tests hand on to each other."""
 
-    def __init__(self, cluster: Cluster, hooks_url: str) -> None:
+    def __init__(self, cluster: Cluster, hooks_url: str, blobs) -> None:
         self.cluster = cluster
         self.hooks_url = hooks_url
+        self.blobs = blobs  # the S3 bucket's prefix the nodes store into
         self.api, self.url = cluster.start_api()
         self.workers: dict[str, Node] = {}
+
+    def results(self, task_id: str) -> list[str]:
+        """The result files stored for a task (names under results/<task id>/)."""
+        listing = obstore.list(self.blobs, prefix=f"results/{task_id}/").collect()
+        return sorted(meta["path"].rsplit("/", 1)[1] for meta in listing)
 
     def task(self, task_id: str) -> dict:
         response = httpx.get(f"{self.url}/api/v1/image/task/{task_id}", timeout=10)
@@ -77,24 +85,30 @@ class Scene:
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory):
+def scene(tmp_path_factory, s3_server):
     root = tmp_path_factory.mktemp("cluster")
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     hooks = f"127.0.0.1:{receiver.server_port}"
+    prefix = f"scaleout-{root.name}"
     env = {
         "IMAGEGENX_SERVICE__ALLOWED_PRIVATE_HOSTS": json.dumps([hooks]),
         "IMAGEGENX_SERVICE__LEASE_S": str(LEASE_S),
         "IMAGEGENX_SERVICE__MAX_DELIVERIES": str(MAX_DELIVERIES),
         "IMAGEGENX_ENGINE__MAX_BATCH": "8",
+        "IMAGEGENX_STORAGE__BLOB_URL": s3_server.url(prefix),
+        "IMAGEGENX_STORAGE__S3_ENDPOINT": s3_server.endpoint,
+        "IMAGEGENX_STORAGE__S3_ACCESS_KEY_ID": s3_server.access_key_id,
+        "IMAGEGENX_STORAGE__S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
     }
-    with postgres_database() as database_url:
-        cluster = Cluster(root, database_url, env=env)
-        try:
-            yield Scene(cluster, f"http://{hooks}/hook")
-        finally:
-            cluster.close()
-            receiver.shutdown()
+    database = create_database()
+    cluster = Cluster(root, database.render_as_string(hide_password=False), env=env)
+    try:
+        yield Scene(cluster, f"http://{hooks}/hook", s3_server.raw_store(prefix))
+    finally:
+        cluster.close()
+        receiver.shutdown()
+        drop_database(database)
 
 
 def _maps(node: Node) -> str:
@@ -121,8 +135,7 @@ def test_kill9_worker_mid_batch_every_job_finishes_once_elsewhere(scene):
     assert [v["status"] for v in views] == ["succeeded"] * 6, cluster.logs()
     assert [v["attempts"] for v in views] == [2] * 6  # the killed run, then the other worker's
     for task_id in task_ids:  # one result set each: the original and two thumbnails
-        files = sorted(p.name for p in (cluster.root / "blobs" / "results" / task_id).iterdir())
-        assert files == ["256.webp", "512.webp", "original.webp"]
+        assert scene.results(task_id) == ["256.webp", "512.webp", "original.webp"]
     assert sum("task succeeded" in line for line in second.log.read_text().splitlines()) == 6
     assert "libtorch" in _maps(second) and "libtorch" not in _maps(scene.api)  # API node: no torch
     metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text  # the worker's only HTTP
@@ -164,7 +177,7 @@ def test_cancel_through_the_api_node_stops_the_job_on_its_worker(scene):
     assert view["status"] == "canceled"
     assert view["progress"] < 100 and not view["urls"]
     assert time.monotonic() - asked < 10  # stopped at a step, not after its remaining ~100 steps
-    assert not (scene.cluster.root / "blobs" / "results" / task_id).exists()
+    assert scene.results(task_id) == []
 
 
 def test_api_node_restarted_under_load_loses_no_accepted_task(scene):

@@ -1,7 +1,8 @@
 """A scaled-out imagegenx on one machine for tests: API nodes and workers as real processes.
 
-They share one fresh PostgreSQL database, one blob store and (when given) one NATS server; each
-process writes its own log under the cluster's folder, which failing tests print.
+They share one task database, one blob store (a folder of the cluster's, or S3 through ``env``) and
+one queue (in the task database, or NATS through ``env``); each process writes its own log under the
+cluster's folder, which failing tests print.
 """
 
 from __future__ import annotations
@@ -12,56 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from support.server import free_port
-
-# An admin connection (libpq DSN) to a PostgreSQL server; CI may point it at its own service.
-POSTGRES_DSN = os.environ.get(
-    "IMAGEGENX_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-)
-
-
-def _admin():
-    """Connect, starting the machine's PostgreSQL cluster once if it is down; raise if impossible."""
-    import psycopg  # here: a GPU machine measuring on SQLite has no psycopg
-
-    try:
-        return psycopg.connect(POSTGRES_DSN, connect_timeout=3, autocommit=True)
-    except psycopg.OperationalError:
-        pass
-    for version in sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []:
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-            capture_output=True,
-            timeout=60,
-        )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return psycopg.connect(POSTGRES_DSN, connect_timeout=3, autocommit=True)
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def postgres_database(prefix: str = "imagegenx_cluster") -> Iterator[str]:
-    """A fresh database for the block (SQLAlchemy URL, psycopg 3 driver), dropped afterwards."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = _admin()
-    admin.execute(f'CREATE DATABASE "{name}"')
-    info = admin.info
-    try:
-        yield f"postgresql+psycopg://{info.user}@{info.host}:{info.port}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 class Node:
