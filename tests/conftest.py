@@ -14,7 +14,8 @@ torch.set_num_threads(1)
 
 from imagegenx.config import EngineSettings, ModelSettings, Settings  # noqa: E402
 
-# PostgreSQL, Redis and S3 for the scale-out tests, started when down (support/services.py)
+# NATS, PostgreSQL, Redis and S3 for the scale-out tests, started when down (support/)
+from support.nats_server import nats_url  # noqa: E402, F401
 from support.services import postgres_url, redis_url, s3_server  # noqa: E402, F401
 
 

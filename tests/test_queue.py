@@ -43,7 +43,6 @@ from imagegenx.queue.base import JobQueue, Lease
 from imagegenx.queue.embedded import EmbeddedQueue, create_table, queue_jobs
 from imagegenx.queue.jetstream import JetStreamQueue
 from imagegenx.storage.tasks import make_engine
-from support.nats_server import nats_url  # noqa: F401 (fixture)
 
 # An admin connection (libpq DSN) to a PostgreSQL server; CI may point it at its own service.
 POSTGRES_DSN = os.environ.get(

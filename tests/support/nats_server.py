@@ -2,7 +2,7 @@
 ``nats://127.0.0.1:4222``), else ``nats-server -js`` started on that port for the session.
 
 The fixture FAILS the test when neither works: CI must never skip the JetStream tests silently.
-Use it in a test file with ``from support.nats_server import nats_url  # noqa: F401``.
+Registered for every test file in ``tests/conftest.py``.
 """
 
 from __future__ import annotations

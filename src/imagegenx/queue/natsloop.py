@@ -43,10 +43,12 @@ class NatsThread:
         async def error_cb(exc: Exception) -> None:
             log.warning("NATS connection %s: %r", name, exc)
 
-        # Fail fast on start (a wrong url is a configuration error); reconnect for ever once running.
-        return await nats.connect(
+        # Reconnect for ever once running, but give up on the first connection after timeout_s: a
+        # wrong url is a configuration error to report (nats-py would retry it for ever too).
+        connecting = nats.connect(
             url, name=name, connect_timeout=2, max_reconnect_attempts=-1, error_cb=error_cb
         )
+        return await asyncio.wait_for(connecting, self.timeout_s)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run ``coro`` on the loop thread and return its result (its exception is raised here)."""
