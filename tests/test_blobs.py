@@ -2,8 +2,9 @@
 key rules, the spool, presigned URLs.
 
 Store failures are real: the local blob folder is replaced by a plain file, so every write fails inside
-obstore ("Not a directory") until the folder is put back; the S3 server is stopped (connection refused)
-and started again, or reached with a wrong secret (403).
+obstore ("Not a directory") until the folder is put back; S3 is reached through a TCP relay that is
+taken down (connection refused) and brought back, stopped and started itself, or reached with a wrong
+secret (403).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 
 from imagegenx.config import StorageSettings
 from imagegenx.storage.blobs import BlobStore, BlobStoreError, BlobWriteError, validate_key
+from support.tcp_proxy import TcpProxy
 
 
 @dataclass
@@ -57,10 +59,11 @@ def _local(tmp_path: Path) -> Backend:
     return Backend("local", blobs, stored, lambda: break_folder(folder), lambda: repair_folder(folder))
 
 
-def _s3(tmp_path: Path, server) -> Backend:
+def _s3(tmp_path: Path, server, proxy: TcpProxy) -> Backend:
     prefix = f"t-{uuid.uuid4().hex[:12]}"  # one bucket for the session, a fresh prefix per test
-    blobs = BlobStore(server.url(prefix), tmp_path / "spool", s3=server.config(), backoff_s=0.001)
-    raw = server.raw_store(prefix)
+    s3 = replace(server.config(), endpoint=proxy.url)
+    blobs = BlobStore(server.url(prefix), tmp_path / "spool", s3=s3, presign=True, backoff_s=0.001)
+    raw = server.raw_store(prefix)  # around the relay
 
     def stored(key: str) -> bytes:
         try:
@@ -68,7 +71,7 @@ def _s3(tmp_path: Path, server) -> Backend:
         except FileNotFoundError:
             raise KeyError(key) from None
 
-    return Backend("s3", blobs, stored, server.stop, server.start)
+    return Backend("s3", blobs, stored, proxy.stop, proxy.start)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -77,9 +80,9 @@ def backend(request, tmp_path) -> Iterator[Backend]:
         yield _local(tmp_path)
         return
     server = request.getfixturevalue("s3_server")
-    yield _s3(tmp_path, server)
-    if not server.running:  # a failed test must not leave the session's server stopped
-        server.start()
+    proxy = TcpProxy(server.ports["s3.port"])
+    yield _s3(tmp_path, server, proxy)
+    proxy.stop()
 
 
 @pytest.fixture
@@ -186,6 +189,30 @@ def test_failed_store_spools_and_syncs_later(backend, tmp_path):
     assert backend.stored("tasks/t1/original.webp") == b"one"
     assert blobs.get("tasks/t1/512.webp") == b"two"
     assert blobs.sync_spool() == 0
+    if backend.name == "s3":  # stored now: a presigned URL serves it
+        assert httpx.get(blobs.presigned_url("tasks/t1/original.webp")).content == b"one"
+
+
+def test_a_sync_pass_stops_at_the_first_failure(backend, monkeypatch):
+    """While the store is down, one sweep costs one key's retries, not every spooled key's."""
+    blobs = backend.blobs
+    backend.break_store()
+    for i in range(5):
+        blobs.put(f"tasks/t{i}/original.webp", b"x")
+    real_put, calls = obstore.put, []
+
+    def counting_put(*args, **kwargs):
+        calls.append(args[1])
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(obstore, "put", counting_put)
+    started = time.monotonic()
+    assert blobs.sync_spool() == 0
+    assert calls == ["tasks/t0/original.webp"] * blobs.retries
+    assert time.monotonic() - started < 2
+    backend.repair_store()
+    assert blobs.sync_spool() == 5
+    assert backend.stored("tasks/t4/original.webp") == b"x"
 
 
 def test_a_store_write_replaces_a_stale_spooled_copy(backend):
@@ -258,6 +285,26 @@ def test_delete_prefix_pages_through_many_objects(backend):
 
 
 # --- S3 only -------------------------------------------------------------------------------------
+
+
+def test_s3_server_stopped_then_back_syncs_the_spool(s3_server, tmp_path):
+    blobs = BlobStore(s3_server.url("restart"), tmp_path / "spool", s3=s3_server.config(), backoff_s=0.001)
+    blobs.put("results/t1/original.webp", b"before")
+    s3_server.stop()
+    try:
+        blobs.put("results/t1/512.webp", b"while down")
+        assert blobs.spooled_keys() == ["results/t1/512.webp"]
+        assert blobs.get("results/t1/512.webp") == b"while down"  # from the spool
+        with pytest.raises(BlobStoreError):
+            blobs.get("results/t1/original.webp")
+        assert blobs.sync_spool() == 0
+    finally:
+        s3_server.start()
+    assert blobs.sync_spool() == 1
+    assert blobs.spooled_keys() == []
+    raw = s3_server.raw_store("restart")
+    assert bytes(obstore.get(raw, "results/t1/512.webp").bytes()) == b"while down"
+    assert blobs.get("results/t1/original.webp") == b"before"  # kept across the restart
 
 
 def test_presigned_url_serves_the_bytes_with_the_content_type(s3_server, tmp_path):

@@ -13,11 +13,11 @@ processes must not share one spool folder.
 
 Backends: a folder path (or ``file://`` URL) is an obstore ``LocalStore``; ``s3://bucket/prefix`` is an
 ``S3Store`` (AWS or any S3-compatible server: ``S3Config`` gives endpoint, region and keys; an ``http://``
-endpoint, such as a local SeaweedFS or MinIO, is allowed). obstore's own retries are kept short (two
-retries within 10 s, 5 s to connect) so that a dead server costs a write seconds, not minutes, before
-the spool takes the bytes. S3 objects get a ``Content-Type`` from the key's extension, so a presigned
-GET (``presigned_url``: a URL valid one hour, the seed's "temporary image URL") serves the image as such.
-Other schemes are refused.
+endpoint, such as a local SeaweedFS or MinIO, is allowed). obstore's own retries are off (they would
+wait up to 3 minutes): ``put`` retries as it does for a folder, with 2 s to connect, so a dead server
+costs a write seconds, not minutes, before the spool takes the bytes. S3 objects get a
+``Content-Type`` from the key's extension, so a presigned GET (``presigned_url``: a URL valid one hour,
+the seed's "temporary image URL") serves the image as such. Other schemes are refused.
 """
 
 from __future__ import annotations
@@ -119,10 +119,10 @@ def _open_store(blob_url: str, s3: S3Config) -> LocalStore | S3Store:
             config={name: value for name, value in config.items() if value},
             client_options={
                 "allow_http": s3.endpoint.startswith("http://"),
-                "connect_timeout": timedelta(seconds=5),
+                "connect_timeout": timedelta(seconds=2),
                 "timeout": timedelta(seconds=60),
             },
-            retry_config={"max_retries": 2, "retry_timeout": timedelta(seconds=10)},
+            retry_config={"max_retries": 0},  # BlobStore retries itself
         )
     raise NotImplementedError(f"blob store {scheme}:// is not supported; give a folder path or s3://bucket")
 
@@ -265,7 +265,10 @@ class BlobStore:
         return sorted(keys)
 
     def sync_spool(self) -> int:
-        """Move spooled blobs into the store; returns how many moved. Failures stay spooled."""
+        """Move spooled blobs into the store; returns how many moved. The first failure ends the pass
+        (the store is most likely still down: one failed write per pass, not one per spooled blob, so
+        the worker loop that calls this every second is not held up); what is left stays spooled.
+        """
         moved = 0
         for key in self.spooled_keys():
             path = self._spool_path(key)
@@ -276,8 +279,8 @@ class BlobStore:
                     continue  # a store write or delete got there first
                 error = self._put_with_retries(key, data)
                 if error is not None:
-                    log.warning("blob %r stays spooled: %s", key, _first_line(error))
-                    continue
+                    log.warning("spooled blobs wait for the store (%s): %s", key, _first_line(error))
+                    break
                 path.unlink(missing_ok=True)
                 _remove_empty_dirs(path.parent, self.spool_dir)
                 moved += 1
