@@ -190,6 +190,8 @@ def test_live_progress_and_cancel(page):
         "id => document.querySelector(`[data-task='${id}'] progress`)?.value >= 1",
         arg=task_id,
     )
+    # Step previews: the latents as RGB (a data: JPEG) in the thumbnail while it runs.
+    expect(item.locator("img.thumb")).to_have_attribute("src", re.compile("^data:image/jpeg;base64,"))
     screenshot(page, "queue")
     item.locator("button.cancel").click()
     expect(item).to_have_attribute("data-status", "canceled")

@@ -49,6 +49,9 @@ class EngineSettings(BaseModel):
     # (at most nan_retries times) and fail only if it stays non-finite.
     nan_policy: Literal["fail", "retry"] = "fail"
     nan_retries: int = 2
+    # Progress events carry a small latent-to-RGB JPEG about 8 times per job (a device-to-host copy
+    # of one image's latents each time); off: progress numbers only.
+    step_previews: bool = True
     # Fault injection for tests: a UNet call with more rows than this raises CUDA out-of-memory, as a
     # small GPU would, so the batch-split path runs end to end on a CPU (0: off).
     fault_oom_above_rows: int = 0

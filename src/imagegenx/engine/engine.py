@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -29,9 +30,12 @@ from imagegenx.engine.validation import validate_job
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.loader import LoadedModel
 from imagegenx.pipelines.flow import FlowRunner
+from imagegenx.pipelines.preview import latent_preview, preview_due
 from imagegenx.pipelines.sample import Sample, to_uint8
 from imagegenx.pipelines.sd import SDRunner
 from imagegenx.types import GeneratedImage, JobSpec, JobStatus, ProgressEvent, Timings, UserError
+
+log = logging.getLogger("imagegenx.engine")
 
 Listener = Callable[[ProgressEvent], None]
 
@@ -208,9 +212,9 @@ class Engine:
             self.metrics.step_seconds.observe(elapsed)
             for sample in running:
                 sample.times["denoise_s"] = sample.times.get("denoise_s", 0.0) + elapsed
-                self._emit(
-                    ProgressEvent(sample.job.job_id, JobStatus.RUNNING, sample.index, sample.total_steps)
-                )
+                job_id, step, total = sample.job.job_id, sample.index, sample.total_steps
+                preview = self._preview(model, sample) if preview_due(step, total) else None
+                self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total, preview=preview))
             finished = [s for s in running if s.done]
             running = [s for s in running if not s.done]
             if finished:
@@ -219,6 +223,16 @@ class Engine:
                 free = self.scheduler.max_batch_size(key) - len(running)
                 joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
                 self.metrics.waiting.set(len(self.scheduler))
+
+    def _preview(self, model: LoadedModel, sample: Sample) -> bytes | None:
+        """A latent-to-RGB JPEG for the progress event; a failure costs the preview, never the job."""
+        if not self.settings.engine.step_previews:
+            return None
+        try:
+            return latent_preview(sample.latents, model.family)
+        except Exception:
+            log.exception("step preview of %s failed", sample.job.job_id)
+            return None
 
     def _runner(self, model: LoadedModel) -> SDRunner | FlowRunner:
         """One runner per resident model, kept with it (evicting the model drops its runner too)."""

@@ -8,6 +8,7 @@ either finished again or, if the row is already final, simply acknowledged.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import logging
@@ -376,9 +377,10 @@ class ServiceWorker:
                 return
             self.service.notify(event.job_id)
         progress = min(99, int(100 * event.step / event.total))
-        self.service.events.publish(
-            event.job_id, {"status": str(TaskStatus.PROCESSING), "progress": progress}
-        )
+        data = {"status": str(TaskStatus.PROCESSING), "progress": progress}
+        if event.preview:  # a small JPEG of the latents, for the page's queue
+            data["preview"] = "data:image/jpeg;base64," + base64.b64encode(event.preview).decode()
+        self.service.events.publish(event.job_id, data)
         if progress - self._last_progress.get(event.job_id, -100) >= 5:
             self._last_progress[event.job_id] = progress
             with contextlib.suppress(StorageUnavailable):

@@ -23,8 +23,9 @@ function render(entry) {
     onclick: guard(() => cancelTask(view.task_id)),
   });
   const thumb = el("img", { className: "thumb", alt: "" });
-  const preview = view.urls["256"] || view.urls.original;
-  if (preview) imageUrl(preview).then((url) => (thumb.src = url), () => {});
+  const result = view.urls["256"] || view.urls.original;
+  if (result) imageUrl(result).then((url) => (thumb.src = url), () => {});
+  else if (entry.preview && !final) thumb.src = entry.preview; // the latents seen as RGB, mid-run
   entry.item.replaceChildren(
     thumb,
     el(
@@ -56,6 +57,7 @@ async function follow(entry) {
       entry.view.status = event.status;
       entry.view.progress = event.progress;
       entry.stage = event.stage || "";
+      if (event.preview) entry.preview = event.preview;
       render(entry);
     });
     await refreshTask(id); // the final state carries the result URLs and any error
