@@ -97,10 +97,6 @@ class SeaweedS3:
             retry_config={"max_retries": 0},
         )
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self, timeout_s: float = 60.0) -> None:
         flags = [f"-{flag}={port}" for flag, port in self.ports.items()]
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - handed to the process
