@@ -116,6 +116,8 @@ def test_file_url_and_unsupported_schemes(tmp_path):
     assert (tmp_path / "viaurl" / "a" / "b.txt").read_bytes() == b"x"
     with pytest.raises(NotImplementedError):
         BlobStore("gs://bucket/prefix", tmp_path / "spool")
+    with pytest.raises(ValueError, match="name the bucket"):
+        BlobStore("s3:///prefix", tmp_path / "spool")
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,8 @@ def _open_store(blob_url: str, s3: S3Config) -> LocalStore | S3Store:
     if scheme == "" or len(scheme) == 1:  # a plain path (one letter: a Windows drive)
         return LocalStore(Path(blob_url).expanduser(), mkdir=True, automatic_cleanup=True)
     if scheme == "s3":
+        if not urlsplit(blob_url).netloc:
+            raise ValueError(f"blob store {blob_url!r}: name the bucket, as in s3://bucket/prefix")
         config = {
             "endpoint": s3.endpoint,
             "region": s3.region,
