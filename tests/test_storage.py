@@ -136,6 +136,22 @@ def test_migrations_are_idempotent_and_match_the_tables(db_url):
         engine.dispose()
 
 
+def test_the_alembic_command_line_takes_plain_postgresql_urls(request):
+    from alembic import command
+
+    fresh = create_database()
+    request.addfinalizer(lambda: drop_database(fresh))
+    plain = fresh.set(drivername="postgresql").render_as_string(hide_password=False)
+    command.upgrade(migrate.alembic_config(plain), "head")  # env.py builds its own engine here
+    engine = make_engine(plain, pooled=False)
+    try:
+        with engine.connect() as conn:
+            assert engine.dialect.driver == "psycopg"
+            assert migrate.current_revision(conn) == HEAD
+    finally:
+        engine.dispose()
+
+
 def test_concurrent_first_upgrades_serialize(tmp_path, request):
     """Processes starting at once on an empty database all succeed and the schema is made once; threads
     migrating different databases at once do not trip over Alembic's module-level state either.

@@ -2,13 +2,15 @@
 
 ``imagegenx.storage.migrate.upgrade`` runs it programmatically and hands over an open connection in
 ``config.attributes["connection"]`` (inside its own transaction, so concurrent starters serialize).
-Run by the ``alembic`` command line instead, it builds an engine from ``sqlalchemy.url``.
+Run by the ``alembic`` command line instead, it builds an engine from ``sqlalchemy.url`` the way the
+task store does (``postgresql://`` means psycopg 3).
 """
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+
+from imagegenx.storage.tasks import make_engine
 
 config = context.config
 
@@ -26,7 +28,7 @@ if context.is_offline_mode():
 elif (shared := config.attributes.get("connection")) is not None:
     _run(shared)
 else:
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    engine = make_engine(config.get_main_option("sqlalchemy.url"), pooled=False)
     try:
         with engine.begin() as connection:
             _run(connection)
