@@ -1,5 +1,6 @@
 """Scale-out fault tests: `imagegenx api` and `imagegenx worker` as real processes on one machine,
-sharing a fresh PostgreSQL database and an S3 server (SeaweedFS); tiny models on the CPU.
+sharing a fresh PostgreSQL database, a NATS JetStream queue (and cancel subject) and an S3 server
+(SeaweedFS); tiny models on the CPU.
 
 One cluster serves the whole module (process start-up dominates the cost), so the tests run in file
 order and each leaves the workers it needs for the next. Leases last 3 s and a job may be delivered
@@ -12,6 +13,7 @@ import json
 import signal
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +23,7 @@ import obstore
 import pytest
 
 from imagegenx.api.webhooks import sign
+from imagegenx.queue.jetstream import JetStreamQueue
 from support.cluster import Cluster, Node
 from support.server import free_port
 from support.services import create_database, drop_database
@@ -85,13 +88,15 @@ class Scene:
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory, s3_server):
+def scene(tmp_path_factory, s3_server, nats_url):
     root = tmp_path_factory.mktemp("cluster")
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     hooks = f"127.0.0.1:{receiver.server_port}"
-    prefix = f"scaleout-{root.name}"
+    prefix = stream = f"scaleout-{uuid.uuid4().hex[:12]}"
     env = {
+        "IMAGEGENX_QUEUE__URL": nats_url,
+        "IMAGEGENX_QUEUE__STREAM": stream,
         "IMAGEGENX_SERVICE__ALLOWED_PRIVATE_HOSTS": json.dumps([hooks]),
         "IMAGEGENX_SERVICE__LEASE_S": str(LEASE_S),
         "IMAGEGENX_SERVICE__MAX_DELIVERIES": str(MAX_DELIVERIES),
@@ -109,6 +114,9 @@ def scene(tmp_path_factory, s3_server):
         cluster.close()
         receiver.shutdown()
         drop_database(database)
+        queue = JetStreamQueue(nats_url, stream, ack_wait_s=LEASE_S)
+        queue.drop()
+        queue.close()
 
 
 def _maps(node: Node) -> str:

@@ -184,5 +184,4 @@ def run_worker(settings: Settings, *, owner: str | None = None, grace_s: float =
         print(f"worker {owner} stopped; {len(given_back)} job(s) given back", flush=True)
     finally:
         engine.close()
-        service.webhooks.close()
-        service.store.close()
+        service.close()

@@ -104,7 +104,9 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> 
 
 
 def build_service(settings: Settings) -> Service:
-    """The service every role shares: task store, queue, blob store and webhook sender (no torch)."""
+    """The service every role shares (no torch): task store, job queue, cancel bus, blob store and
+    webhook sender. The queue and the cancel bus are in-process, or NATS when ``queue.url`` is set."""
+    from imagegenx.queue.factory import open_cancel_bus, open_queue
     from imagegenx.storage.blobs import BlobStore
     from imagegenx.storage.tasks import TaskStore
 
@@ -112,9 +114,11 @@ def build_service(settings: Settings) -> Service:
     service = Service(
         settings=settings,
         store=store,
-        queue=_open_queue(settings, store),
+        queue=open_queue(settings.queue, store.engine, lease_s=settings.service.lease_s),
         blobs=BlobStore.from_settings(settings.storage),  # a local folder or S3
     )
+    service.cancel_bus = open_cancel_bus(settings.queue)
+    service.on_cancel = service.cancel_bus.publish  # workers subscribe (engine.worker.ServiceWorker)
     allowed = settings.service.allowed_private_hosts
     service.webhooks = WebhookSender(
         _webhook_secret(settings),
@@ -122,19 +126,6 @@ def build_service(settings: Settings) -> Service:
         check=functools.partial(check_url, allow_hosts=allowed),
     )
     return service
-
-
-def _open_queue(settings: Settings, store: Any):
-    """The embedded queue (rows in the task database) unless ``queue.url`` names a NATS server."""
-    if not settings.queue.url:
-        from imagegenx.queue.embedded import EmbeddedQueue
-
-        return EmbeddedQueue(store.engine)
-    try:
-        from imagegenx.queue.factory import open_queue
-    except ImportError:
-        raise UserError(f"queue url {settings.queue.url!r}: this build has no NATS queue") from None
-    return open_queue(settings.queue, store.engine)
 
 
 def build_context(settings: Settings, *, run_worker: bool) -> AppContext:
@@ -180,8 +171,7 @@ def close_context(ctx: AppContext) -> None:
         ctx.worker.stop()
     if ctx.engine is not None:
         ctx.engine.close()
-    ctx.service.webhooks.close()
-    ctx.service.store.close()
+    ctx.service.close()
     ctx.limiter.close()
 
 

@@ -80,8 +80,21 @@ class Service:
     blobs: BlobStore
     events: TaskEvents = field(default_factory=TaskEvents)
     webhooks: Any = None  # api.webhooks.WebhookSender, set by the app factory
-    on_cancel: Callable[[str], None] | None = None  # the in-process worker's cancel
+    # Called with a task id whose running job must stop: the cancel bus's publish where there is one
+    # (build_service), else the in-process worker's cancel.
+    on_cancel: Callable[[str], None] | None = None
+    cancel_bus: Any = None  # queue.cancel.CancelBus; workers subscribe to it
     avg_task_s: float = 1.0  # moving average, fed by the worker, for estimated times
+
+    def close(self) -> None:
+        """Close what this service holds: webhook deliveries (flushed), queue and bus connections, store."""
+        if self.webhooks is not None:
+            self.webhooks.close()
+        for backend in (self.cancel_bus, self.queue):
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+        self.store.close()
 
     # Accepting work -----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -73,8 +74,12 @@ class ServiceWorker:
         self._stop = threading.Event()
         self._draining = threading.Event()  # no new leases: the process is shutting down
         self._last_progress: dict[str, int] = {}
+        self._unsubscribe_cancels: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="imagegenx-worker", daemon=True)
-        service.on_cancel = self.cancel
+        if service.cancel_bus is not None:  # cancels from any process (an API node) reach this engine
+            self._unsubscribe_cancels = service.cancel_bus.subscribe(self.cancel)
+        else:
+            service.on_cancel = self.cancel
         engine.subscribe(self._on_engine_event)
 
     def start(self) -> None:
@@ -85,6 +90,8 @@ class ServiceWorker:
         self._thread.start()
 
     def stop(self) -> None:
+        if self._unsubscribe_cancels is not None:
+            self._unsubscribe_cancels()
         self._stop.set()
         self._thread.join(timeout=30)
         self._post.shutdown(wait=True)
