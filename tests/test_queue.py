@@ -1,9 +1,10 @@
 """Contract tests for the JobQueue backends, then what only the embedded (SQL) backend promises.
 
 Every contract test takes the ``backend`` fixture, parametrized over the backends: the embedded queue on
-a SQLite file and on a real PostgreSQL server (a fresh database per session, dropped afterwards; the
-PostgreSQL tests fail, never skip, when no server can be reached or started). A new backend (NATS
-JetStream) joins by adding a parameter to ``backend`` that builds a :class:`Backend`.
+a SQLite file and on a real PostgreSQL server (a fresh database per session, dropped afterwards), and the
+NATS JetStream queue (a fresh stream and KV bucket per queue, dropped afterwards). The PostgreSQL and
+JetStream tests fail, never skip, when no server can be reached or started. JetStream-only behaviour
+(real-time redelivery, heartbeats, publish de-duplication) is in ``tests/test_queue_jetstream.py``.
 
 The Hypothesis state machine checks every call against a plain model of the rules (``Model``) and,
 where the backend can show its stored state, that state against the model after every step.

@@ -20,7 +20,7 @@ from imagegenx.config import QueueSettings
 from imagegenx.queue.cancel import CancelBus, LocalCancelBus, NatsCancelBus
 from imagegenx.queue.embedded import EmbeddedQueue
 from imagegenx.queue.factory import open_cancel_bus, open_queue
-from imagegenx.queue.jetstream import TASK_HEADER, TOKEN_HEADER, JetStreamQueue
+from imagegenx.queue.jetstream import JetStreamQueue, message_headers
 
 T0 = 1_000_000.0
 
@@ -121,8 +121,7 @@ def test_jetstream_a_retried_publish_is_stored_once(nats_url, stream):
     q = JetStreamQueue(nats_url, stream)
     try:
         assert q.submit("a", 2, "k", now=T0)
-        record = q.records()["a"]
-        headers = {"Nats-Msg-Id": f"a:{record.token}", TASK_HEADER: "a", TOKEN_HEADER: record.token}
+        headers = message_headers(q.records()["a"])  # what the submit's publish sent
 
         async def publish_again():
             nc = await nats.connect(nats_url)

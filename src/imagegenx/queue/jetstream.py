@@ -20,13 +20,15 @@ Two JetStream objects per queue name ``S`` (``QueueSettings.stream``):
   later submit of the same id (the token differs), is stale: the lease that meets it acks it away.
 
 A lease fetches what is ready in every lane (up to ``window`` messages each, no waiting), ranks it by the
-contract's order (effective lane ``lane - floor(wait / aging_s)``, then enqueue time, then task id),
-keeps up to ``max_jobs`` of the best job's batch key and naks the rest at once, before returning. Those
-naks do not count as deliveries: the delivery count is the record's own, raised only when a lease takes
-the job (JetStream's ``num_delivered`` also counts these looks, so it would trip the cap early). So no
-per-key subjects or consumers are needed; the price is that a lease touches up to ``4 * window`` messages
-and that a batch-key top-up only sees each lane's first ``window`` jobs. The JetStream consumers have no
-``max_deliver``: the engine fails a job whose ``Lease.delivery`` is over its cap.
+contract's order from the messages' headers (effective lane ``lane - floor(wait / aging_s)``, then
+enqueue time, then task id), and takes jobs in that order by compare-and-set on their records: the
+best job that can be taken decides the batch key, then up to ``max_jobs`` of that key. Everything else
+is nacked back at once, before the lease returns. Those naks do not count as deliveries: the delivery
+count is the record's own, raised only when a lease takes the job (JetStream's ``num_delivered`` also
+counts these looks, so it would trip the cap early). So no per-key subjects or consumers are needed;
+the price is that a lease touches up to ``4 * window`` messages and that a batch-key top-up only sees
+each lane's first ``window`` jobs. The JetStream consumers have no ``max_deliver``: the engine fails a
+job whose ``Lease.delivery`` is over its cap (``ServiceSettings.max_deliveries``).
 
 Clocks: records keep the caller's times (``now=``), so leases, nack delays and ``recover_expired`` follow
 the caller's clock exactly, as the contract tests need. JetStream's own timers (``AckWait``, nak delays)
@@ -39,11 +41,13 @@ has run out too, and otherwise gives it back until then: keep ``AckWait`` equal 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from imagegenx.queue.base import LANES, JobQueue, Lease, check_duration, check_id, clock
 from imagegenx.queue.jetstream_records import DELETE, LEASED, NAME, READY, Record, RecordStore
@@ -51,8 +55,34 @@ from imagegenx.queue.natsloop import NatsThread, pull_now
 
 log = logging.getLogger(__name__)
 
-TASK_HEADER = "Imagegenx-Task"
-TOKEN_HEADER = "Imagegenx-Token"
+JOB_HEADER = "Imagegenx-Job"  # JSON: task id, token, batch key, enqueue time (what a lease ranks by)
+
+
+def message_headers(record: Record) -> dict[str, str]:
+    """The headers of a job's message; ``Nats-Msg-Id`` makes a retried publish a duplicate."""
+    job = [record.task_id, record.token, record.batch_key, record.enqueued_at]
+    return {"Nats-Msg-Id": f"{record.task_id}:{record.token}", JOB_HEADER: json.dumps(job)}
+
+
+@dataclass(frozen=True)
+class _Pulled:
+    """A message a lease fetched, with what its header says."""
+
+    msg: Any
+    lane: int
+    task_id: str
+    token: str
+    batch_key: str
+    enqueued_at: float
+
+    @classmethod
+    def of(cls, msg: Any, lane: int) -> _Pulled:
+        return cls(msg, lane, *json.loads(msg.headers[JOB_HEADER]))
+
+    def rank(self, now: float, aging_s: float) -> tuple[int, float, str]:
+        """The contract's order: effective lane (``lane - floor(wait / aging_s)``), enqueue time, id."""
+        wait = max(0.0, now - self.enqueued_at)
+        return self.lane - math.floor(wait / aging_s), self.enqueued_at, self.task_id
 
 
 def _nak_payload(delay_s: float) -> bytes:
@@ -153,11 +183,7 @@ class JetStreamQueue(JobQueue):
         """Publish ``record``'s message; a retry after a lost PubAck is de-duplicated by its msg id."""
         from nats.errors import TimeoutError as NatsTimeout
 
-        headers = {
-            "Nats-Msg-Id": f"{record.task_id}:{record.token}",
-            TASK_HEADER: record.task_id,
-            TOKEN_HEADER: record.token,
-        }
+        headers = message_headers(record)
         for attempt in range(3):
             try:
                 await self._js.publish(f"{self.stream}.jobs.{record.lane}", b"", headers=headers)
@@ -203,77 +229,76 @@ class JetStreamQueue(JobQueue):
     async def _lease(
         self, owner: str, max_jobs: int, lease_s: float, batch_key: str | None, now: float, real: bool
     ) -> list[Lease]:
-        window = max(self._window, max_jobs)
+        nc, window = self._nats.nc, max(self._window, max_jobs)
         pulled = await asyncio.gather(
-            *(pull_now(self._nats.nc, self.stream, f"P{lane}", window, self._timeout_s) for lane in LANES)
+            *(pull_now(nc, self.stream, f"P{n}", window, self._timeout_s) for n in LANES)
         )
-        messages = [m for lane in pulled for m in lane]
-        found = await asyncio.gather(*(self._records.get(m.headers[TASK_HEADER]) for m in messages))
-        stale, back, ready = [], [], []  # back: (message, seconds until it may be taken)
-        for msg, hit in zip(messages, found, strict=True):
-            if hit is None or hit[0].token != msg.headers.get(TOKEN_HEADER):
-                stale.append(msg)  # acked or removed (and maybe submitted again) meanwhile
-                continue
-            record = hit[0]
-            # A leased record's message only comes back when JetStream redelivered it (AckWait passed):
-            # takeable once the record's lease has run out too.
-            due = record.lease_until if record.state == LEASED else record.available_at
-            if due > now:
-                back.append((msg, due - now))
-            else:
-                ready.append((msg, hit))
-        ready.sort(key=lambda item: self._rank(item[1][0], now))
-        if batch_key is None and ready:
-            batch_key = ready[0][1][0].batch_key
-        chosen = [item for item in ready if item[1][0].batch_key == batch_key][:max_jobs]
-        picked = {id(msg) for msg, _ in chosen}
-        back += [(msg, 0.0) for msg, _ in ready if id(msg) not in picked]
+        # Ranked by what the messages say; the records then say which can be taken.
+        jobs = sorted(
+            (_Pulled.of(m, lane) for lane, ms in zip(LANES, pulled, strict=True) for m in ms),
+            key=lambda j: j.rank(now, self.aging_s),
+        )
         until = now + lease_s
+        taken: dict[int, Lease] = {}  # id(message) -> its lease
+        stale: set[int] = set()
+        wait: dict[int, float] = {}  # id(message) -> seconds until it may be taken
 
-        def take(msg) -> Callable[[Record], Record | None]:
+        async def take(job: _Pulled) -> None:
             def change(r: Record) -> Record | None:
-                if r.token != msg.headers[TOKEN_HEADER] or (r.state == LEASED and r.lease_until > now):
+                if r.token != job.token:
                     return None
-                return replace(
-                    r,
-                    state=LEASED,
-                    owner=owner,
-                    lease_until=until,
-                    deliveries=r.deliveries + 1,
-                    reply=msg.reply,
+                # A leased record's message only comes back when JetStream redelivered it (AckWait
+                # passed): takeable once the record's lease has run out too.
+                due = r.lease_until if r.state == LEASED else r.available_at
+                if due > now:
+                    wait[id(job.msg)] = due - now
+                    return None
+                changes = dict(
+                    owner=owner, lease_until=until, deliveries=r.deliveries + 1, reply=job.msg.reply
                 )
+                return replace(r, state=LEASED, **changes)
 
-            return change
-
-        taken = await asyncio.gather(
-            *(self._records.change(r.task_id, take(m), (r, rev)) for m, (r, rev) in chosen)
-        )
-        leases = []
-        for (msg, _), before in zip(chosen, taken, strict=True):
-            if before is None:
-                back.append((msg, 0.0))  # changed meanwhile (removed: the next lease drops it)
-            else:
-                leases.append(
-                    Lease(before.task_id, before.lane, before.batch_key, before.deliveries + 1, until)
+            before = await self._records.change(job.task_id, change)
+            if before is not None:
+                taken[id(job.msg)] = Lease(
+                    job.task_id, before.lane, before.batch_key, before.deliveries + 1, until
                 )
-        back.sort(key=lambda item: item[0].metadata.sequence.stream)  # keep the stream's order
-        await asyncio.gather(
-            *(self._reply(m.reply, b"+ACK") for m in stale),
-            *(self._reply(m.reply, _nak_payload(delay if real else 0.0)) for m, delay in back),
-        )
-        return leases
+            elif id(job.msg) not in wait:
+                stale.add(id(job.msg))  # acked or removed (and maybe submitted again) meanwhile
 
-    def _rank(self, record: Record, now: float) -> tuple[int, float, str]:
-        wait = max(0.0, now - record.enqueued_at)
-        return record.lane - math.floor(wait / self.aging_s), record.enqueued_at, record.task_id
+        tried = 0
+        if batch_key is None:  # the best job that can be taken decides the key
+            for job in jobs:
+                tried += 1
+                await take(job)
+                if taken:
+                    batch_key = job.batch_key
+                    break
+        more = [j for j in jobs[tried:] if j.batch_key == batch_key]
+        while more and len(taken) < max_jobs:
+            chunk, more = more[: max_jobs - len(taken)], more[max_jobs - len(taken) :]
+            await asyncio.gather(*(take(j) for j in chunk))
 
-    async def _settle(self, owner: str, task_id: str, change: Callable, payload: bytes) -> bool:
+        def answer(msg: Any) -> bytes:  # stale: gone for good; else back, when it may be taken
+            return b"+ACK" if id(msg) in stale else _nak_payload(wait.get(id(msg), 0.0) if real else 0.0)
+
+        rest = [j.msg for j in jobs if id(j.msg) not in taken]
+        rest.sort(key=lambda m: m.metadata.sequence.stream)  # back in the stream's order
+        await asyncio.gather(*(self._reply(m.reply, answer(m)) for m in rest))
+        return [taken[id(j.msg)] for j in jobs if id(j.msg) in taken]
+
+    async def _settle(
+        self, owner: str, task_id: str, change: Callable, payload: bytes, *, wait: bool = True
+    ) -> bool:
         """``change`` the record of a job ``owner`` holds, then send ``payload`` to its message."""
         before = await self._records.change(
             task_id, lambda r: change(r) if r.state == LEASED and r.owner == owner else None
         )
-        if before is not None:
-            await self._reply(before.reply, payload)
+        if before is not None and before.reply:
+            if wait:
+                await self._reply(before.reply, payload)
+            else:
+                await self._nats.nc.publish(before.reply, payload)
         return before is not None
 
     def heartbeat(
@@ -290,8 +315,9 @@ class JetStreamQueue(JobQueue):
         return [t for t, ok in zip(unique, self._nats.run(extend()), strict=True) if ok]
 
     def ack(self, owner: str, task_id: str) -> bool:
-        # The record goes first, so the id is free even if the ack is lost (the message is then stale).
-        return self._nats.run(self._settle(owner, task_id, lambda r: DELETE, b"+ACK"))
+        # The record goes first: the id is free and the ack is final even if the message's ack is lost
+        # (the message is then stale: dropped by a lease), so that one is not waited for.
+        return self._nats.run(self._settle(owner, task_id, lambda r: DELETE, b"+ACK", wait=False))
 
     def nack(self, owner: str, task_id: str, delay_s: float = 0.0, *, now: float | None = None) -> bool:
         check_duration("delay_s", delay_s)

@@ -61,6 +61,9 @@ class RecordStore:
         self.kv_stream = f"KV_{bucket}"
         self._timeout_s = timeout_s
         self.kv: Any = None
+        # What this client last wrote of the leases it took (record, revision): an ack or heartbeat
+        # from the same client then needs no read first.
+        self._held: dict[str, tuple[Record, int]] = {}
 
     async def open(self) -> None:
         """Create the bucket if it is missing (one value per key: no history is needed)."""
@@ -96,29 +99,37 @@ class RecordStore:
     ) -> Record | None:
         """Compare-and-set ``change(record)`` (a new record, ``DELETE``, or None to leave it).
 
-        Returns the record as it was before a change that was written, else None. ``found`` is a
-        record and revision just read, saving a read on the first try.
+        Returns the record as it was before a change that was written, else None. The first try uses
+        ``found`` (a record and revision the caller read) or what this client last wrote as a lease;
+        only a record read just now can make the change give up.
         """
         from nats.js.errors import APIError, KeyWrongLastSequenceError
 
+        guess = found or self._held.get(task_id)
         for _ in range(100):
-            found = found or await self.get(task_id)
-            if found is None:
+            current = guess or await self.get(task_id)
+            if current is None:
                 return None
-            record, revision = found
+            record, revision = current
             new = change(record)
             if new is None:
-                return None
+                if guess is None:
+                    return None
+                guess = None  # maybe out of date: read it
+                continue
             try:
+                self._held.pop(task_id, None)
                 if new is DELETE:
                     await self.kv.delete(record_key(task_id), last=revision)
                 else:
-                    await self.kv.update(record_key(task_id), new.encode(), last=revision)
+                    revision = await self.kv.update(record_key(task_id), new.encode(), last=revision)
+                    if new.state == LEASED and len(self._held) < 100_000:
+                        self._held[task_id] = (new, revision)
                 return record
             except (KeyWrongLastSequenceError, APIError) as exc:
                 if getattr(exc, "err_code", 10071) not in (10071, 10164):  # not "wrong last sequence"
                     raise
-                found = None  # someone else changed it meanwhile: read again
+                guess = None  # someone else changed it meanwhile: read again
         raise RuntimeError(f"task {task_id}: too many concurrent changes to its queue record")
 
     async def scan(self) -> list[tuple[Record, int]]:
