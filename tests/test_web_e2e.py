@@ -12,6 +12,7 @@ import io
 import re
 import subprocess
 import sys
+import threading
 import zipfile
 
 import httpx
@@ -29,9 +30,24 @@ TIMEOUT_MS = 60_000
 BLOB = re.compile("^blob:")
 
 
+def write_lora(folder) -> None:
+    """A real (random) kohya LoRA for the tiny SDXL UNet, named "grain"."""
+    from imagegenx.config import ModelSettings
+    from imagegenx.models.cache import ModelCache
+    from imagegenx.models.lora_files import write_kohya_lora
+
+    cache = ModelCache(ModelSettings(model_dir=folder / "m", lora_dir=folder, device="cpu"))
+    components = cache.get(MODEL).pipe.components
+    write_kohya_lora(folder / "grain.safetensors", components, text_prefixes={}, seed=3, scale=0.3)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("web"), model=MODEL).start()
+    server = Server(tmp_path_factory.mktemp("web"), model=MODEL)
+    lora = threading.Thread(target=write_lora, args=(server.root / "loras",))
+    lora.start()  # while the server warms up
+    server.start()
+    lora.join()
     try:
         yield server
     finally:
@@ -222,6 +238,21 @@ def test_inpaint_with_a_painted_mask(page, server, tmp_path):
     mask = Image.open(server.root / "blobs" / "inputs" / task_id / "mask").convert("L")
     assert mask.size == (64, 64) and set(np.unique(np.asarray(mask))) == {0, 255}
     assert mask.getpixel((32, 28)) == 255 and mask.getpixel((2, 2)) == mask.getpixel((60, 60)) == 0
+
+
+def test_lora_with_weight(page):
+    page.click("#g-lora-add")
+    expect(page.locator("#lora-names option[value=grain]")).to_have_count(1)  # offered from /loras
+    page.fill(".lora-row .lora-name", "grain")
+    page.fill(".lora-row .lora-weight", "0.8")
+    fill_generate(page, "a barn", seed=5)
+    task_id = submit(page)
+    tab(page, "queue")
+    expect(page.locator(f'#q-list [data-task="{task_id}"]')).to_have_attribute("data-status", "succeeded")
+    tab(page, "gallery")
+    page.locator(f'#h-grid [data-task="{task_id}"] .open').click()
+    expect(page.locator("#d-params tr", has_text="loras")).to_contain_text('"name":"grain","weight":0.8')
+    page.click("#d-close")
 
 
 def test_api_errors_are_shown(page):
