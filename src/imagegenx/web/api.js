@@ -63,7 +63,11 @@ const objectUrls = new Map();
 
 /** An object URL for an image the API serves; cached, since results never change. */
 export async function imageUrl(url) {
-  if (!objectUrls.has(url)) objectUrls.set(url, fetchBlob(url).then((b) => URL.createObjectURL(b)));
+  if (!objectUrls.has(url))
+    objectUrls.set(
+      url,
+      fetchBlob(url).then((b) => URL.createObjectURL(b)),
+    );
   try {
     return await objectUrls.get(url);
   } catch (err) {

@@ -16,12 +16,15 @@ function initKey() {
     $("#key-input").value = getKey();
     $("#key-dialog").showModal();
   });
-  $("#key-form").addEventListener("submit", guard(async () => {
-    setKey($("#key-input").value.trim());
-    keyButton();
-    clearError();
-    await start();
-  }));
+  $("#key-form").addEventListener(
+    "submit",
+    guard(async () => {
+      setKey($("#key-input").value.trim());
+      keyButton();
+      clearError();
+      await start();
+    }),
+  );
   $("#key-clear").addEventListener("click", () => {
     setKey("");
     $("#key-input").value = "";
@@ -48,7 +51,10 @@ const onView = {
 for (const tab of document.querySelectorAll("nav [role=tab]")) {
   tab.addEventListener("click", () => showView(tab.dataset.view));
 }
-document.addEventListener("view", guard((event) => onView[event.detail]?.()));
+document.addEventListener(
+  "view",
+  guard((event) => onView[event.detail]?.()),
+);
 $("#error-close").addEventListener("click", clearError);
 initKey();
 initGenerate();

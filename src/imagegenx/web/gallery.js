@@ -14,7 +14,11 @@ function query() {
   const q = new URLSearchParams({ page, page_size: PAGE_SIZE });
   const since = $("#h-since").value;
   if (since) q.set("since", String(Date.now() / 1000 - Number(since)));
-  for (const [name, id] of [["style", "#h-style"], ["status", "#h-status"], ["resolution", "#h-resolution"]]) {
+  for (const [name, id] of [
+    ["style", "#h-style"],
+    ["status", "#h-status"],
+    ["resolution", "#h-resolution"],
+  ]) {
     const v = $(id).value.trim();
     if (v) q.set(name, v);
   }
@@ -34,8 +38,14 @@ function card(task) {
     },
   });
   const thumb = task.urls["256"] || task.urls.original;
-  const img = thumb ? el("img", { alt: promptOf(task) }) : el("span", { className: "no-image", textContent: "no image" });
-  if (thumb) imageUrl(thumb).then((url) => (img.src = url), () => {});
+  const img = thumb
+    ? el("img", { alt: promptOf(task) })
+    : el("span", { className: "no-image", textContent: "no image" });
+  if (thumb)
+    imageUrl(thumb).then(
+      (url) => (img.src = url),
+      () => {},
+    );
   const size = task.width ? `${task.width}×${task.height}` : task.task_type;
   return el(
     "li",
@@ -68,7 +78,8 @@ export async function loadGallery() {
 function qcRows(task) {
   const meta = task.metadata || {};
   if (meta.qc) return Object.entries(meta.qc).filter(([, v]) => v !== null);
-  if (meta.shortlist) return meta.shortlist.map((s) => [`#${s.position} seed ${s.seed}`, `score ${s.qc.score}`]);
+  if (meta.shortlist)
+    return meta.shortlist.map((s) => [`#${s.position} seed ${s.seed}`, `score ${s.qc.score}`]);
   return [["—", "not scored (turn on QC scores when generating)"]];
 }
 
@@ -111,20 +122,32 @@ function reuse() {
 }
 
 export function initGallery() {
-  $("#h-filters").addEventListener("submit", guard(async (event) => {
-    event.preventDefault();
-    page = 1;
-    await loadGallery();
-  }));
-  $("#h-prev").addEventListener("click", guard(() => ((page -= 1), loadGallery())));
-  $("#h-next").addEventListener("click", guard(() => ((page += 1), loadGallery())));
+  $("#h-filters").addEventListener(
+    "submit",
+    guard(async (event) => {
+      event.preventDefault();
+      page = 1;
+      await loadGallery();
+    }),
+  );
+  $("#h-prev").addEventListener(
+    "click",
+    guard(() => ((page -= 1), loadGallery())),
+  );
+  $("#h-next").addEventListener(
+    "click",
+    guard(() => ((page += 1), loadGallery())),
+  );
   $("#h-select-all").addEventListener("change", (event) => {
     for (const box of document.querySelectorAll("#h-grid .pick:not(:disabled)")) {
       box.checked = event.target.checked;
       box.dispatchEvent(new Event("change"));
     }
   });
-  $("#h-zip").addEventListener("click", guard(() => download(`/api/v1/image/download.zip?task_ids=${[...selected].join(",")}`, "images.zip")));
+  $("#h-zip").addEventListener(
+    "click",
+    guard(() => download(`/api/v1/image/download.zip?task_ids=${[...selected].join(",")}`, "images.zip")),
+  );
   $("#d-close").addEventListener("click", () => $("#detail").close());
   $("#d-reuse").addEventListener("click", reuse);
 }

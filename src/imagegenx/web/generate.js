@@ -14,9 +14,28 @@ function addLora(name = "", weight = 1) {
   const row = el(
     "div",
     { className: "lora-row" },
-    el("input", { className: "lora-name", type: "text", value: name, placeholder: "LoRA name", "aria-label": "LoRA name" }),
-    el("input", { className: "lora-weight", type: "number", min: 0, max: 2, step: 0.05, value: weight, "aria-label": "LoRA weight" }),
-    el("button", { type: "button", className: "secondary", textContent: "Remove", onclick: () => row.remove() }),
+    el("input", {
+      className: "lora-name",
+      type: "text",
+      value: name,
+      placeholder: "LoRA name",
+      "aria-label": "LoRA name",
+    }),
+    el("input", {
+      className: "lora-weight",
+      type: "number",
+      min: 0,
+      max: 2,
+      step: 0.05,
+      value: weight,
+      "aria-label": "LoRA weight",
+    }),
+    el("button", {
+      type: "button",
+      className: "secondary",
+      textContent: "Remove",
+      onclick: () => row.remove(),
+    }),
   );
   row.querySelector(".lora-name").setAttribute("list", "lora-names");
   $("#g-loras").append(row);
@@ -24,7 +43,10 @@ function addLora(name = "", weight = 1) {
 
 function loras() {
   return [...document.querySelectorAll("#g-loras .lora-row")]
-    .map((row) => ({ name: row.querySelector(".lora-name").value.trim(), weight: Number(row.querySelector(".lora-weight").value) }))
+    .map((row) => ({
+      name: row.querySelector(".lora-name").value.trim(),
+      weight: Number(row.querySelector(".lora-weight").value),
+    }))
     .filter((lora) => lora.name);
 }
 
@@ -62,7 +84,10 @@ function paintMask() {
   let last = null;
   const point = (event) => {
     const box = canvas.getBoundingClientRect();
-    return [((event.clientX - box.left) * canvas.width) / box.width, ((event.clientY - box.top) * canvas.height) / box.height];
+    return [
+      ((event.clientX - box.left) * canvas.width) / box.width,
+      ((event.clientY - box.top) * canvas.height) / box.height,
+    ];
   };
   const stroke = (event) => {
     const [x, y] = point(event);
@@ -154,7 +179,8 @@ async function submit(event) {
     submitted = await api(`/image/${mode()}/upload`, { form });
   }
   for (const id of submitted.task_ids) track(id);
-  $("#g-status").textContent = `Queued task ${submitted.task_ids.map(shortId).join(", ")} — follow it in Queue.`;
+  $("#g-status").textContent =
+    `Queued task ${submitted.task_ids.map(shortId).join(", ")} — follow it in Queue.`;
 }
 
 /** Fill the form from a task's recorded parameters ("use these settings again"). */
@@ -165,7 +191,8 @@ export function fillForm(p) {
   set("#g-negative", p.negative_prompt);
   set("#g-style", "");
   set("#g-model", p.model);
-  if ($("#g-model").value !== p.model) $("#g-model").append(el("option", { value: p.model, textContent: p.model, selected: true }));
+  if ($("#g-model").value !== p.model)
+    $("#g-model").append(el("option", { value: p.model, textContent: p.model, selected: true }));
   set("#g-size", "");
   set("#g-width", p.width);
   set("#g-height", p.height);
@@ -186,18 +213,31 @@ export function fillForm(p) {
   $("#gen-form").elements.mode.value = m;
   showMode();
   if (m !== "text2img") set("#g-strength", p.strength);
-  $("#g-status").textContent = "Settings loaded" + (m === "text2img" ? "." : " — choose the input image again.");
+  $("#g-status").textContent =
+    "Settings loaded" + (m === "text2img" ? "." : " — choose the input image again.");
 }
 
 /** Fill the selects the server knows about (styles, models, LoRAs). */
 export async function loadOptions() {
   const [styles, models, loraNames] = await Promise.all([api("/styles"), api("/models"), api("/loras")]);
   const fill = (select, items) => {
-    select.replaceChildren(select.firstElementChild, ...items.map(([v, label]) => el("option", { value: v, textContent: label })));
+    select.replaceChildren(
+      select.firstElementChild,
+      ...items.map(([v, label]) => el("option", { value: v, textContent: label })),
+    );
   };
-  fill($("#g-style"), styles.map((s) => [s.name, s.label]));
-  fill($("#h-style"), styles.map((s) => [s.name, s.label]));
-  fill($("#g-model"), models.filter((m) => m.source !== "refused").map((m) => [m.name, `${m.name} (${m.family})`]));
+  fill(
+    $("#g-style"),
+    styles.map((s) => [s.name, s.label]),
+  );
+  fill(
+    $("#h-style"),
+    styles.map((s) => [s.name, s.label]),
+  );
+  fill(
+    $("#g-model"),
+    models.filter((m) => m.source !== "refused").map((m) => [m.name, `${m.name} (${m.family})`]),
+  );
   $("#lora-names").replaceChildren(...loraNames.map((n) => el("option", { value: n })));
 }
 
@@ -209,7 +249,8 @@ export function initGenerate() {
     const [w, h] = $("#g-size").value.split("x");
     if (h) [$("#g-width").value, $("#g-height").value] = [w, h];
   });
-  for (const id of ["#g-width", "#g-height"]) $(id).addEventListener("input", () => ($("#g-size").value = ""));
+  for (const id of ["#g-width", "#g-height"])
+    $(id).addEventListener("input", () => ($("#g-size").value = ""));
   $("#g-lora-add").addEventListener("click", () => addLora());
   paintMask();
   showMode();

@@ -28,7 +28,10 @@ function showStage(stage, progress, status) {
   const at = STAGES.indexOf(stage);
   $("#p-stages").replaceChildren(
     ...STAGES.map((name, i) =>
-      el("li", { textContent: name, className: i < at || status === "succeeded" ? "done" : i === at ? "current" : "" }),
+      el("li", {
+        textContent: name,
+        className: i < at || status === "succeeded" ? "done" : i === at ? "current" : "",
+      }),
     ),
   );
   $("#p-progress").value = status === "succeeded" ? 100 : progress;
@@ -48,7 +51,12 @@ function body() {
     face_fix: $("#p-facefix").checked,
     seed: seed === null ? null : Number(seed),
   };
-  for (const [name, id] of [["model", "#p-model"], ["instantid", "#p-instantid"], ["identitynet", "#p-identitynet"], ["arcface", "#p-arcface"]]) {
+  for (const [name, id] of [
+    ["model", "#p-model"],
+    ["instantid", "#p-instantid"],
+    ["identitynet", "#p-identitynet"],
+    ["arcface", "#p-arcface"],
+  ]) {
     if (text(id)) out[name] = text(id);
   }
   return out;
@@ -65,7 +73,16 @@ async function showResult(task) {
       return el(
         "li",
         { className: "card" },
-        el("button", { type: "button", className: "open", title: "Download", onclick: guard(() => download(url, `rank${entry.position}`)) }, img),
+        el(
+          "button",
+          {
+            type: "button",
+            className: "open",
+            title: "Download",
+            onclick: guard(() => download(url, `rank${entry.position}`)),
+          },
+          img,
+        ),
         el(
           "div",
           { className: "card-info scores" },
@@ -87,7 +104,9 @@ async function submit(event) {
   if (files.length < 1 || files.length > 3) throw new Error("Choose 1 to 3 selfies.");
   const request = { ...body(), selfies: await Promise.all(files.map(asDataUrl)) };
   if (!request.prompt) throw new Error("Write a prompt first.");
-  const { task_ids: [id] } = await api("/portrait", { json: request });
+  const {
+    task_ids: [id],
+  } = await api("/portrait", { json: request });
   $("#p-result").hidden = true;
   $("#p-submit").disabled = true;
   $("#p-cancel").hidden = false;
@@ -95,7 +114,11 @@ async function submit(event) {
   showStage("", 0, "queued");
   try {
     let stage = "";
-    await followEvents(id, (e) => showStage((stage = e.stage || stage), e.progress, e.status), running.abort.signal);
+    await followEvents(
+      id,
+      (e) => showStage((stage = e.stage || stage), e.progress, e.status),
+      running.abort.signal,
+    );
     const task = await api(`/image/task/${id}`);
     showStage(stage, task.progress, task.status);
     if (task.status === "succeeded") await showResult(task);
@@ -110,7 +133,10 @@ async function submit(event) {
 export function initPortraits() {
   $("#p-selfies").addEventListener("change", showPreviews);
   $("#p-form").addEventListener("submit", guard(submit));
-  $("#p-cancel").addEventListener("click", guard(async () => {
-    if (running) await api(`/image/task/${running.id}/cancel`, { method: "POST" });
-  }));
+  $("#p-cancel").addEventListener(
+    "click",
+    guard(async () => {
+      if (running) await api(`/image/task/${running.id}/cancel`, { method: "POST" });
+    }),
+  );
 }

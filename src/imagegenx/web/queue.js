@@ -13,7 +13,10 @@ let streams = 0;
 function render(entry) {
   const { view } = entry;
   const final = FINAL.has(view.status);
-  const progress = el("progress", { max: 100, value: final && view.status === "succeeded" ? 100 : view.progress });
+  const progress = el("progress", {
+    max: 100,
+    value: final && view.status === "succeeded" ? 100 : view.progress,
+  });
   const stage = entry.stage ? ` · ${entry.stage}` : "";
   const cancel = el("button", {
     type: "button",
@@ -24,16 +27,32 @@ function render(entry) {
   });
   const thumb = el("img", { className: "thumb", alt: "" });
   const result = view.urls["256"] || view.urls.original;
-  if (result) imageUrl(result).then((url) => (thumb.src = url), () => {});
+  if (result)
+    imageUrl(result).then(
+      (url) => (thumb.src = url),
+      () => {},
+    );
   else if (entry.preview && !final) thumb.src = entry.preview; // the latents seen as RGB, mid-run
   entry.item.replaceChildren(
     thumb,
     el(
       "div",
       { className: "task-info" },
-      el("div", {}, statusBadge(view.status), " ", el("code", { textContent: shortId(view.task_id) }), ` ${view.task_type}${view.width ? ` ${view.width}×${view.height}` : ""}`),
+      el(
+        "div",
+        {},
+        statusBadge(view.status),
+        " ",
+        el("code", { textContent: shortId(view.task_id) }),
+        ` ${view.task_type}${view.width ? ` ${view.width}×${view.height}` : ""}`,
+      ),
       el("div", { className: "prompt", textContent: promptOf(view) }),
-      el("div", { className: "progress-line" }, progress, el("span", { className: "percent", textContent: `${progress.value}%${stage}` })),
+      el(
+        "div",
+        { className: "progress-line" },
+        progress,
+        el("span", { className: "percent", textContent: `${progress.value}%${stage}` }),
+      ),
       view.error ? el("div", { className: "error-text", textContent: view.error }) : null,
     ),
     cancel,
@@ -80,7 +99,12 @@ function startStreams() {
 function add(view) {
   let entry = tasks.get(view.task_id);
   if (!entry) {
-    entry = { view, item: el("li", { className: "task", "data-task": view.task_id }), streaming: false, stage: "" };
+    entry = {
+      view,
+      item: el("li", { className: "task", "data-task": view.task_id }),
+      streaming: false,
+      stage: "",
+    };
     tasks.set(view.task_id, entry);
     $("#q-list").prepend(entry.item);
   } else if (!entry.streaming) {
@@ -123,5 +147,8 @@ export async function refreshQueue(prune = false) {
 }
 
 export function initQueue() {
-  $("#q-refresh").addEventListener("click", guard(() => refreshQueue(true)));
+  $("#q-refresh").addEventListener(
+    "click",
+    guard(() => refreshQueue(true)),
+  );
 }
