@@ -147,14 +147,7 @@ class JetStreamQueue(JobQueue):
                 ack_wait=self._ack_wait_s,
                 max_ack_pending=1_000_000,  # every held job; the default (1000) would stall deliveries
             )
-            try:
-                await self._js.add_consumer(self.stream, consumer)
-            except BadRequestError as exc:
-                info = await self._js.consumer_info(self.stream, f"P{lane}")
-                raise ValueError(
-                    f"JetStream consumer {self.stream}/P{lane} exists with AckWait "
-                    f"{info.config.ack_wait}s, not {self._ack_wait_s}s: delete it or use that lease time"
-                ) from exc
+            await self._js.add_consumer(self.stream, consumer)  # or updates its AckWait
         self._records = RecordStore(self._js, f"{self.stream}-jobs", self._timeout_s)
         await self._records.open()
 
