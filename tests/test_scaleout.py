@@ -23,13 +23,16 @@ import obstore
 import pytest
 
 from imagegenx.api.webhooks import sign
+from imagegenx.cli_roles import parse_gpus, visible_gpus
 from imagegenx.queue.jetstream import JetStreamQueue
+from imagegenx.types import UserError
 from support.cluster import Cluster, Node
 from support.server import free_port
 from support.services import create_database, drop_database
 
 LEASE_S = 3
 MAX_DELIVERIES = 2
+GRACE_S = 2.5  # a SIGTERMed worker's time to finish its jobs
 FINAL = {"succeeded", "failed", "canceled", "expired"}
 
 
@@ -189,7 +192,7 @@ def test_cancel_through_the_api_node_stops_the_job_on_its_worker(scene):
 
 
 def test_api_node_restarted_under_load_loses_no_accepted_task(scene):
-    scene.workers["w3"] = scene.cluster.start_worker("w3")
+    scene.workers["w3"] = scene.cluster.start_worker("w3", args=("--grace", str(GRACE_S)))
     port = int(scene.url.rsplit(":", 1)[1])
     accepted: list[str] = []
     refused = 0
@@ -226,18 +229,19 @@ def test_api_node_restarted_under_load_loses_no_accepted_task(scene):
     assert len(set(accepted)) == len(accepted)
 
 
-def test_sigterm_lets_the_running_job_finish(scene):
+def test_sigterm_finishes_what_fits_in_the_grace_time_and_gives_back_the_rest(scene):
     worker, other = scene.workers.pop("w3"), scene.workers["w2"]
-    other.signal(signal.SIGSTOP)  # the job goes to the worker about to be stopped
+    other.signal(signal.SIGSTOP)  # both jobs go to the worker about to be stopped
     try:
-        (task_id,) = scene.submit(["finish me"], steps=60)
-        scene.wait([task_id], lambda v: v["status"] == "processing" and v["progress"] > 0)
+        (short,) = scene.submit(["finish me"], steps=20)  # ~1 s: inside the grace time
+        (long,) = scene.submit(["give me back"], steps=150)  # ~5 s: not
+        scene.wait([short, long], lambda v: v["status"] == "processing" and v["progress"] > 0)
         assert worker.stop() == 0
     finally:
         other.signal(signal.SIGCONT)
-    assert "stopped; 0 job(s) given back" in worker.log.read_text()
-    (view,) = scene.wait([task_id], lambda v: v["status"] in FINAL)
-    assert view["status"] == "succeeded" and view["attempts"] == 1
+    assert "stopped; 1 job(s) given back" in worker.log.read_text(), worker.tail()
+    views = scene.wait([short, long], lambda v: v["status"] in FINAL)
+    assert [(v["status"], v["attempts"]) for v in views] == [("succeeded", 1), ("succeeded", 2)]
 
 
 def test_poison_job_fails_with_the_delivery_cap_reason(scene):
@@ -256,3 +260,12 @@ def test_poison_job_fails_with_the_delivery_cap_reason(scene):
     assert view["status"] == "failed"
     assert view["error"] == f"gave up after {MAX_DELIVERIES} attempts that did not finish"
     assert last.proc.poll() is None  # the third delivery was refused, not run
+
+
+def test_gpus_option():
+    assert parse_gpus(None) is None and parse_gpus(" ") is None  # one worker on the configured device
+    assert parse_gpus("0,1") == ["0", "1"] and parse_gpus("3") == ["3"]
+    assert parse_gpus("all") == (visible_gpus() or None)  # a CPU machine: one CPU worker
+    for bad in ("gpu0", "0,0", ",", "-1"):
+        with pytest.raises(UserError):
+            parse_gpus(bad)

@@ -111,9 +111,11 @@ class Cluster:
         module: str = "imagegenx.cli",
         wait: bool = True,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> Node:
-        """A worker (``module``: a test wrapper around the CLI, for a worker that crashes on purpose)."""
-        node = self._start(name, [sys.executable, "-m", module, "worker"], env)
+        """A worker (``module``: a test wrapper around the CLI, for a worker that crashes on purpose;
+        ``env``: settings of this worker alone; ``args``: more options, e.g. ``--gpus 0,1``)."""
+        node = self._start(name, [sys.executable, "-m", module, "worker", *args], env)
         if wait:
             node.wait_for_line(" ready (")
         return node
