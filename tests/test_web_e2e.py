@@ -255,6 +255,21 @@ def test_lora_with_weight(page):
     page.click("#d-close")
 
 
+def test_several_images_at_once(page):
+    fill_generate(page, "two owls", seed=40)
+    page.fill("#g-count", "2")
+    page.click("#g-submit")
+    expect(page.locator("#g-status")).to_contain_text("Queued task")
+    tab(page, "queue")
+    owls = page.locator("#q-list .task", has_text="two owls")
+    expect(owls).to_have_count(2)
+    for i in range(2):
+        expect(owls.nth(i)).to_have_attribute("data-status", "succeeded")
+    tab(page, "generate")
+    page.check("input[name=mode][value=img2img]")  # batches are text to image only
+    expect(page.locator("#g-count")).to_be_hidden()
+
+
 def test_api_errors_are_shown(page):
     fill_generate(page, "wrong size", size=100)
     page.click("#g-submit")

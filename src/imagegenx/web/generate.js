@@ -59,6 +59,7 @@ function showMode() {
   $("#g-source").hidden = m === "text2img";
   $("#g-mask-tools").hidden = m !== "inpaint";
   $("#g-mask").hidden = m !== "inpaint";
+  $("#g-count").closest("label").hidden = m !== "text2img"; // batches are text to image only
   $("#g-strength").value = m === "inpaint" ? "1" : "0.75";
 }
 
@@ -165,7 +166,13 @@ async function submit(event) {
   const body = params();
   if (!body.text) throw new Error("Write a prompt first.");
   let submitted;
-  if (mode() === "text2img") {
+  const count = number("#g-count");
+  if (mode() === "text2img" && count > 1) {
+    // One batch: with a seed, image i gets seed + i.
+    submitted = await api("/image/batch-generate", {
+      json: { ...body, texts: [body.text], batch_size: count },
+    });
+  } else if (mode() === "text2img") {
     submitted = await api("/image/generate", { json: body });
   } else {
     if (!sourceFile) throw new Error("Choose an input image first.");
