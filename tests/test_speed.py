@@ -51,3 +51,22 @@ def test_channels_last_and_fused_qkv_give_the_same_images(tmp_path, reference):
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(ValidationError, match="max-autotune"):
         ModelSettings(compile="fastest")
+
+
+def test_uint8_pixels_made_on_the_device_equal_the_float_path(tmp_path):
+    """The engine asks the runner for uint8 pixels (a quarter of the host copy): same bytes as rounding
+    the [0, 1] floats on the host."""
+    from imagegenx.pipelines.sample import to_uint8
+
+    with Engine(make_settings(tmp_path)) as engine:
+        runner = engine._runner(engine.models.get("random:tiny-sdxl"))
+        assert runner.uint8_output
+        samples = runner.prepare(JOBS[:2])
+        while not all(s.done for s in samples):
+            runner.step(samples)
+        as_uint8 = runner.decode(samples)
+        runner.uint8_output = False
+        as_float = runner.decode(samples)
+    for small, full in zip(as_uint8, as_float, strict=True):
+        assert small.dtype == np.uint8 and full.dtype == np.float32 and small.shape == (64, 64, 3)
+        assert np.array_equal(small, to_uint8(full))

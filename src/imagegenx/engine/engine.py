@@ -238,7 +238,11 @@ class Engine:
         """One runner per resident model, kept with it (evicting the model drops its runner too)."""
         runner = model.extras.get("runner")
         if runner is None:
-            runner = SDRunner(model) if model.uses_engine_loop else FlowRunner(model)
+            if model.uses_engine_loop:
+                runner = SDRunner(model)
+                runner.uint8_output = True  # results become uint8 anyway: convert before the host copy
+            else:
+                runner = FlowRunner(model)
             if (rows := self.settings.engine.fault_oom_above_rows) > 0 and isinstance(runner, SDRunner):
                 runner.before_unet = functools.partial(_simulated_oom, rows)
             model.extras["runner"] = runner

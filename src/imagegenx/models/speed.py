@@ -1,7 +1,9 @@
 """Speed-ups applied to a loaded model's components, each a setting so it can be measured on and off.
 
-- ``channels_last``: NHWC memory format for the UNet and VAE convolutions; cuDNN then uses tensor
-  cores without layout transposes (on by default on CUDA, where it helps; off on the CPU).
+- ``channels_last``: NHWC memory format for the UNet's convolutions; cuDNN then uses tensor cores
+  without layout transposes (on by default on CUDA, where it helps; off on the CPU). Not for the VAE:
+  its GroupNorms copy NHWC activations back and forth, and an SDXL 1024² decode was 25% slower in
+  channels_last on an H200 (benchmarks/2026-11-29b-vae-layout-h200.json).
 - ``fuse_qkv``: one projection for attention's q, k and v (diffusers' ``fuse_qkv_projections``).
   Off by default: LoRAs target ``to_q``/``to_k``/``to_v`` and a fused model cannot take them.
 - ``compile``: ``torch.compile`` of the UNet (``default``, ``reduce-overhead`` for CUDA graphs, or
@@ -30,10 +32,10 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     channels_last = settings.channels_last if settings.channels_last is not None else device.type == "cuda"
     if channels_last:
-        for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
-        applied["channels_last"] = True
+        unet = getattr(pipe, "unet", None)
+        if unet is not None:
+            unet.to(memory_format=torch.channels_last)
+            applied["channels_last"] = True
     if settings.fuse_qkv and denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
         denoiser.fuse_qkv_projections()
         applied["fuse_qkv"] = True

@@ -65,5 +65,7 @@ def decode_input_image(data: bytes, what: str, mode: str = "RGB") -> Image.Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats → uint8, rounded as diffusers' numpy_to_pil does."""
+    """[0, 1] floats → uint8, rounded as diffusers' numpy_to_pil does (uint8 passes through)."""
+    if images.dtype == np.uint8:
+        return images
     return (images * 255).round().astype(np.uint8)
