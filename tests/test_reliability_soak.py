@@ -25,8 +25,9 @@ def test_soak_accounts_for_every_task_and_leaks_nothing(tmp_path):
     for outcome in ("succeeded", "canceled", "refused_invalid", "rejected_busy", "expired"):
         assert outcomes.get(outcome, 0) > 0, outcomes
     start, half, end = (report["server"][k] for k in ("start", "half", "end"))
-    # Pools grow in the first half; from then on nothing may keep growing.
-    assert end["threads"] <= half["threads"] + 4, report["server"]
+    # Pools grow in the first half; from then on nothing may keep growing. Threads come and go with
+    # AnyIO's pool (at most 40 for sync routes, idle ones exit): bounded, not compared.
+    assert end["threads"] < 64, report["server"]
     assert end["open_files"] <= half["open_files"] + 4, report["server"]
     assert end["sockets"] <= half["sockets"] + 8, report["server"]
     assert end["rss_mib"] - half["rss_mib"] < 64, report["server"]

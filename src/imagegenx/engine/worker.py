@@ -345,6 +345,10 @@ class ServiceWorker:
             service.queue.nack(self.owner, task_id, delay_s=5.0)
             return
         metadata = image_metadata(image)
+        # The database was away all through the job, so its start was never recorded: record it now,
+        # else the fenced succeed below finds no running attempt and the task would be acked unfinished.
+        if not job.started:
+            job.started = service.store.start(task_id, job.attempt)
         if service.store.succeed(task_id, job.attempt, results, metadata):
             elapsed = image.timings.total_s
             service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
@@ -378,8 +382,12 @@ class ServiceWorker:
             return
         job = self._in_flight.get(event.job_id)
         if job is not None and not job.started:
+            try:
+                started = self.service.store.start(event.job_id, job.attempt)
+            except StorageUnavailable:  # the database is away: try again at the next step
+                return
             job.started = True
-            if not self.service.store.start(event.job_id, job.attempt):  # cancelled meanwhile
+            if not started:  # cancelled meanwhile
                 self.engine.cancel(event.job_id)
                 return
             self.service.notify(event.job_id)
