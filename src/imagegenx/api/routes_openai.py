@@ -232,6 +232,7 @@ def failure(record: TaskRecord) -> TaskFailure:
 
 # Input images --------------------------------------------------------------------------------------
 
+
 def open_image(data: bytes, what: str) -> Image.Image:
     """A readable input image, decoded as stored (alpha kept), or ``UserError``."""
     return decode_image(data, what, mode=None)
