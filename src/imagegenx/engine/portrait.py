@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, as_completed
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -253,6 +254,9 @@ def run_portrait(
     total = len(finals) + 2
     tell("write", 0, total)
     fmt, files, listed = ImageFormat.parse(spec.image_format), {}, []
+    # Encoding a 4096² final takes seconds and Pillow's encoders release the GIL: one thread per image.
+    with ThreadPoolExecutor(max_workers=min(len(finals), os.cpu_count() or 1) or 1) as pool:
+        encoded = [None if "error" in f.post else pool.submit(encode_image, f, fmt) for f in finals]
     for position, (image, i) in enumerate(zip(finals, shortlist, strict=True), start=1):
         entry = {"position": position, "seed": image.job.seed, "draft": i}
         entry["passed_ssim_gate"] = image.post["qc"]["passed_ssim_gate"]
@@ -260,7 +264,7 @@ def run_portrait(
             listed.append(entry | {"error": image.post["error"]})
             continue
         stem = f"{position:02d}-seed{image.job.seed}"
-        files[stem + fmt.extension] = encode_image(image, fmt)
+        files[stem + fmt.extension] = encoded[position - 1].result()
         meta = image_metadata(image) | {"file": stem + fmt.extension} | entry
         files[stem + ".json"] = json.dumps(meta, indent=2).encode()
         listed.append({k: meta[k] for k in ("file", *entry, "qc", "postprocess_seconds") if k in meta})
