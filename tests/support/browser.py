@@ -1,12 +1,16 @@
 """Headless Chromium for the web page's end-to-end tests: Debian's ``chromium`` driven by Playwright.
 
-The browser is the system one (``apt-get install -y chromium``), never a Playwright download; a
-missing browser fails the tests. Screenshots go to ``test-artifacts/web/`` (git-ignored).
+The browser is the system one (Debian's ``chromium``), never a Playwright download. Like the servers
+other tests need, it is installed when missing and the tests run as root with apt (a fresh Debian
+machine or CI); otherwise a missing browser fails the tests. Screenshots go to
+``test-artifacts/web/`` (git-ignored).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,9 +26,27 @@ PHONE = {
 DESKTOP = {"viewport": {"width": 1280, "height": 900}}
 
 
+def _installed() -> bool:
+    return Path(CHROMIUM).is_file() or shutil.which("chromium") is not None
+
+
+def _install() -> str:
+    """Install Debian's chromium if this is root on an apt system; returns why not otherwise."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "not root on an apt system"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            return f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}"
+    return ""
+
+
 def chromium_path() -> str:
-    if not (Path(CHROMIUM).is_file() or shutil.which("chromium")):
-        pytest.fail(f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium`")
+    if not _installed():
+        why = _install()
+        if not _installed():
+            pytest.fail(f"no Chromium at {CHROMIUM} ({why}): install it with `apt-get install -y chromium`")
     return CHROMIUM if Path(CHROMIUM).is_file() else str(shutil.which("chromium"))
 
 
