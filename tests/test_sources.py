@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from conftest import make_settings
 from imagegenx.config import ModelSettings
 from imagegenx.models.cache import ModelCache
+from imagegenx.models.ldm_export import save_ldm_checkpoint
 from imagegenx.models.loader import LoadedModel, load_model
 from imagegenx.models.sources import ModelSource, list_archs, list_models, resolve
 from imagegenx.types import JobSpec, UserError
-from support.ldm_export import save_ldm_checkpoint
 
 WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
 PICKLE_WARNING = "unpickling can execute arbitrary code"
