@@ -12,12 +12,13 @@ import base64
 import contextlib
 import io
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 from opentelemetry import trace
@@ -69,6 +70,9 @@ class ServiceWorker:
         # the loop keeps leasing and heartbeating meanwhile (their leases stay ours until acked).
         self._storing: set[str] = set()
         self._post = ThreadPoolExecutor(1, thread_name_prefix="imagegenx-post")
+        # Storing an outcome is mostly encoding (WebP of the image and two thumbnails: ~60 ms of CPU for
+        # 512² here), which releases the GIL: the images of a group are stored in parallel.
+        self._store = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="imagegenx-store")
         self._portraits = ThreadPoolExecutor(2, thread_name_prefix="imagegenx-portrait")
         self._done: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
@@ -95,6 +99,7 @@ class ServiceWorker:
         self._stop.set()
         self._thread.join(timeout=30)
         self._post.shutdown(wait=True)
+        self._store.shutdown(wait=True)
         self._portraits.shutdown(wait=False, cancel_futures=True)  # a portrait cut short runs again
 
     def cancel(self, task_id: str) -> None:
@@ -283,8 +288,13 @@ class ServiceWorker:
             for spec, members in groups.items():
                 with tracer.start_as_current_span("postprocess", attributes={"tasks": len(members)}):
                     images = self._postprocess(spec, [image for _, _, image in members])
-                for (entry, record, _), image in zip(members, images, strict=True):
-                    self._store_outcome(entry, record, image)
+                stored = [
+                    self._store.submit(self._store_outcome, entry, record, image)
+                    for (entry, record, _), image in zip(members, images, strict=True)
+                ]
+                wait(stored)  # all of them, before an error below ends the group
+                for future in stored:
+                    future.result()  # an error leaves the job's lease: it comes back after expiry
         except Exception:  # the leases stay: the jobs come back after expiry
             log.exception("post-processing error")
         finally:
