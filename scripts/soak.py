@@ -123,7 +123,10 @@ class Soak:
 
     async def cancel_later(self, task_id: str) -> None:
         await asyncio.sleep(self.rng.uniform(0, 0.3))
-        response = await self.client.post(f"/api/v1/image/task/{task_id}/cancel")
+        try:
+            response = await self.client.post(f"/api/v1/image/task/{task_id}/cancel")
+        except httpx.TransportError:  # a kept-alive connection the server closed just then: once more
+            response = await self.client.post(f"/api/v1/image/task/{task_id}/cancel")
         if response.status_code not in (200, 409):
             self.errors.append(f"cancel {task_id} answered {response.status_code}: {response.text[:200]}")
 

@@ -244,8 +244,16 @@ _ERROR_STATUSES = {
 
 
 def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI documentation of the error statuses every route can answer, in a router's own shape."""
-    return {status: {"model": model, "description": text} for status, text in _ERROR_STATUSES.items()}
+    """OpenAPI documentation of the error statuses every route can answer, in a router's own shape.
+
+    Errors are JSON whatever the route's own media type (an SSE stream, an image download): FastAPI
+    files ``model`` under the route's media type, so the JSON body is documented explicitly too.
+    """
+    json_body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    return {
+        status: {"model": model, "description": text, "content": json_body}
+        for status, text in _ERROR_STATUSES.items()
+    }
 
 
 def _install_error_handlers(app: FastAPI) -> None:
