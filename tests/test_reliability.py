@@ -10,8 +10,6 @@ import json
 import re
 import socket
 import sqlite3
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from fastapi.routing import APIRoute
@@ -22,7 +20,8 @@ from imagegenx.api.app import create_app
 from imagegenx.api.lora_upload import check_safetensors, save_lora
 from imagegenx.config import Settings
 from imagegenx.types import UserError
-from support.server import Server, free_port
+from support.server import Server
+from test_api_security import _reply, _Server
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 IMG2IMG = "/api/v1/image/img2img"
@@ -33,26 +32,17 @@ S3_SECRET = "s3-secret-MARKER-7f3a9c"  # set in the server's environment; must n
 PUBLIC = {"/healthz", "/readyz", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/metrics"}
 
 
-class _Redirector(BaseHTTPRequestHandler):
-    """An allowed host that redirects to a private one: the hop must be checked again."""
-
-    def do_GET(self):
-        self.send_response(302)
-        self.send_header("Location", "http://127.0.0.1:9/secret" if "local" in self.path else "http://[::1]/")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def redirector():
-    port = free_port()
-    httpd = HTTPServer(("127.0.0.1", port), _Redirector)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield port
-    httpd.shutdown()
+    """An allowed host that redirects to private ones: each hop must be checked again."""
+    srv = _Server(
+        {
+            "/local": lambda h: _reply(h, 302, headers=[("Location", "http://127.0.0.1:9/secret")]),
+            "/v6": lambda h: _reply(h, 302, headers=[("Location", "http://[::1]/")]),
+        }
+    )
+    yield srv.port
+    srv.close()
 
 
 @pytest.fixture(scope="module")
