@@ -10,53 +10,62 @@ const MAX_STREAMS = 3;
 const tasks = new Map(); // task id → {view, item, streaming}
 let streams = 0;
 
-function render(entry) {
-  const { view } = entry;
-  const final = FINAL.has(view.status);
-  const progress = el("progress", {
-    max: 100,
-    value: final && view.status === "succeeded" ? 100 : view.progress,
-  });
-  const stage = entry.stage ? ` · ${entry.stage}` : "";
-  const cancel = el("button", {
-    type: "button",
-    className: "secondary cancel",
-    textContent: "Cancel",
-    disabled: final,
-    onclick: guard(() => cancelTask(view.task_id)),
-  });
-  const thumb = el("img", { className: "thumb", alt: "" });
-  const result = view.urls["256"] || view.urls.original;
-  if (result)
-    imageUrl(result).then(
-      (url) => (thumb.src = url),
-      () => {},
-    );
-  else if (entry.preview && !final) thumb.src = entry.preview; // the latents seen as RGB, mid-run
+/** The row's elements, made once: progress events update them in place, so the Cancel button
+ * stays put (a row rebuilt at every event would never be still long enough to click). */
+function build(entry) {
+  const id = entry.view.task_id;
+  const parts = {
+    thumb: el("img", { className: "thumb", alt: "" }),
+    badge: el("span"),
+    title: el("span"),
+    prompt: el("div", { className: "prompt" }),
+    progress: el("progress", { max: 100, value: 0 }),
+    percent: el("span", { className: "percent" }),
+    error: el("div", { className: "error-text", hidden: true }),
+    cancel: el("button", {
+      type: "button",
+      className: "secondary cancel",
+      textContent: "Cancel",
+      onclick: guard(() => cancelTask(id)),
+    }),
+  };
   entry.item.replaceChildren(
-    thumb,
+    parts.thumb,
     el(
       "div",
       { className: "task-info" },
-      el(
-        "div",
-        {},
-        statusBadge(view.status),
-        " ",
-        el("code", { textContent: shortId(view.task_id) }),
-        ` ${view.task_type}${view.width ? ` ${view.width}×${view.height}` : ""}`,
-      ),
-      el("div", { className: "prompt", textContent: promptOf(view) }),
-      el(
-        "div",
-        { className: "progress-line" },
-        progress,
-        el("span", { className: "percent", textContent: `${progress.value}%${stage}` }),
-      ),
-      view.error ? el("div", { className: "error-text", textContent: view.error }) : null,
+      el("div", {}, parts.badge, " ", el("code", { textContent: shortId(id) }), parts.title),
+      parts.prompt,
+      el("div", { className: "progress-line" }, parts.progress, parts.percent),
+      parts.error,
     ),
-    cancel,
+    parts.cancel,
   );
+  return parts;
+}
+
+function render(entry) {
+  const { view } = entry;
+  const parts = (entry.parts ||= build(entry));
+  const final = FINAL.has(view.status);
+  const badge = statusBadge(view.status);
+  parts.badge.className = badge.className;
+  parts.badge.textContent = badge.textContent;
+  parts.title.textContent = ` ${view.task_type}${view.width ? ` ${view.width}×${view.height}` : ""}`;
+  parts.prompt.textContent = promptOf(view);
+  parts.progress.value = final && view.status === "succeeded" ? 100 : view.progress;
+  parts.percent.textContent = `${parts.progress.value}%${entry.stage ? ` · ${entry.stage}` : ""}`;
+  parts.error.textContent = view.error || "";
+  parts.error.hidden = !view.error;
+  parts.cancel.disabled = final;
+  const result = view.urls["256"] || view.urls.original;
+  if (result && parts.shown !== result) {
+    parts.shown = result;
+    imageUrl(result).then(
+      (url) => (parts.thumb.src = url),
+      () => {},
+    );
+  } else if (!result && entry.preview && !final) parts.thumb.src = entry.preview; // latents as RGB
   entry.item.dataset.status = view.status;
   $("#q-empty").hidden = tasks.size > 0;
 }
