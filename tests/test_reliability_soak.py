@@ -11,7 +11,12 @@ SOAK = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 def test_soak_accounts_for_every_task_and_leaks_nothing(tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, str(SOAK), "--tasks", "300", "--json", str(out)],
+        # Twice the rate a quiet 2-core machine serves, and a small queue: it fills however fast the
+        # machine (CI alone served the default 40/s without a full queue: no 503 was seen).
+        [
+            *(sys.executable, str(SOAK), "--tasks", "300", "--rate", "80", "--concurrency", "32"),
+            *("--max-queued", "20", "--json", str(out)),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
