@@ -26,8 +26,8 @@ from transformers import (
 )
 
 from imagegenx.models.lora import LoraLibrary, LoraSet
-from imagegenx.types import LoraRef, UserError
 from imagegenx.models.lora_files import write_kohya_lora, write_peft_lora
+from imagegenx.types import LoraRef, UserError
 
 TOKENIZER_DIR = resources.files("imagegenx.models") / "tokenizers/clip"
 
