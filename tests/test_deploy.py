@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from imagegenx.api.app import create_app
-from imagegenx.config import Settings, StorageSettings
+from imagegenx.config import ServiceSettings, Settings, StorageSettings
 from imagegenx.engine.engine import Engine, JobFailed
 from imagegenx.engine.metrics import failure_reason
 from imagegenx.types import JobSpec, LoraRef
@@ -107,10 +107,11 @@ def scraped(tmp_path_factory) -> dict[str, set[str]]:
 
     tmp = tmp_path_factory.mktemp("deploy")
     storage = StorageSettings(database_url=f"sqlite:///{tmp / 'tasks.db'}", blob_url=str(tmp / "blobs"))
-    with TestClient(create_app(Settings(storage=storage), run_worker=False)) as client:
+    service = ServiceSettings(metrics_token="scrape-token")  # as the chart gives Prometheus
+    with TestClient(create_app(Settings(storage=storage, service=service), run_worker=False)) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/api/v1/image/task/nope").status_code == 401
-        api_text = client.get("/metrics").text
+        api_text = client.get("/metrics", headers={"Authorization": "Bearer scrape-token"}).text
     settings = make_settings(tmp)
     with Engine(settings) as engine:
         components = engine.models.get(MODEL).pipe.components

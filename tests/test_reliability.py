@@ -28,8 +28,10 @@ IMG2IMG = "/api/v1/image/img2img"
 JSON = {"Content-Type": "application/json"}
 S3_SECRET = "s3-secret-MARKER-7f3a9c"  # set in the server's environment; must never be shown anywhere
 # Served without a key, by design: liveness and readiness probes, the browser page and its static
-# files, the API's own description, and Prometheus scraping (deploy/prometheus scrapes without a key).
-PUBLIC = {"/healthz", "/readyz", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/metrics"}
+# files, and the API's own description (the same for everyone). /metrics takes an API key or the
+# scraper's token (test_metrics_take_a_key_or_the_scrapers_token).
+PUBLIC = {"/healthz", "/readyz", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+METRICS_TOKEN = "scrape-MARKER-51c2"
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def server(tmp_path_factory, redirector):
         "IMAGEGENX_SERVICE__ALLOWED_PRIVATE_HOSTS": json.dumps([f"127.0.0.1:{redirector}"]),
         "IMAGEGENX_SERVICE__MAX_LORA_BYTES": "4096",
         "IMAGEGENX_STORAGE__S3_SECRET_ACCESS_KEY": S3_SECRET,
+        "IMAGEGENX_SERVICE__METRICS_TOKEN": METRICS_TOKEN,
     }
     srv = Server(tmp_path_factory.mktemp("reliability"), env=env).start()
     yield srv
@@ -121,6 +124,16 @@ def test_every_route_needs_a_valid_key_except_the_public_ones(server, client):
     assert unprotected == []
     assert client.get("/api/v1/image/tasks").status_code == 200  # a valid key opens them
     assert client.get("/sdapi/v1/sd-models").status_code == 200
+
+
+def test_metrics_take_a_key_or_the_scrapers_token(server, client):
+    with server.client() as anonymous:
+        assert anonymous.get("/metrics").status_code == 401
+        assert anonymous.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        scraped = anonymous.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert scraped.status_code == 200 and "imagegenx_queue_depth" in scraped.text
+        assert anonymous.get("/metrics", headers={"X-API-Key": METRICS_TOKEN}).status_code == 401  # no key
+    assert "imagegenx_queue_depth" in client.get("/metrics").text  # any valid API key
 
 
 def test_keys_are_hashed_at_rest(server):

@@ -101,6 +101,9 @@ class ServiceSettings(BaseModel):
     max_lora_bytes: int = 512 * 1024 * 1024
     # Empty: rate limits kept in this process. redis://host:6379/0: shared by every API node.
     rate_limit_url: str = ""
+    # /metrics needs a valid API key, or this token as the bearer (what Prometheus is given). Empty:
+    # API keys only.
+    metrics_token: str = ""
     require_keys: bool = True  # false only for local experiments: every request is an anonymous free user
     webhook_retries: int = 5
     # "host:port" entries that image_url and callback_url may reach although they are private

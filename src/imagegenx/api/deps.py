@@ -26,14 +26,14 @@ def service(ctx: ContextDep) -> Service:
 ServiceDep = Annotated[Service, Depends(service)]
 
 
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
-_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key (alternative header)")
+bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key (alternative header)")
 
 
 def api_key(
     ctx: ContextDep,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    header: Annotated[str | None, Depends(_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    header: Annotated[str | None, Depends(key_header)],
 ) -> ApiKey:
     """The caller's key, checked on every request (a revoked key is refused at once)."""
     secret = header or (bearer.credentials if bearer else None) or None

@@ -1,14 +1,19 @@
-"""Operations routes: liveness, readiness, Prometheus metrics. No key needed."""
+"""Operations routes: liveness and readiness (no key needed), Prometheus metrics (an API key or the
+metrics token: they name models, LoRAs and load, which is not for anonymous callers)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from imagegenx.api.deps import ContextDep
+from imagegenx.api.deps import ContextDep, api_key, bearer_scheme, key_header
 
 router = APIRouter(tags=["operations"])
 
@@ -27,7 +32,24 @@ def readyz(ctx: ContextDep) -> Response:
     return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "2"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics_access(
+    ctx: ContextDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    header: Annotated[str | None, Depends(key_header)],
+) -> None:
+    """The scraper's token (compared in constant time), else any valid API key."""
+    token = ctx.settings.service.metrics_token
+    if token and bearer is not None and hmac.compare_digest(bearer.credentials.encode(), token.encode()):
+        return
+    api_key(ctx, bearer, header)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (an API key or the metrics token)",
+    response_class=Response,
+    dependencies=[Depends(metrics_access)],
+)
 def metrics(ctx: ContextDep, request: Request) -> Response:
     registry = CollectorRegistry()
     registry.register(_QueueCollector(ctx))
