@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, api_key, bearer_scheme, key_header
 
 router = APIRouter(tags=["operations"])
@@ -48,6 +49,7 @@ def metrics_access(
     "/metrics",
     summary="Prometheus metrics (an API key or the metrics token)",
     response_class=Response,
+    responses={k: v for k, v in error_responses(ErrorBody).items() if k in (401, 503)},
     dependencies=[Depends(metrics_access)],
 )
 def metrics(ctx: ContextDep, request: Request) -> Response:
