@@ -1,30 +1,46 @@
 #!/usr/bin/env bash
 # The commands behind BENCHMARKS.md, run on a lent GPU machine (see the device tool's README): the
-# image there has torch but not diffusers and the service's packages, so wheels travel in .gpu/whl
-# (and the real helper models' files in .gpu/site, .gpu2/site), installed into /tmp/site.
-#   scripts/gpu_bench.sh setup      # once per machine: wheels and model files into /tmp/site
-#   scripts/gpu_bench.sh eager|portrait|http|profile|compiled   # one part of the run, results in $OUT
+# image there has torch but not diffusers and the service's packages, so wheels and the helper models'
+# files travel in .gpu, .gpu2 and .gpu3 (built by scripts/gpu_carry.sh; one call carries at most
+# 64 MiB, so each folder goes in its own call, and `setup` installs whichever came into /tmp/site).
+#   scripts/gpu_bench.sh setup      # in each call that carries a folder
+#   scripts/gpu_bench.sh PART       # one part of the run, results in $OUT (parts below)
+# Each part stops itself after LIMIT seconds (default 540) with SIGINT: the bench writes its JSON after
+# every measured row, so a part cut short keeps what it measured. Inductor's cache stays in /tmp
+# while the machine is held, so a later part compiles the same graphs from the cache.
 set -uo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 OUT=${OUT:-out}
+LIMIT=${LIMIT:-540}
 mkdir -p "$OUT"
-run() { echo "+ $*"; "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/log.txt"; }
+run() { echo "+ $*"; timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/log.txt"; }
+bench() { run python3 -m imagegenx.cli bench "$@"; }
 case "${1:-}" in
 setup)
-    for dir in .gpu .gpu2; do
-        [ -d "$dir/whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --upgrade --target /tmp/site "$dir"/whl/*.whl
+    for dir in .gpu .gpu2 .gpu3; do
+        [ -d "$dir/whl" ] && ls "$dir"/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index \
+            --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
         [ -d "$dir/site" ] && cp -r "$dir"/site/. /tmp/site/
     done
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, diffusers; print(torch.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
     ;;
-eager)
-    run python3 -m imagegenx.cli bench cold-start flux-dev-1024-28 esrgan-x4-1024 vae-decode-1024 \
-        --peer-compile off --out "$OUT/bench-eager.json"
+eager) # every generation scenario beside both peers, nothing compiled
+    bench sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 vae-decode-1024 --peer-compile off --out "$OUT/bench-eager.json"
+    ;;
+eager2)
+    bench cold-start flux-dev-1024-28 --peer-compile off --out "$OUT/bench-eager2.json"
     ;;
 portrait)
-    run python3 -m imagegenx.cli bench portrait-100 --out "$OUT/bench-portrait.json"
+    bench esrgan-x4-1024 portrait-100 --out "$OUT/bench-portrait.json"
+    ;;
+compiled) # ours compiled (UNet and VAE, default mode) beside the recipe compiled in default mode
+    IMAGEGENX_MODELS__COMPILE=default bench sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 --peer diffusers-fast \
+        --peer-compile default --out "$OUT/bench-compiled.json"
+    ;;
+autotune) # ours compiled beside diffusers' recipe exactly as published: compile max-autotune
+    IMAGEGENX_MODELS__COMPILE=default bench "${SCENARIO:-sdxl-1024-30}" --peer diffusers-fast \
+        --peer-compile max-autotune --out "$OUT/bench-autotune.json"
     ;;
 http)
     # turbo-512-1 through the HTTP API: `imagegenx serve` with batches of 32, open-loop Poisson load
@@ -35,12 +51,8 @@ http)
 profile)
     run python3 scripts/profile_engine_gpu.py "$OUT"
     ;;
-compiled)
-    IMAGEGENX_MODELS__COMPILE=default run python3 -m imagegenx.cli bench sdxl-1024-30 \
-        --peer diffusers-fast --peer-compile default --out "$OUT/bench-compiled.json"
-    ;;
 *)
-    echo "usage: $0 setup|eager|portrait|http|profile|compiled" >&2
+    echo "usage: $0 setup|eager|eager2|portrait|compiled|autotune|http|profile" >&2
     exit 2
     ;;
 esac

@@ -6,6 +6,7 @@ carry), never a time: speed is measured on a GPU and recorded in BENCHMARKS.md.
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from imagegenx.bench.measure import Row, percentile
@@ -60,3 +61,33 @@ def test_row_figures():
     assert data["images_per_s"] == 2.0 and data["achieved_tflops"] == 20.0 and data["share_of_peak"] == 0.5
     assert data["p50_s"] == 0.5 and data["p99_s"] == 0.6
     assert percentile([3.0], 99) == 3.0
+
+
+def test_a_run_cut_short_keeps_the_rows_measured_before(tmp_path, monkeypatch):
+    """A GPU call can end inside a peer's compile: the rows measured before are already in the JSON,
+    marked partial."""
+    from rich.console import Console
+
+    from imagegenx.bench import report, scenarios
+    from imagegenx.bench.scenarios import BenchContext
+    from imagegenx.config import Settings
+
+    monkeypatch.setenv("IMAGEGENX_MODELS__MODEL_DIR", str(tmp_path))
+    real_load_peer = scenarios.load_peer
+
+    def load_peer(name, *args, **kwargs):
+        if name == "diffusers-fast":
+            raise KeyboardInterrupt  # what a time limit's signal looks like from inside
+        return real_load_peer(name, *args, **kwargs)
+
+    monkeypatch.setattr(scenarios, "load_peer", load_peer)
+    out = tmp_path / "cut.json"
+    models = Settings().models.model_copy(update={"device": "cpu"})
+    settings = Settings().model_copy(update={"models": models})
+    ctx = BenchContext(settings, smoke=True, peers=("diffusers", "diffusers-fast"))
+    with pytest.raises(KeyboardInterrupt), open(tmp_path / "log", "w") as log:
+        report.run(["turbo-512-1"], ctx, Console(file=log), out)
+    result = json.loads(out.read_text())["scenarios"]["turbo-512-1"]
+    assert result["partial"] is True
+    assert [row["runner"] for row in result["rows"]] == ["imagegenx", "diffusers"]
+    assert set(result["speedup_vs"]) == {"diffusers"}

@@ -70,3 +70,30 @@ def test_uint8_pixels_made_on_the_device_equal_the_float_path(tmp_path):
     for small, full in zip(as_uint8, as_float, strict=True):
         assert small.dtype == np.uint8 and full.dtype == np.float32 and small.shape == (64, 64, 3)
         assert np.array_equal(small, to_uint8(full))
+
+
+def test_padded_vae_decode_gives_the_same_pixels(tmp_path):
+    """The compiled VAE decode pads its batch to a bucket (3 latents → 4 rows); the caller sees
+    exactly the plain decode's pixels, in either return form."""
+    import torch
+
+    from imagegenx.models.speed import padded_decode
+
+    with Engine(make_settings(tmp_path)) as engine:
+        vae = engine.models.get("random:tiny-sdxl").pipe.vae
+        latents = torch.randn(3, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        seen_rows = []
+
+        def plain(z, return_dict=True):
+            seen_rows.append(z.shape[0])
+            return vae.decode(z, return_dict=return_dict)
+
+        with torch.inference_mode():
+            expected = vae.decode(latents).sample
+            padded = padded_decode(plain)
+            as_tuple = padded(latents, return_dict=False)[0]
+            as_output = padded(latents).sample
+    assert seen_rows == [4, 4]
+    assert as_tuple.shape == expected.shape == as_output.shape
+    assert torch.equal(as_tuple, as_output)
+    assert torch.allclose(as_tuple, expected, atol=1e-5)

@@ -33,6 +33,7 @@ class ModelSettings(BaseModel):
     channels_last: bool | None = None
     fuse_qkv: bool = False
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile_vae: bool = True  # with compile on, the VAE decode too (padded to the same buckets)
 
 
 class EngineSettings(BaseModel):

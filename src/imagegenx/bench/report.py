@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,29 @@ def run(names: list[str], ctx: BenchContext, console: Console, out: Path | None 
             report["scenarios"][name] = {"what": scenario.what, "skipped": scenario.missing}
         else:
             console.print(f"[bold]{name}[/bold]: {scenario.what}")
-            rows = scenario.run(ctx)
-            report["scenarios"][name] = {
-                "what": scenario.what,
-                "rows": [row.as_dict(peak) for row in rows],
-                "speedup_vs": speedups(rows),
-            }
-        if out is not None:
-            out.write_text(json.dumps(report, indent=2))
+            done: list[Row] = []
+
+            def keep(row: Row, name: str = name, done: list[Row] = done, what: str = scenario.what) -> None:
+                done.append(row)
+                report["scenarios"][name] = _result(what, done, peak, partial=True)
+                _write(report, out)
+
+            rows = scenario.run(replace(ctx, on_row=keep))
+            report["scenarios"][name] = _result(scenario.what, rows, peak)
+        _write(report, out)
     return report
+
+
+def _result(what: str, rows: list[Row], peak: float | None, partial: bool = False) -> dict[str, Any]:
+    result = {"what": what, "rows": [row.as_dict(peak) for row in rows], "speedup_vs": speedups(rows)}
+    if partial:
+        result["partial"] = True  # the scenario had not finished when this was written
+    return result
+
+
+def _write(report: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2))
 
 
 def speedups(rows: list[Row]) -> dict[str, float]:

@@ -33,6 +33,14 @@ class BenchContext:
     peers: tuple[str, ...]
     peer_compile: str = "max-autotune"
     repeats: int = 5
+    # Called with each row as soon as it is measured, so a run cut short (a GPU call's time limit
+    # during a peer's compile) keeps the rows before it.
+    on_row: Callable[[Row], None] | None = None
+
+    def emit(self, row: Row) -> Row:
+        if self.on_row is not None:
+            self.on_row(row)
+        return row
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +124,7 @@ def _run_peers(ctx: BenchContext, name: str, work: Workload, measure: Callable[[
         if work.scheduler is not SchedulerName.DPMPP_2M_KARRAS and hasattr(peer.pipe, "unet"):
             peer.pipe.scheduler = make_scheduler(work.scheduler, peer.pipe.scheduler.config)
         row = measure(peer)
-        rows.append(replace(row, scenario=name, runner=peer_name, note=peer.note))
+        rows.append(ctx.emit(replace(row, scenario=name, runner=peer_name, note=peer.note)))
         del peer
         free_device()
     return rows
@@ -149,7 +157,7 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         seconds = [timed(device, lambda seed=seed: one(seed))[0] for seed in range(1, work.jobs + 1)]
         return Row(name, peer.name, len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
 
-    row = ours()
+    row = ctx.emit(ours())
     free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
 
@@ -178,7 +186,7 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         seconds, _ = timed(device, lambda: [call(seed) for seed in range(1, calls + 1)])
         return Row(name, peer.name, calls * work.peer_batch, seconds, [], peak_gib(device), tflop)
 
-    row = ours()
+    row = ctx.emit(ours())
     free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
 

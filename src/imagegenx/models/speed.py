@@ -10,10 +10,14 @@
   ``max-autotune``). Static shapes: the engine pads each UNet batch to a bucket (1, 2, 4, 8, ... rows)
   so a handful of graphs serve every batch size; compiled kernels persist in Inductor's on-disk
   cache (``TORCHINDUCTOR_CACHE_DIR``), so a restart does not compile again from scratch.
+- ``compile_vae``: with ``compile`` on, the VAE decode is compiled too, its batch padded to the same
+  buckets (it is 40% of an SDXL 1024² LCM-4 image on an H200, and runs at 15% of the matmul peak
+  eager: GroupNorm and SiLU between the convolutions are memory-bound, which fusion helps).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +44,31 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         denoiser.fuse_qkv_projections()
         applied["fuse_qkv"] = True
     if settings.compile != "off" and denoiser is not None:
+        # Each bucket and resolution is its own graph: allow more of them than Dynamo's default 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         denoiser.forward = torch.compile(denoiser.forward, mode=settings.compile, dynamic=False)
         applied["compile"] = settings.compile
+        vae = getattr(pipe, "vae", None)
+        if settings.compile_vae and vae is not None:
+            vae.decode = padded_decode(torch.compile(vae.decode, mode=settings.compile, dynamic=False))
+            applied["compile_vae"] = True
     return applied
+
+
+def padded_decode(decode: Callable[..., Any]) -> Callable[..., Any]:
+    """``vae.decode`` with the batch padded to its bucket (copies of the last latent), so a compiled
+    decode sees a few static shapes; the padding rows are cut off the result."""
+
+    def decode_padded(z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
+        rows = z.shape[0]
+        extra = batch_bucket(rows) - rows
+        if extra:
+            z = torch.cat([z, z[-1:].expand(extra, *z.shape[1:])])
+        pixels = decode(z, return_dict=False, **kwargs)[0][:rows]
+        if not return_dict:
+            return (pixels,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=pixels)
+
+    return decode_padded

