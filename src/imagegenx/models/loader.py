@@ -9,6 +9,7 @@ is used as-is only for SD 3.5 and Flux.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ _FAMILY_BY_PIPELINE_CLASS = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
 }
+log = logging.getLogger(__name__)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -50,6 +52,8 @@ class LoadedModel:
     load_seconds: float
     extras: dict[str, Any] = field(default_factory=dict)  # per-model caches owned by other rooms
     speedups: dict[str, Any] = field(default_factory=dict)  # what models/speed.py applied
+    # Which loader read the weights ("fast" or "diffusers") and, for the fast one, where the time went.
+    load_split: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -83,26 +87,30 @@ def load_model(source: ModelSource, settings: ModelSettings) -> LoadedModel:
     started = time.perf_counter()
 
     # 2. Components from the source.
+    split: dict[str, Any] = {"loader": "diffusers"}
     if source.kind == "random":
         pipe = _build_random(source.location, device, dtype)
     elif source.kind == "diffusers-folder":
         pipe = _from_pretrained(Path(source.location), dtype, local_only=True)
     elif source.kind == "single-file":
-        pipe = _from_single_file(source, dtype)
+        pipe, split = _single_file(source, device, dtype)
     elif source.kind == "hub":
         pipe = _from_hub(source.location, dtype, settings.allow_downloads)
     else:
         raise ValueError(f"unknown source kind {source.kind}")
 
     # 3. Device, eval mode, quiet.
+    moved = time.perf_counter()
     pipe.to(device)
+    split["to_device"] = time.perf_counter() - moved
     pipe.set_progress_bar_config(disable=True)
     speedups = apply_speedups(pipe, device, settings)
     family = _FAMILY_BY_PIPELINE_CLASS.get(type(pipe).__name__, source.family)
     encoder = getattr(pipe, "text_encoder", None)
     if family == "sd15" and is_sd2(dict(pipe.unet.config), encoder.config.to_dict() if encoder else {}):
         family = "sd21"
-    return LoadedModel(source, pipe, family, device, dtype, time.perf_counter() - started, speedups=speedups)
+    seconds = time.perf_counter() - started
+    return LoadedModel(source, pipe, family, device, dtype, seconds, speedups=speedups, load_split=split)
 
 
 def _pipeline_class(name: str):
@@ -179,6 +187,25 @@ def _from_pretrained(folder: Path | str, dtype: torch.dtype, local_only: bool):
             f"{folder}: {str(exc).rstrip('.')}. Only .safetensors weights are loaded: pickle weights "
             "(.bin, .ckpt) are refused because unpickling can execute arbitrary code"
         ) from None
+
+
+def _single_file(source: ModelSource, device: torch.device, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
+    """The fast loader (models/fastload.py); diffusers' ``from_single_file`` for what it does not handle.
+
+    Falls back for SD 2.x and SDXL refiner checkpoints, unusual tensor dtypes, and any checkpoint
+    that does not fit the shipped config (so the error the user sees is diffusers' path's own).
+    """
+    from imagegenx.models import fastload
+
+    folder = arch_dir(source.arch or ARCH_FOR_FAMILY[source.family])
+    try:
+        pipe, split = fastload.load_single_file(
+            Path(source.location), source.family, folder, device, dtype, inpaint=source.inpaint_unet
+        )
+        return pipe, {"loader": "fast", **split}
+    except fastload.FastLoadUnsupported as exc:
+        log.info("%s: read by diffusers' from_single_file (%s)", source.location, exc)
+    return _from_single_file(source, dtype), {"loader": "diffusers"}
 
 
 def _from_single_file(source: ModelSource, dtype: torch.dtype):

@@ -1,0 +1,182 @@
+"""The fast single-file loader (models/fastload.py) against diffusers' ``from_single_file``.
+
+Tiny SD 1.5 and SDXL pipelines are written as original-layout checkpoints (``ldm_export``) and read
+back both ways: every weight must be bit-identical, in the same dtype, and the pipelines configured
+the same. The reader itself is checked on a file of mixed dtypes, and the fallback on a checkpoint
+that does not fit its config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_settings
+from imagegenx.config import ModelSettings
+from imagegenx.models import fastload
+from imagegenx.models.ldm_export import save_ldm_checkpoint
+from imagegenx.models.loader import _from_single_file, load_model
+from imagegenx.models.sources import arch_dir, resolve
+from imagegenx.types import UserError
+
+WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny original-layout checkpoint per family the fast path reads (float32 weights)."""
+    folder = tmp_path_factory.mktemp("fastload")
+    settings = make_settings(folder).models
+    out = {}
+    for arch in ("tiny-sd15", "tiny-sdxl"):
+        pipe = load_model(resolve(f"random:{arch}", settings), settings).pipe
+        out[arch] = save_ldm_checkpoint(pipe, folder / f"{arch}.safetensors")
+    return out
+
+
+def _settings(tmp_path: Path) -> ModelSettings:
+    return make_settings(tmp_path).models.model_copy(update={"device": "cpu"})
+
+
+def _assert_identical(want, got) -> None:
+    compared = 0
+    for name in WEIGHTED:
+        if getattr(want, name, None) is None:
+            assert getattr(got, name, None) is None, name
+            continue
+        a, b = getattr(want, name).state_dict(), getattr(got, name).state_dict()
+        assert a.keys() == b.keys(), name
+        differ = [
+            k
+            for k in a
+            if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])
+        ]
+        assert not differ, f"{name}: {len(differ)} tensor(s) differ, e.g. {differ[:3]}"
+        compared += len(a)
+    assert compared > 400
+    assert dict(got.config) == dict(want.config)
+    assert dict(got.scheduler.config) == dict(want.scheduler.config)
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd15", "tiny-sdxl"])
+def test_fast_load_is_bit_identical_to_diffusers(arch, checkpoints, tmp_path) -> None:
+    settings = _settings(tmp_path)
+    source = resolve(f"{checkpoints[arch]}#arch={arch}", settings)
+    fast = load_model(source, settings)
+    assert fast.load_split["loader"] == "fast"
+    assert fast.load_split["gigabytes"] == pytest.approx(checkpoints[arch].stat().st_size / 1e9, rel=0.01)
+    _assert_identical(_from_single_file(source, torch.float32), fast.pipe)
+    # Every parameter is the model's own storage: none shared (in-place LoRA fusing stays local).
+    pointers = [
+        p.data_ptr()
+        for m in WEIGHTED
+        if getattr(fast.pipe, m, None)
+        for p in getattr(fast.pipe, m).parameters()
+    ]
+    assert len(pointers) == len(set(pointers))
+
+
+def test_cast_to_half_matches_diffusers(checkpoints, tmp_path) -> None:
+    """float32 file, float16 target: the cast happens on the read tensors, with the same rounding."""
+    source = resolve(f"{checkpoints['tiny-sdxl']}#arch=tiny-sdxl", _settings(tmp_path))
+    pipe, split = fastload.load_single_file(
+        Path(source.location), "sdxl", arch_dir("tiny-sdxl"), CPU, torch.float16, warm=False
+    )
+    assert pipe.unet.conv_in.weight.dtype == torch.float16
+    _assert_identical(_from_single_file(source, torch.float16), pipe)
+    assert split["read_text_vae"] > 0 and split["read_unet"] > 0
+
+
+def test_warm_up_runs_and_changes_nothing(checkpoints, tmp_path) -> None:
+    source = resolve(f"{checkpoints['tiny-sd15']}#arch=tiny-sd15", _settings(tmp_path))
+    pipe, split = fastload.load_single_file(
+        Path(source.location), "sd15", arch_dir("tiny-sd15"), CPU, torch.float32, warm=True
+    )
+    assert split["warm"] > 0
+    _assert_identical(_from_single_file(source, torch.float32), pipe)
+
+
+def test_reader_keeps_every_dtype_and_shape(tmp_path) -> None:
+    tensors = {
+        "a.f32": torch.randn(3, 5),
+        "b.f16": torch.randn(7).half(),
+        "c.bf16": torch.randn(2, 2, 3).bfloat16(),
+        "d.i64": torch.arange(11),
+        "e.bool": torch.tensor([True, False, True]),
+        "f.scalar": torch.tensor(2.5),
+        "g.empty": torch.zeros(0, 4),
+        "h.u8": torch.arange(200, dtype=torch.uint8),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    for threads in (1, 3):
+        got = fastload.read_tensors(path, fastload.tensor_table(path), CPU, torch.float32, threads=threads)
+        assert got.keys() == tensors.keys()
+        for name, want in tensors.items():
+            expected = want.float() if want.is_floating_point() else want
+            assert got[name].dtype == expected.dtype and got[name].shape == want.shape, name
+            assert torch.equal(got[name], expected), name
+
+
+def test_chunks_cover_every_byte_once() -> None:
+    """The CUDA reader's plan: adjacent tensors share chunks, gaps start new ones, no chunk too big."""
+    specs = [
+        fastload.TensorSpec("a", torch.float16, (50,), 100, 200),
+        fastload.TensorSpec("b", torch.float16, (5,), 200, 210),
+        fastload.TensorSpec("skipped-gap", torch.float16, (0,), 210, 210),
+        fastload.TensorSpec("c", torch.float32, (30,), 300, 420),  # after a gap (an unread tensor)
+    ]
+    chunks = fastload._chunks(specs, chunk_bytes=64)
+    assert all(c.size <= 64 for c in chunks)
+    covered: dict[str, set[int]] = {s.name: set() for s in specs}
+    for chunk in chunks:
+        for name, at, offset, n in chunk.pieces:
+            assert at >= 0 and at + n <= chunk.size
+            covered[name] |= set(range(offset, offset + n))
+            spec = next(s for s in specs if s.name == name)
+            assert spec.start + offset == chunk.start + at  # the piece's file offset
+    for spec in specs:
+        assert covered[spec.name] == set(range(spec.nbytes)), spec.name
+    assert not any(c.start < 300 < c.start + c.size for c in chunks)  # the gap is never read
+
+
+def test_unknown_dtype_is_refused_only_when_read(tmp_path) -> None:
+    path = tmp_path / "f.safetensors"
+    save_file({"keep": torch.ones(2), "other": torch.ones(2)}, str(path))
+    specs = [
+        s if s.name == "keep" else fastload.TensorSpec(s.name, None, s.shape, s.start, s.end)
+        for s in fastload.tensor_table(path)
+    ]
+    assert (
+        fastload.read_tensors(path, [s for s in specs if s.name == "keep"], CPU, torch.float32)["keep"].sum()
+        == 2
+    )
+    with pytest.raises(fastload.FastLoadUnsupported, match="dtype"):
+        fastload.read_tensors(path, specs, CPU, torch.float32)
+
+
+def test_misfit_checkpoint_falls_back_to_diffusers(checkpoints, tmp_path, caplog) -> None:
+    """A tiny SD 1.5 file read with the full-size config: the fast path declines, diffusers' path
+    then gives the user its usual error."""
+    settings = _settings(tmp_path)
+    source = resolve(str(checkpoints["tiny-sd15"]), settings)
+    with pytest.raises(fastload.FastLoadUnsupported, match=r"lacks|size mismatch"):
+        fastload.load_single_file(
+            Path(source.location), "sd15", arch_dir("sd15"), CPU, torch.float32, warm=False
+        )
+    with (
+        caplog.at_level(logging.INFO, logger="imagegenx.models.loader"),
+        pytest.raises(UserError, match="does not fit"),
+    ):
+        load_model(source, settings)
+    assert "read by diffusers' from_single_file" in caplog.text
+
+
+def test_families_without_a_fast_path_are_declined(tmp_path) -> None:
+    with pytest.raises(fastload.FastLoadUnsupported, match="sd21"):
+        fastload.load_single_file(tmp_path / "x.safetensors", "sd21", arch_dir("sd21"), CPU, torch.float32)
