@@ -102,9 +102,10 @@ def load_model(source: ModelSource, settings: ModelSettings) -> LoadedModel:
     # 3. Device, eval mode, quiet.
     moved = time.perf_counter()
     pipe.to(device)
-    split["to_device"] = time.perf_counter() - moved
     pipe.set_progress_bar_config(disable=True)
+    sped = time.perf_counter()
     speedups = apply_speedups(pipe, device, settings)
+    split |= {"to_device": sped - moved, "speedups": time.perf_counter() - sped}
     family = _FAMILY_BY_PIPELINE_CLASS.get(type(pipe).__name__, source.family)
     encoder = getattr(pipe, "text_encoder", None)
     if family == "sd15" and is_sd2(dict(pipe.unet.config), encoder.config.to_dict() if encoder else {}):
