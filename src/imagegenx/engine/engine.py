@@ -249,15 +249,24 @@ class Engine:
         return runner
 
     def _prepare(self, runner: SDRunner, jobs: list[JobSpec]) -> list[Sample]:
-        samples = []
+        """The jobs' samples, prepared together (one noise draw for all); a job that cannot be
+        prepared fails alone."""
+        ready: list[JobSpec] = []
+        nets: list[list] = []
         for job in jobs:
             try:
-                nets = [self.models.controlnet(control.model, runner.model) for control in job.controls]
-                samples.extend(runner.prepare([job], nets))
+                nets.append([self.models.controlnet(control.model, runner.model) for control in job.controls])
             except UserError as exc:
                 self._fail(job.job_id, str(exc))
                 continue
-            self._emit(ProgressEvent(job.job_id, JobStatus.RUNNING, 0, samples[-1].total_steps))
+            ready.append(job)
+        samples = []
+        for job, sample in zip(ready, runner.prepare_each(ready, nets), strict=True):
+            if isinstance(sample, UserError):
+                self._fail(job.job_id, str(sample))
+                continue
+            samples.append(sample)
+            self._emit(ProgressEvent(job.job_id, JobStatus.RUNNING, 0, sample.total_steps))
         return samples
 
     def _step(self, runner: SDRunner, samples: list[Sample]) -> list[Sample]:

@@ -37,6 +37,9 @@ class Sample:
     masked_image_latents: torch.Tensor | None = None  # 9-channel inpainting UNets only
     controls: list = field(default_factory=list)  # pipelines.control.SampleControl, one per ControlNet
     identity: torch.Tensor | None = None  # (1, dim) InstantID face embedding
+    # (sampler, scheduler config, steps, first step): samples with equal schedules at the same index
+    # hold the same scheduler state, so they can share scheduler calls (pipelines.batched)
+    schedule: tuple | None = None
     index: int = 0
     canceled: bool = False
     times: dict[str, float] = field(default_factory=dict)

@@ -27,10 +27,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from imagegenx.models.instantid import IdentityAdapter
 from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import batch_bucket
+from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, step_run
+from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
 from imagegenx.pipelines.prompts import PromptEncoder
 from imagegenx.pipelines.sample import Sample, decode_input_image
-from imagegenx.pipelines.samplers import make_scheduler, step_kwargs_supported
+from imagegenx.pipelines.samplers import config_key, make_timed_scheduler, step_kwargs_supported
 from imagegenx.types import JobSpec, Task, UserError
 
 REFINER_AESTHETIC_SCORE = (6.0, 2.5)  # (cond, uncond): diffusers' defaults for the SDXL refiner
@@ -76,13 +78,50 @@ class SDRunner:
         self.uint8_output = False
         # Test hook: called with the UNet's input batch size before each call (fault injection).
         self.before_unet: Callable[[int], None] | None = None
+        guidance_dim = self.unet.config.time_cond_proj_dim if self.distilled_guidance else None
+        self.conditioning = ConditioningCache(self.device, self.dtype, self.is_xl, guidance_dim)
 
     # 1. Prepare ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def prepare(self, jobs: list[JobSpec], controlnets: list | None = None) -> list[Sample]:
-        """``controlnets``: the loaded ControlNets of the jobs' batch key, in the key's order."""
-        return [self._prepare_one(job, controlnets or []) for job in jobs]
+        """``controlnets``: the loaded ControlNets of the jobs' batch key, in the key's order. Raises
+        the first job's ``UserError``."""
+        samples = self.prepare_each(jobs, [controlnets or []] * len(jobs))
+        for sample in samples:
+            if isinstance(sample, UserError):
+                raise sample
+        return samples  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def prepare_each(self, jobs: list[JobSpec], controlnets: list[list]) -> list[Sample | UserError]:
+        """One sample per job, or the ``UserError`` that job raised (the others are still prepared).
+
+        The text-to-image jobs' starting noise is drawn in one ``randn_tensor`` call with the list of
+        their generators: it draws from each generator in turn, so each image gets the numbers its
+        own draw would give, with one host-to-device copy and one scaling for all."""
+        prepared: list[Sample | UserError] = []
+        for job, nets in zip(jobs, controlnets, strict=True):
+            try:
+                prepared.append(self._prepare_one(job, nets))
+            except UserError as exc:
+                prepared.append(exc)
+        groups: dict[tuple, list[Sample]] = {}
+        for sample in prepared:
+            if isinstance(sample, Sample) and sample.job.task is Task.TEXT2IMG:
+                groups.setdefault((self._latent_shape(sample.job), sample.schedule), []).append(sample)
+        for (shape, _), group in groups.items():
+            generators = [s.generator for s in group]
+            size = (len(group), *shape[1:])
+            noise = randn_tensor(size, generator=generators, device=self.device, dtype=self.dtype)
+            latents = noise * group[0].scheduler.init_noise_sigma  # one schedule: one sigma
+            for i, sample in enumerate(group):
+                sample.latents = latents[i : i + 1]
+        return prepared
+
+    def _latent_shape(self, job: JobSpec) -> tuple[int, int, int, int]:
+        factor = self.scale_factor
+        return (1, self.vae.config.latent_channels, job.height // factor, job.width // factor)
 
     def set_identity(self, adapter: IdentityAdapter | None, scale: float | None) -> None:
         """Identity attention on for the coming batch (InstantID), or off for a batch without one."""
@@ -104,11 +143,13 @@ class SDRunner:
         uncond = self.prompts.encode(job.effective_negative_prompt, job.clip_skip) if guided else None
 
         # 1b. Timesteps, shortened by ``strength`` for img2img and partial inpaint.
-        scheduler = make_scheduler(job.scheduler, self.model.pipe.scheduler.config)
-        scheduler.set_timesteps(job.steps, device=self.device)
+        config = self.model.pipe.scheduler.config
+        scheduler = make_timed_scheduler(job.scheduler, config, job.steps, self.device)
         timesteps = scheduler.timesteps
         if job.task is not Task.TEXT2IMG:
             timesteps = _strength_timesteps(scheduler, job.steps, job.strength)
+        begin = getattr(scheduler, "begin_index", None)
+        schedule = (job.scheduler, config_key(config), job.steps, len(timesteps), begin)
 
         sample = Sample(
             job,
@@ -118,6 +159,7 @@ class SDRunner:
             latents=torch.empty(0),
             cond=cond.hidden,
             uncond=None if uncond is None else uncond.hidden,
+            schedule=schedule,
         )
         if self.is_xl:
             self._add_xl_conditioning(sample, cond, uncond)
@@ -136,22 +178,15 @@ class SDRunner:
                 raise UserError("ControlNet does not work with 9-channel inpainting models")
             sample.controls = prepare_controls(job, controlnets, self.scale_factor, self.device, self.dtype)
 
-        # 1c. Initial latents: pure noise, or the input image re-noised to the first timestep.
-        shape = (
-            1,
-            self.vae.config.latent_channels,
-            job.height // self.scale_factor,
-            job.width // self.scale_factor,
-        )
-        if job.task is Task.TEXT2IMG:
-            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-            sample.latents = noise * scheduler.init_noise_sigma
-        elif job.task is Task.IMG2IMG:
+        # 1c. Initial latents: pure noise (drawn by ``prepare_each``, for all jobs at once), or the
+        # input image re-noised to the first timestep.
+        shape = self._latent_shape(job)
+        if job.task is Task.IMG2IMG:
             image = self._load_image(job)
             image_latents = self._encode_latents(image, generator)
             noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
             sample.latents = scheduler.add_noise(image_latents, noise, timesteps[:1])
-        else:
+        elif job.task is Task.INPAINT:
             self._prepare_inpaint(sample, shape)
         sample.times["encode_prompt_s"] = time.perf_counter() - started
         return sample
@@ -211,79 +246,64 @@ class SDRunner:
 
     @torch.inference_mode()
     def step(self, samples: list[Sample]) -> None:
-        """Advance every sample by one step with a single UNet call."""
-        noise_pred = self._unet(samples)
-        row = 0
-        for sample in samples:
-            if sample.guided:
-                uncond, cond = noise_pred[row : row + 1], noise_pred[row + 1 : row + 2]
-                prediction = uncond + sample.job.guidance_scale * (cond - uncond)
-            else:
-                prediction = noise_pred[row : row + 1]
-            row += sample.rows
-            self._scheduler_step(sample, prediction)
+        """Advance every sample by one step with a single UNet call.
 
-    def _unet(self, samples: list[Sample]) -> torch.Tensor:
-        inputs, timesteps, hidden, pooled, time_ids, guidance, controls, faces = (
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-        )
-        for s in samples:
-            t = s.timesteps[s.index]
-            x = s.scheduler.scale_model_input(s.latents, t)
-            if self.nine_channel:
-                x = torch.cat([x, s.mask, s.masked_image_latents], dim=1)
-            pairs = [(s.uncond, s.uncond_pooled, s.uncond_time_ids, True)] if s.guided else []
-            pairs.append((s.cond, s.cond_pooled, s.cond_time_ids, False))
-            for embeds, pool, ids, negative in pairs:
-                inputs.append(x)
-                timesteps.append(t.reshape(1).float())
-                hidden.append(embeds)
-                pooled.append(pool)
-                time_ids.append(ids)
-                guidance.append(s.job.guidance_scale)
-                controls.append(s.controls)
-                if s.identity is not None:  # InstantID's negative rows see a zero face embedding
-                    faces.append(torch.zeros_like(s.identity) if negative else s.identity)
-        rows = len(inputs)
-        if self.compiled:  # a few static shapes: pad the batch to its bucket with copies of the last row
-            extra = batch_bucket(rows) - rows
-            for values in (inputs, timesteps, hidden, pooled, time_ids, guidance, faces):
-                values += values[-1:] * extra
-            controls += [[replace(c, strength=0.0) for c in controls[-1]]] * extra
-        encoder_states, attention_mask = _pad_sequences(hidden)
+        Consecutive samples with the same schedule and step share their scheduler calls and their
+        guidance arithmetic (``pipelines.batched``: the same numbers as one call per sample)."""
+        runs = make_runs(samples)
+        noise_pred = self._unet(samples, runs)
+        row = 0
+        for run in runs:
+            prediction = guide(run, noise_pred[row : row + run.rows])
+            row += run.rows
+            if len(run.samples) == 1:
+                self._scheduler_step(run.lead, prediction)
+            else:
+                step_run(run, prediction)
+
+    def _unet(self, samples: list[Sample], runs: list[Run]) -> torch.Tensor:
+        inputs, timesteps = [], []
+        for run in runs:
+            x = scale_inputs(run)
+            if self.nine_channel:  # inpaint samples, which always run alone
+                x = torch.cat([x, run.lead.mask, run.lead.masked_image_latents], dim=1)
+            if run.lead.guided:
+                x = x.repeat_interleave(2, dim=0)  # each sample's rows: uncond, cond
+            inputs.append(x)
+            timesteps.append(run.lead.timesteps[run.lead.index].reshape(1).float().expand(len(x)))
+        rows = sum(len(x) for x in inputs)
+        controls = [s.controls for s in samples for _ in range(s.rows)]
+        # compiled: a few static shapes, so the batch is padded to its bucket with copies of the last row
+        padded = batch_bucket(rows) if self.compiled else rows
+        cond = self.conditioning.get(samples, padded, self.identity)
+        if padded > rows:
+            inputs.append(inputs[-1][-1:].expand(padded - rows, *inputs[-1].shape[1:]))
+            timesteps.append(timesteps[-1][-1:].expand(padded - rows))
+            controls += [[replace(c, strength=0.0) for c in controls[-1]]] * (padded - rows)
         kwargs = {}
         if self.is_xl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}
-        if self.distilled_guidance:
-            w = torch.tensor(guidance, device=self.device) - 1.0
-            kwargs["timestep_cond"] = _guidance_embedding(w, self.unet.config.time_cond_proj_dim, self.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        if cond.timestep_cond is not None:
+            kwargs["timestep_cond"] = cond.timestep_cond
         x, t = torch.cat(inputs), torch.cat(timesteps).to(self.device)
         tokens = None
-        if faces:
-            embeddings = torch.cat(faces)
-            tokens = self.identity.tokens(embeddings)
+        if cond.faces is not None:
+            tokens = self.identity.tokens(cond.faces)
             added = kwargs.setdefault("added_cond_kwargs", {})
-            added["image_embeds"] = [embeddings[:, None, None, :]]
+            added["image_embeds"] = [cond.faces[:, None, None, :]]
         if controls[0]:
             control_kwargs = {
                 k: v for k, v in kwargs.get("added_cond_kwargs", {}).items() if k != "image_embeds"
             }
-            down, mid = control_residuals(controls, x, t, encoder_states, control_kwargs or None, tokens)
+            down, mid = control_residuals(controls, x, t, cond.encoder_states, control_kwargs or None, tokens)
             kwargs |= {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         if self.before_unet is not None:
-            self.before_unet(len(inputs))
+            self.before_unet(len(x))
         return self.unet(
             x,
             t,
-            encoder_hidden_states=encoder_states,
-            encoder_attention_mask=attention_mask,
+            encoder_hidden_states=cond.encoder_states,
+            encoder_attention_mask=cond.attention_mask,
             return_dict=False,
             **kwargs,
         )[0][:rows]
@@ -332,36 +352,3 @@ def _strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return timesteps
-
-
-def _pad_sequences(hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack prompt embeddings of different lengths (long prompts have 77·k tokens).
-
-    Shorter rows are zero-padded and the padding is masked out of cross-attention, so a row's
-    result is the same as without neighbours; when all lengths agree, no mask is used at all.
-    """
-    longest = max(h.shape[1] for h in hidden)
-    if all(h.shape[1] == longest for h in hidden):
-        return torch.cat(hidden), None
-    padded, mask = [], []
-    for h in hidden:
-        missing = longest - h.shape[1]
-        padded.append(torch.nn.functional.pad(h, (0, 0, 0, missing)))
-        row = torch.ones(longest, device=h.device)
-        row[h.shape[1] :] = 0
-        mask.append(row)
-    return torch.cat(padded), torch.stack(mask)
-
-
-def _guidance_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sinusoidal embedding of the guidance scale for LCM-distilled UNets (Luo et al., 2023)."""
-    w = w * 1000.0
-    half = dim // 2
-    freqs = torch.exp(
-        torch.arange(half, device=w.device, dtype=torch.float32) * -(np.log(10000.0) / (half - 1))
-    )
-    emb = w.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    if dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1))
-    return emb.to(dtype)
