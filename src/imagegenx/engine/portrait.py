@@ -10,12 +10,15 @@
    Flux use their flow-matching Euler instead of LCM), submitted together so the engine batches
    them; with InstantID (adapter, IdentityNet and an ArcFace model all given) each carries the
    identity and the first selfie's keypoint image (``vision.selfie.instantid_refs``);
-3. QC and shortlist (``postprocess.shortlist``): the chain's QC scores (sharpness, NSFW, faces,
-   SSIM against the first selfie's aligned crop resized to the draft size) with identity as dlib's
-   cosine to the mean embedding of all selfies, which the chain (one reference image) cannot do;
-   the best 15 by the chain's combined score that pass its SSIM gate (τ 0.75). When fewer pass,
-   the report says how many and, unless ``strict_ssim``, the best of the rest fill the shortlist
-   (marked ``passed_ssim_gate: false``); drafts without a face score identity 0.0 (``faces`` 0);
+3. QC and shortlist (``postprocess.shortlist``), overlapped with step 2: past a few 1024² drafts,
+   each draft is scored on a process pool as soon as it is made (``postprocess.qc_pool``, one
+   worker per core but one; the same scores as in one thread); the chain's QC scores (sharpness,
+   NSFW, faces, SSIM against the first selfie's aligned crop resized to the draft size) with
+   identity as dlib's cosine to the mean embedding of all selfies, which the chain (one reference
+   image) cannot do; the best 15 by the chain's combined score that pass its SSIM gate (τ 0.75).
+   When fewer pass, the report says how many and, unless ``strict_ssim``, the best of the rest
+   fill the shortlist (marked ``passed_ssim_gate: false``); drafts without a face score identity
+   0.0 (``faces`` 0);
 4. the chain on the shortlist: the top 10 refined (img2img, ~10 steps at strength 0.3 with the
    ``refiner`` model, or the base model itself when none is given), then face fix where faces are
    found, then Real-ESRGAN ×``upscale`` (network strength 0.35, unsharp); refine and fix run
@@ -37,16 +40,19 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
 from imagegenx.postprocess.contact_sheet import contact_sheet
 from imagegenx.postprocess.encode import ImageFormat, encode_image, image_metadata, to_pil
-from imagegenx.postprocess.shortlist import score_drafts
+from imagegenx.postprocess.qc_pool import QcPool
+from imagegenx.postprocess.shortlist import draft_pool, score_drafts
 from imagegenx.types import GeneratedImage, JobSpec, LoraRef, SchedulerName, UserError
 from imagegenx.vision.identity import DlibIdentity, mean_embedding
 from imagegenx.vision.selfie import SelfieError, instantid_refs, read_selfie
@@ -58,6 +64,7 @@ Progress = Callable[[str, int, int], None]
 STAGES = ("selfies", "drafts", "qc", "refine", "fix", "upscale", "write")
 MAX_SELFIES = 3
 _SIZE_BY_FAMILY = {"sd15": 512, "sd21": 768}  # others: 1024; random:tiny-* models: 64
+_POOL_MIN_PIXELS = 4 * 1024 * 1024  # drafts' pixels in all from which QC runs on a process pool
 
 
 @dataclass(frozen=True)
@@ -196,33 +203,41 @@ def run_portrait(
     tell("drafts", 0, spec.n)
     futures = {engine.submit(job): i for i, job in enumerate(jobs)}
     results: list[GeneratedImage | Exception] = [JobFailed("not run")] * spec.n
-    try:
-        for done, future in enumerate(as_completed(futures), start=1):
-            try:
-                results[futures[future]] = future.result()
-            except (JobFailed, CancelledError) as exc:
-                results[futures[future]] = exc if isinstance(exc, JobFailed) else JobFailed("canceled")
-            tell("drafts", done, spec.n)
-    except BaseException:  # the caller gave up (progress raised, Ctrl-C): the engine drops the rest
-        for job in jobs:
-            engine.cancel(job.job_id)
-        raise
-    ok = [i for i, r in enumerate(results) if isinstance(r, GeneratedImage)]
-    if not ok:
-        raise UserError(f"every draft failed: {results[0]}")
-    lap("drafts")
+    # QC overlaps the drafting: each draft goes to a pool of QC processes as soon as it is made (the
+    # pool starts once the drafts are queued, so the GPU does not wait for it).
+    with _qc_pool(spec.n, width, height, faces[0].crop, embedding) as pool:
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except (JobFailed, CancelledError) as exc:
+                    results[i] = exc if isinstance(exc, JobFailed) else JobFailed("canceled")
+                if pool is not None:
+                    draft = results[i]
+                    pool.add(i, np.asarray(to_pil(draft)) if isinstance(draft, GeneratedImage) else None)
+                tell("drafts", done, spec.n)
+        except BaseException:  # the caller gave up (progress raised, Ctrl-C): the engine drops the rest
+            for job in jobs:
+                engine.cancel(job.job_id)
+            raise
+        ok = [i for i, r in enumerate(results) if isinstance(r, GeneratedImage)]
+        if not ok:
+            raise UserError(f"every draft failed: {results[0]}")
+        lap("drafts")
 
-    # 3. QC and the shortlist (indices into ``results``).
-    tell("qc", 0, len(ok))
-    scored, order, passed = score_drafts(
-        [results[i] for i in ok],
-        faces[0].crop,
-        embedding,
-        k=spec.shortlist,
-        ssim_tau=spec.ssim_tau,
-        nsfw_max=spec.nsfw_max,
-        fill=not spec.strict_ssim,
-    )
+        # 3. QC and the shortlist (indices into ``results``): what the pool has not finished yet.
+        tell("qc", 0, len(ok))
+        scored, order, passed = score_drafts(
+            [results[i] for i in ok],
+            faces[0].crop,
+            embedding,
+            k=spec.shortlist,
+            ssim_tau=spec.ssim_tau,
+            nsfw_max=spec.nsfw_max,
+            fill=not spec.strict_ssim,
+            scores=pool.scores() if pool is not None else None,
+        )
     for i, image in zip(ok, scored, strict=True):
         results[i] = image
     shortlist = [ok[j] for j in order]
@@ -300,6 +315,16 @@ def run_portrait(
     files["report.json"] = json.dumps(report, indent=2).encode()
     tell("write", total, total)
     return PortraitResult(finals, report, files, warnings)
+
+
+def _qc_pool(
+    n: int, width: int, height: int, reference: Image.Image, embedding: np.ndarray
+) -> AbstractContextManager[QcPool | None]:
+    """A QC pool for drafts of this size, or None (QC after the drafts, in this process) when the
+    work is too small to pay for starting worker processes (a second or two each)."""
+    if n * width * height < _POOL_MIN_PIXELS:
+        return nullcontext()
+    return draft_pool(reference, embedding, width, height)
 
 
 def _plain(image: GeneratedImage) -> GeneratedImage:

@@ -20,14 +20,16 @@ from PIL import Image
 
 from imagegenx.postprocess.encode import to_pil
 from imagegenx.types import GeneratedImage, UserError
-from imagegenx.vision.quality import DEFAULT_SSIM_TAU, combined_scores, qc_batch
+from imagegenx.vision.quality import DEFAULT_SSIM_TAU, QcScores, combined_scores, qc_batch
 
 if TYPE_CHECKING:
     from imagegenx.postprocess.chain import PostprocessSpec
+    from imagegenx.vision.nsfw import NsfwClassifier
 
 
 @functools.cache
-def _nsfw() -> Any:
+def nsfw_model() -> NsfwClassifier:
+    """The process's NSFW classifier (loaded on first use; ``QcPool`` shares it)."""
     from imagegenx.vision.nsfw import NsfwClassifier
 
     return NsfwClassifier()
@@ -49,6 +51,7 @@ def score_batch(
     reference_embedding: np.ndarray | None = None,
     identity: Any = None,
     ssim_tau: float = DEFAULT_SSIM_TAU,
+    scores: Sequence[QcScores] | None = None,
 ) -> None:
     """Fill ``post["qc"]`` of each image (in place) and withhold those over the NSFW limit.
 
@@ -56,24 +59,11 @@ def score_batch(
     (a portrait's mean over several selfies); ``identity`` replaces the default face backend.
     Besides the scores, the record holds ``combined`` (with the SSIM gate; ``None`` = gated),
     ``score`` (the same without the SSIM gate), ``passed_ssim_gate`` and ``rank``.
+    ``scores`` are the images' scores computed already (``QcPool``, over the same arguments): only
+    the ranking and the records are left to do.
     """
-    faces = identity or _identity()
-    # 1. The identity to compare with, when there is a reference.
-    ref_pixels = np.asarray(reference.convert("RGB")) if reference is not None else None
-    if reference_embedding is None and ref_pixels is not None:
-        reference_embedding = faces.embed(ref_pixels)
-        if reference_embedding is None:
-            raise UserError("no face found in the reference image: identity cannot be scored")
-    # 2. Every score of every image (one batched NSFW call).
-    extra = {"brisque": True} if spec.brisque else {}
-    scores = qc_batch(
-        [np.asarray(to_pil(image)) for image in images],
-        reference=ref_pixels,
-        reference_embedding=reference_embedding,
-        identity=faces if reference_embedding is not None else None,
-        nsfw=_nsfw(),
-        **extra,
-    )
+    if scores is None:
+        scores = _scores(images, spec, reference, reference_embedding, identity or _identity())
     if any(detections):
         scores = [
             s if s.faces is not None else replace(s, faces=sum(d.kind == "face" for d in found))
@@ -97,6 +87,31 @@ def score_batch(
             image.post["error"] = (
                 f"image withheld: NSFW probability {s.nsfw:.2f} is above this tier's limit {spec.nsfw_max:g}"
             )
+
+
+def _scores(
+    images: Sequence[GeneratedImage],
+    spec: PostprocessSpec,
+    reference: Image.Image | None,
+    reference_embedding: np.ndarray | None,
+    faces: Any,
+) -> list[QcScores]:
+    # 1. The identity to compare with, when there is a reference.
+    ref_pixels = np.asarray(reference.convert("RGB")) if reference is not None else None
+    if reference_embedding is None and ref_pixels is not None:
+        reference_embedding = faces.embed(ref_pixels)
+        if reference_embedding is None:
+            raise UserError("no face found in the reference image: identity cannot be scored")
+    # 2. Every score of every image (one batched NSFW call).
+    extra = {"brisque": True} if spec.brisque else {}
+    return qc_batch(
+        [np.asarray(to_pil(image)) for image in images],
+        reference=ref_pixels,
+        reference_embedding=reference_embedding,
+        identity=faces if reference_embedding is not None else None,
+        nsfw=nsfw_model(),
+        **extra,
+    )
 
 
 def _round(value: Any) -> Any:

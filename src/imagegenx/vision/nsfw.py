@@ -86,13 +86,19 @@ class NsfwClassifier:
 
     def probability(self, images: list[Any]) -> list[float]:
         """NSFW probability (softmax output 1) for each RGB image, in [0, 1]."""
-        if not images:
-            return []
-        sess = self._load()
-        name = sess.get_inputs()[0].name
         out: list[float] = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.stack([preprocess(img) for img in images[start : start + self.batch_size]])
-            probs = sess.run(None, {name: batch.astype(np.float32)})[0]
-            out.extend(float(p) for p in probs[:, 1])
+            batch = images[start : start + self.batch_size]
+            out.extend(self.run(np.stack([preprocess(img) for img in batch])))
         return out
+
+    def run(self, inputs: np.ndarray) -> list[float]:
+        """NSFW probability of (N, 224, 224, 3) inputs from :func:`preprocess`, in one model call.
+
+        A batch's outputs can differ in the last bits from the same images in batches of another
+        size, so callers that must reproduce :meth:`probability` use its batches of ``batch_size``.
+        """
+        sess = self._load()
+        name = sess.get_inputs()[0].name
+        probs = sess.run(None, {name: np.asarray(inputs, dtype=np.float32)})[0]
+        return [float(p) for p in probs[:, 1]]

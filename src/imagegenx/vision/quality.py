@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_SHARPNESS_WEIGHT",
     "DEFAULT_SSIM_TAU",
+    "ImageScorer",
     "QcScores",
+    "SsimReference",
     "combined_scores",
     "qc_batch",
     "qc_scores",
@@ -64,29 +66,53 @@ def ssim(a: Any, b: Any, sigma: float = 1.5) -> float:
     use_sample_covariance=False, data_range=255)``. ``b`` is resized (area) to ``a``'s size when the
     sizes differ. 1.0 for identical images.
     """
-    import cv2
-
     x = to_gray(a)
-    y = to_gray(b)
-    if y.shape != x.shape:
-        y = cv2.resize(y, (x.shape[1], x.shape[0]), interpolation=cv2.INTER_AREA)
-    radius = int(3.5 * sigma + 0.5)
-    win = 2 * radius + 1
-    if min(x.shape) < win:
-        raise ValueError(f"images must be at least {win}x{win} pixels for SSIM")
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return SsimReference(b, sigma).against(x)
 
-    def blur(img: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(img, (win, win), sigma, borderType=cv2.BORDER_REFLECT)
 
-    mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x * mu_x
-    syy = blur(y * y) - mu_y * mu_y
-    sxy = blur(x * y) - mu_x * mu_y
-    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
-    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
-    smap = num / den
-    return float(smap[radius:-radius, radius:-radius].mean())
+class SsimReference:
+    """The reference side of :func:`ssim`, computed once per image size: scoring many images against
+    one reference (QC of a batch) then costs three Gaussian blurs per image instead of five, with
+    bit-for-bit the same result as :func:`ssim`."""
+
+    def __init__(self, reference: Any, sigma: float = 1.5) -> None:
+        self.gray = to_gray(reference)
+        self.sigma = sigma
+        self.radius = int(3.5 * sigma + 0.5)
+        self._by_shape: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _blur(self, img: np.ndarray) -> np.ndarray:
+        import cv2
+
+        win = 2 * self.radius + 1
+        return cv2.GaussianBlur(img, (win, win), self.sigma, borderType=cv2.BORDER_REFLECT)
+
+    def _stats(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(y, blur(y), blur(y²)) with y the reference resized (area) to ``shape``."""
+        if shape not in self._by_shape:
+            import cv2
+
+            y = self.gray
+            if y.shape != shape:
+                y = cv2.resize(y, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+            self._by_shape[shape] = (y, self._blur(y), self._blur(y * y))
+        return self._by_shape[shape]
+
+    def against(self, x: np.ndarray) -> float:
+        """SSIM of the grayscale image ``x`` (float64, from :func:`to_gray`) against the reference."""
+        radius, win = self.radius, 2 * self.radius + 1
+        if min(x.shape) < win:
+            raise ValueError(f"images must be at least {win}x{win} pixels for SSIM")
+        c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+        y, mu_y, blur_yy = self._stats(x.shape)
+        mu_x = self._blur(x)
+        sxx = self._blur(x * x) - mu_x * mu_x
+        syy = blur_yy - mu_y * mu_y
+        sxy = self._blur(x * y) - mu_x * mu_y
+        num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+        den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
+        smap = num / den
+        return float(smap[radius:-radius, radius:-radius].mean())
 
 
 def tenengrad(image: Any) -> float:
@@ -95,9 +121,12 @@ def tenengrad(image: Any) -> float:
     Higher is sharper; a blurred copy always scores lower than its original. The value depends on
     content and resolution, so compare images of the same size and prompt (as the shortlist does).
     """
+    return _tenengrad_gray(to_gray(image))
+
+
+def _tenengrad_gray(gray: np.ndarray) -> float:
     import cv2
 
-    gray = to_gray(image)
     gx = cv2.Sobel(gray, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
     gy = cv2.Sobel(gray, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
     return float(np.mean(gx * gx + gy * gy))
@@ -130,6 +159,54 @@ def _finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
+class ImageScorer:
+    """Every QC score of one image except NSFW (that one runs batched, see :func:`qc_batch`).
+
+    Holds what is shared by all images of a batch (the reference's SSIM statistics, the face backend),
+    so a worker process can build one and score images one at a time (``postprocess.qc_pool``); the
+    scores are bit-for-bit those of :func:`qc_batch`.
+    """
+
+    def __init__(
+        self,
+        reference: Any | None = None,
+        reference_embedding: np.ndarray | None = None,
+        identity: FaceBackend | None = None,
+        *,
+        brisque: bool = False,
+    ) -> None:
+        self._brisque: Any = None
+        if brisque:  # optional dependency: import only when asked, so a missing package fails only then
+            from imagegenx.vision.brisque import brisque_score
+
+            self._brisque = brisque_score
+        self.reference = SsimReference(reference) if reference is not None else None
+        self.reference_embedding = reference_embedding
+        self.identity = identity
+
+    def __call__(self, image: Any, nsfw: float | None = None) -> QcScores:
+        from imagegenx.vision.identity import identity_scores
+
+        arr = _as_array(image)
+        ident: float | None = None
+        n_faces: int | None = None
+        if self.identity is not None:
+            found = self.identity.faces(arr)
+            n_faces = len(found)
+            if self.reference_embedding is not None:
+                ident = identity_scores([found], [self.reference_embedding])[0]
+        gray = to_gray(arr)  # once for sharpness and SSIM
+        quality = _finite_or_none(self._brisque(arr)) if self._brisque is not None else None
+        return QcScores(
+            sharpness=_tenengrad_gray(gray),
+            ssim=self.reference.against(gray) if self.reference is not None else None,
+            identity=ident,
+            faces=n_faces,
+            nsfw=nsfw,
+            brisque=quality,
+        )
+
+
 def qc_batch(
     images: list[Any],
     reference: Any | None = None,
@@ -140,33 +217,10 @@ def qc_batch(
     brisque: bool = False,
 ) -> list[QcScores]:
     """:func:`qc_scores` for several images, with one batched NSFW call."""
-    from imagegenx.vision.identity import identity_scores
-
-    if brisque:  # optional dependency: import only when asked, so a missing package fails only then
-        from imagegenx.vision.brisque import brisque_score
-
+    scorer = ImageScorer(reference, reference_embedding, identity, brisque=brisque)
     arrays = [_as_array(img) for img in images]
     probs: list[float | None] = list(nsfw.probability(arrays)) if nsfw is not None else [None] * len(arrays)
-    out = []
-    for arr, prob in zip(arrays, probs, strict=True):
-        ident: float | None = None
-        n_faces: int | None = None
-        if identity is not None:
-            found = identity.faces(arr)
-            n_faces = len(found)
-            if reference_embedding is not None:
-                ident = identity_scores([found], [reference_embedding])[0]
-        out.append(
-            QcScores(
-                sharpness=tenengrad(arr),
-                ssim=ssim(arr, reference) if reference is not None else None,
-                identity=ident,
-                faces=n_faces,
-                nsfw=prob,
-                brisque=_finite_or_none(brisque_score(arr)) if brisque else None,
-            )
-        )
-    return out
+    return [scorer(arr, prob) for arr, prob in zip(arrays, probs, strict=True)]
 
 
 def qc_scores(
