@@ -44,6 +44,12 @@ def _one(path: Path, mode: str, device_name: str, dtype_name: str, fingerprint: 
 
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     family, inpaint = family_of_single_file(path)
+    # What a running service has done before any load: imports and the CUDA context; not timed.
+    import diffusers.loaders.single_file_utils  # noqa: F401
+    import transformers  # noqa: F401
+
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
     started = time.perf_counter()
     split: dict = {}
     if mode == "fast":

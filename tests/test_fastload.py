@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from conftest import make_settings
 from imagegenx.config import ModelSettings
-from imagegenx.models import fastload
+from imagegenx.models import fastload, fastread
 from imagegenx.models.ldm_export import save_ldm_checkpoint
 from imagegenx.models.loader import _from_single_file, load_model
 from imagegenx.models.sources import arch_dir, resolve
@@ -115,7 +115,7 @@ def test_reader_keeps_every_dtype_and_shape(tmp_path) -> None:
     path = tmp_path / "mixed.safetensors"
     save_file(tensors, str(path))
     for threads in (1, 3):
-        got = fastload.read_tensors(path, fastload.tensor_table(path), CPU, torch.float32, threads=threads)
+        got = fastread.read_tensors(path, fastread.tensor_table(path), CPU, torch.float32, threads=threads)
         assert got.keys() == tensors.keys()
         for name, want in tensors.items():
             expected = want.float() if want.is_floating_point() else want
@@ -126,38 +126,38 @@ def test_reader_keeps_every_dtype_and_shape(tmp_path) -> None:
 def test_chunks_cover_every_byte_once() -> None:
     """The CUDA reader's plan: adjacent tensors share chunks, gaps start new ones, no chunk too big."""
     specs = [
-        fastload.TensorSpec("a", torch.float16, (50,), 100, 200),
-        fastload.TensorSpec("b", torch.float16, (5,), 200, 210),
-        fastload.TensorSpec("skipped-gap", torch.float16, (0,), 210, 210),
-        fastload.TensorSpec("c", torch.float32, (30,), 300, 420),  # after a gap (an unread tensor)
+        fastread.TensorSpec("a", torch.float16, (50,), 100, 200),
+        fastread.TensorSpec("b", torch.float16, (5,), 200, 210),
+        fastread.TensorSpec("skipped-gap", torch.float16, (0,), 210, 210),
+        fastread.TensorSpec("c", torch.float32, (30,), 300, 420),  # after a gap (an unread tensor)
     ]
-    chunks = fastload._chunks(specs, chunk_bytes=64)
-    assert all(c.size <= 64 for c in chunks)
+    chunks = fastread._chunks(specs, chunk_bytes=64)
+    assert all(c.nbytes <= 64 for c in chunks)
     covered: dict[str, set[int]] = {s.name: set() for s in specs}
     for chunk in chunks:
         for name, at, offset, n in chunk.pieces:
-            assert at >= 0 and at + n <= chunk.size
+            assert at >= 0 and at + n <= chunk.nbytes
             covered[name] |= set(range(offset, offset + n))
             spec = next(s for s in specs if s.name == name)
             assert spec.start + offset == chunk.start + at  # the piece's file offset
     for spec in specs:
         assert covered[spec.name] == set(range(spec.nbytes)), spec.name
-    assert not any(c.start < 300 < c.start + c.size for c in chunks)  # the gap is never read
+    assert not any(c.start < 300 < c.start + c.nbytes for c in chunks)  # the gap is never read
 
 
 def test_unknown_dtype_is_refused_only_when_read(tmp_path) -> None:
     path = tmp_path / "f.safetensors"
     save_file({"keep": torch.ones(2), "other": torch.ones(2)}, str(path))
     specs = [
-        s if s.name == "keep" else fastload.TensorSpec(s.name, None, s.shape, s.start, s.end)
-        for s in fastload.tensor_table(path)
+        s if s.name == "keep" else fastread.TensorSpec(s.name, None, s.shape, s.start, s.end)
+        for s in fastread.tensor_table(path)
     ]
     assert (
-        fastload.read_tensors(path, [s for s in specs if s.name == "keep"], CPU, torch.float32)["keep"].sum()
+        fastread.read_tensors(path, [s for s in specs if s.name == "keep"], CPU, torch.float32)["keep"].sum()
         == 2
     )
     with pytest.raises(fastload.FastLoadUnsupported, match="dtype"):
-        fastload.read_tensors(path, specs, CPU, torch.float32)
+        fastread.read_tensors(path, specs, CPU, torch.float32)
 
 
 def test_misfit_checkpoint_falls_back_to_diffusers(checkpoints, tmp_path, caplog) -> None:

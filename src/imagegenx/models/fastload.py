@@ -5,10 +5,8 @@ then ``pipe.to(device)`` copies every weight again (7.5 s for a 6.9 GB SDXL file
 
 1. the modules are built on the meta device from the shipped configs (accelerate's
    ``init_empty_weights``, as diffusers does), so no weight is randomly initialised;
-2. the tensors are read with large ``pread`` calls on several threads (the GIL is released while
-   the disk works), on CUDA through pinned staging buffers copied asynchronously to each tensor's
-   own device allocation, on the CPU straight into the tensor; each is cast to the target dtype on
-   the device;
+2. the tensors are read straight into device memory by ``models/fastread.py`` (large ``pread``
+   calls on several threads; on CUDA through pinned staging buffers) and cast there;
 3. diffusers' own key converters (``convert_ldm_*_checkpoint``, ``convert_open_clip_checkpoint``)
    rename the device tensors (only renames, slices and a transpose: no arithmetic), and the modules
    take them with ``load_state_dict(assign=True)``: no copy;
@@ -17,192 +15,29 @@ then ``pipe.to(device)`` copies every weight again (7.5 s for a 6.9 GB SDXL file
 
 The result is bit-identical to diffusers' path (``tests/test_fastload.py``). What this path does
 not handle raises ``FastLoadUnsupported`` and the loader falls back to ``from_single_file``: SD 2.x
-and the SDXL refiner (OpenCLIP-only layouts no test writes), tensor dtypes outside ``_DTYPES``,
+and the SDXL refiner (OpenCLIP-only layouts no test writes), tensor dtypes fastread does not know,
 checkpoints lacking weights the config needs, and any file that does not fit the config.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import struct
-import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imagegenx.models.sources import read_safetensors_header
+from imagegenx.models.fastread import READ_THREADS, FastLoadUnsupported, Staging, read_tensors, tensor_table
 from imagegenx.models.tokenizers import tokenizer_for
+
+__all__ = ["FAMILIES", "FastLoadUnsupported", "load_single_file"]
 
 FAMILIES = frozenset({"sd15", "sdxl"})
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
-CHUNK_BYTES = 64 << 20  # one pread and one host-to-device copy; large enough for full disk speed
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class FastLoadUnsupported(Exception):
-    """The fast path does not handle this checkpoint; the message says why."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype | None  # None: a dtype this reader does not know (an error only if it is read)
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def tensor_table(path: Path) -> list[TensorSpec]:
-    """The file's tensors in file order, with absolute byte ranges."""
-    with path.open("rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-    data_start = 8 + header_size
-    specs = []
-    for name, info in read_safetensors_header(path).items():
-        begin, end = info["data_offsets"]
-        dtype = _DTYPES.get(info.get("dtype", ""))
-        specs.append(TensorSpec(name, dtype, tuple(info["shape"]), data_start + begin, data_start + end))
-    return sorted(specs, key=lambda s: s.start)
-
-
-def read_tensors(
-    path: Path, specs: Iterable[TensorSpec], device: torch.device, dtype: torch.dtype, threads: int = 0
-) -> dict[str, torch.Tensor]:
-    """Read ``specs`` from ``path`` into tensors on ``device``; floating ones cast to ``dtype`` there."""
-    specs = sorted(specs, key=lambda s: s.start)
-    unknown = [s.name for s in specs if s.dtype is None]
-    if unknown:
-        raise FastLoadUnsupported(f"tensors of a dtype the fast reader does not know, e.g. {unknown[:3]}")
-    threads = threads or min(8, os.cpu_count() or 1)
-    # One allocation per tensor (not views of one big buffer), so evicting one component frees its memory.
-    raw = {s.name: torch.empty(s.nbytes, dtype=torch.uint8, device=device) for s in specs}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if device.type == "cuda":
-            _read_staged(fd, specs, raw, device, threads)
-        else:
-            _read_direct(fd, specs, raw, threads)
-    finally:
-        os.close(fd)
-    out = {}
-    for spec in specs:
-        tensor = raw.pop(spec.name).view(spec.dtype).reshape(spec.shape)
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        out[spec.name] = tensor
-    return out
-
-
-def _pread_full(fd: int, buffer: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n <= 0:
-            raise FastLoadUnsupported(f"file ends before byte {offset + len(buffer)} (truncated?)")
-        done += n
-
-
-def _read_direct(fd: int, specs: list[TensorSpec], raw: dict[str, torch.Tensor], threads: int) -> None:
-    """CPU target: each thread reads a run of whole tensors, in file order, into their own memory."""
-    total = sum(s.nbytes for s in specs) or 1
-    groups: list[list[TensorSpec]] = [[] for _ in range(threads)]
-    seen = 0
-    for spec in specs:
-        groups[min(threads - 1, seen * threads // total)].append(spec)
-        seen += spec.nbytes
-
-    def read(group: list[TensorSpec]) -> None:
-        for spec in group:
-            if spec.nbytes:
-                _pread_full(fd, memoryview(raw[spec.name].numpy()), spec.start)
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="fastload") as pool:
-        list(pool.map(read, groups))
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    start: int  # file offset
-    size: int
-    pieces: tuple[tuple[str, int, int, int], ...]  # (tensor, offset in chunk, offset in tensor, bytes)
-
-
-def _chunks(specs: list[TensorSpec], chunk_bytes: int) -> list[_Chunk]:
-    """Cut the byte ranges of ``specs`` (merged where adjacent) into chunks of at most ``chunk_bytes``."""
-    chunks: list[_Chunk] = []
-    start, pieces, end = -1, [], -1
-
-    def close() -> None:
-        if pieces:
-            chunks.append(_Chunk(start, end - start, tuple(pieces)))
-
-    for spec in specs:
-        done = 0
-        while done < spec.nbytes:
-            here = spec.start + done
-            if here != end or end - start >= chunk_bytes:  # a gap in the file or a full chunk
-                close()
-                start, pieces, end = here, [], here
-            n = min(spec.nbytes - done, chunk_bytes - (end - start))
-            pieces.append((spec.name, here - start, done, n))
-            done += n
-            end = here + n
-    close()
-    return chunks
-
-
-def _read_staged(
-    fd: int, specs: list[TensorSpec], raw: dict[str, torch.Tensor], device: torch.device, threads: int
-) -> None:
-    """CUDA target: each thread preads a chunk into its pinned buffer, then copies it on its own stream."""
-    chunk_bytes = CHUNK_BYTES
-    local = threading.local()
-    streams: list[torch.cuda.Stream] = []
-    lock = threading.Lock()
-
-    def read(chunk: _Chunk) -> None:
-        if not hasattr(local, "buffer"):
-            local.buffer = torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)
-            local.stream = torch.cuda.Stream(device)
-            with lock:
-                streams.append(local.stream)
-        local.stream.synchronize()  # the buffer's previous copy is done before it is overwritten
-        _pread_full(fd, memoryview(local.buffer.numpy())[: chunk.size], chunk.start)
-        with torch.cuda.stream(local.stream):
-            for name, at, offset, n in chunk.pieces:
-                raw[name][offset : offset + n].copy_(local.buffer[at : at + n], non_blocking=True)
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="fastload") as pool:
-        list(pool.map(read, _chunks(specs, chunk_bytes)))
-    for stream in streams:
-        stream.synchronize()
-
-
-# Building the pipeline.
 
 
 def load_single_file(
@@ -233,14 +68,15 @@ def load_single_file(
 
     # 1. Text encoders and VAE first (they come first in a sorted file), then, while the UNet's
     # bytes are read, build those components and warm them in a second thread.
-    tensors = read_tensors(path, first, device, dtype)
+    staging = Staging(device, READ_THREADS) if device.type == "cuda" else None
+    tensors = read_tensors(path, first, device, dtype, staging=staging)
     split["read_text_vae"] = time.perf_counter() - started
     components: dict[str, Any] = {}
     warm = device.type == "cuda" if warm is None else warm
     with ThreadPoolExecutor(1, thread_name_prefix="fastload-build") as pool:
         side: Future = pool.submit(_build_text_vae, index, folder, family, tensors, device, dtype, warm)
         unet_started = time.perf_counter()
-        unet_tensors = read_tensors(path, unet_specs, device, dtype)
+        unet_tensors = read_tensors(path, unet_specs, device, dtype, staging=staging)
         split["read_unet"] = time.perf_counter() - unet_started
         components |= side.result()
     split["build_text_vae"] = components.pop("_build_seconds")
