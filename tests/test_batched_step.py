@@ -142,3 +142,16 @@ def test_timed_schedulers_are_independent_copies():
     assert b.step_index is None
     assert all(output is None for output in b.model_outputs)
     assert a.step_index == b.begin_index + 1
+
+
+def test_equal_prompts_in_a_batch_are_encoded_once(runner):
+    runner.prompts.clear_cache()
+    calls = []
+    encoders = runner.prompts.text_encoders
+    hooks = [encoder.register_forward_hook(lambda *_: calls.append(1)) for encoder in encoders]
+    try:
+        runner.prepare([job(seed, prompt="a red fox", guidance_scale=4.0) for seed in range(6)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 2 * len(encoders)  # the prompt and the negative prompt, once each

@@ -80,6 +80,7 @@ class SDRunner:
         self.before_unet: Callable[[int], None] | None = None
         guidance_dim = self.unet.config.time_cond_proj_dim if self.distilled_guidance else None
         self.conditioning = ConditioningCache(self.device, self.dtype, self.is_xl, guidance_dim)
+        self._time_ids_cache: dict[tuple, torch.Tensor] = {}
 
     # 1. Prepare ---------------------------------------------------------------------------------
 
@@ -199,10 +200,21 @@ class SDRunner:
         else:
             cond_ids = uncond_ids = [*size, 0, 0, *size]
         sample.cond_pooled = cond.pooled
-        sample.cond_time_ids = torch.tensor([cond_ids], device=self.device, dtype=self.dtype)
+        sample.cond_time_ids = self._time_ids(cond_ids)
         if uncond is not None:
             sample.uncond_pooled = uncond.pooled
-            sample.uncond_time_ids = torch.tensor([uncond_ids], device=self.device, dtype=self.dtype)
+            sample.uncond_time_ids = self._time_ids(uncond_ids)
+
+    def _time_ids(self, ids: list) -> torch.Tensor:
+        """One read-only (1, 6) tensor per distinct size: no host-to-device copy per image."""
+        key = tuple(ids)
+        tensor = self._time_ids_cache.get(key)
+        if tensor is None:
+            if len(self._time_ids_cache) >= 64:
+                self._time_ids_cache.clear()
+            tensor = torch.tensor([ids], device=self.device, dtype=self.dtype)
+            self._time_ids_cache[key] = tensor
+        return tensor
 
     def _load_image(self, job: JobSpec) -> torch.Tensor:
         if job.init_image is None:
