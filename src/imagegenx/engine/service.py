@@ -22,9 +22,9 @@ from imagegenx.config import Settings
 from imagegenx.engine.events import TaskEvents
 from imagegenx.engine.validation import validate_job
 from imagegenx.postprocess.chain import PostprocessSpec
-from imagegenx.queue.base import JobQueue
+from imagegenx.queue.base import JobQueue, JoinableQueue
 from imagegenx.storage.blobs import BlobStore
-from imagegenx.storage.tasks import StorageUnavailable, TaskStore
+from imagegenx.storage.tasks import Completion, StorageUnavailable, TaskStore
 from imagegenx.types import (
     ApiKey,
     ControlRef,
@@ -140,11 +140,42 @@ class Service:
                 self.blobs.put(input_key(record.task_id, "mask"), item.mask_image)
             for index, control in enumerate(item.control_images):
                 self.blobs.put(input_key(record.task_id, f"control{index}"), control)
+        entries = [(r.task_id, r.priority, batch_key_text(job)) for r, job in zip(records, jobs, strict=True)]
         with tracer.start_as_current_span("queue", attributes={"tasks": len(records)}):
-            self.store.create(records)
-            for record, job in zip(records, jobs, strict=True):
-                self.queue.submit(record.task_id, record.priority, batch_key_text(job))
+            joint = self.joint_queue()
+            if joint is not None:  # rows and queue entries in one commit: both exist, or neither
+                self.store.create(records, then=lambda conn: joint.submit_many(entries, conn=conn))
+            else:
+                self.store.create(records)
+                for entry in entries:
+                    self.queue.submit(*entry)
         return records
+
+    def joint_queue(self) -> JoinableQueue | None:
+        """The queue when its rows live in the task database (the embedded queue on the store's
+        engine), so that its writes can share the store's transactions; else None (JetStream)."""
+        queue = self.queue
+        if isinstance(queue, JoinableQueue) and queue.engine is self.store.engine:
+            return queue
+        return None
+
+    def complete(self, owner: str, completions: list[Completion]) -> set[str]:
+        """Commit finished attempts and acknowledge their leases; returns the ids that succeeded.
+
+        On the embedded queue the rows and the acks are one transaction (one commit for a whole
+        group of images). Elsewhere the rows commit first, then each lease is acked: a crash between
+        leaves leases that come back, find the rows final, and are simply acked.
+        """
+        ids = [c.task_id for c in completions]
+        joint = self.joint_queue()
+        if joint is not None:
+            return self.store.succeed_many(
+                completions, then=lambda conn: joint.ack_many(owner, ids, conn=conn)
+            )
+        done = self.store.succeed_many(completions)
+        for task_id in ids:
+            self.queue.ack(owner, task_id)
+        return done
 
     def _check_tier(self, user: ApiKey, job: JobSpec, params: dict) -> None:
         side = TIER_MAX_SIDE[user.tier]
@@ -205,12 +236,14 @@ class Service:
 
     def notify(self, task_id: str) -> None:
         """A task changed status: tell SSE subscribers and, when final, its webhook."""
-        record = self.store.get(task_id)
-        if record is None:
-            return
-        self.events.publish(task_id, {"status": str(record.status), "progress": record.progress})
-        if record.status.final and record.callback_url and self.webhooks is not None:
-            self.webhooks.send(record.callback_url, f"task.{record.status}", task_summary(record))
+        self.notify_many([task_id])
+
+    def notify_many(self, task_ids: list[str]) -> None:
+        """``notify`` for several tasks, read in one query."""
+        for record in self.store.get_many(task_ids):
+            self.events.publish(record.task_id, {"status": str(record.status), "progress": record.progress})
+            if record.status.final and record.callback_url and self.webhooks is not None:
+                self.webhooks.send(record.callback_url, f"task.{record.status}", task_summary(record))
 
 
 class StoreEventRelay:

@@ -2,8 +2,16 @@
 
 Durability order for every job: result blobs written (fixed keys, so a retry overwrites), then
 the task row committed (fenced by attempt number, so a stale attempt never wins), then the queue
-lease acknowledged. A process killed anywhere in between leaves a lease that comes back and is
-either finished again or, if the row is already final, simply acknowledged.
+lease acknowledged. On the embedded queue the last two are one transaction. A process killed
+anywhere in between leaves a lease that comes back and is either finished again or, if the row is
+already final, simply acknowledged.
+
+Database writes are few and batched, because each is a commit (an fsync on SQLite) and SQLite has
+one write lock for the whole process: the engine thread never writes (its events only note starts
+and progress), the loop records the starts of a whole UNet batch in one transaction, progress at
+most every ``PROGRESS_FLUSH_S`` (never the last step's: the success says 100), and a finished group
+commits its rows and acks together. A 1-step job that starts and finishes between two loop turns
+has its start folded into that same commit.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
 from imagegenx.postprocess.encode import ImageFormat, encode_image, image_metadata, to_pil
 from imagegenx.queue.base import Lease
 from imagegenx.storage.blobs import BlobWriteError
-from imagegenx.storage.tasks import StorageUnavailable
+from imagegenx.storage.tasks import Completion, StorageUnavailable
 from imagegenx.types import GeneratedImage, JobStatus, ProgressEvent, TaskRecord, TaskStatus, UserError
 
 log = logging.getLogger("imagegenx.worker")
@@ -43,11 +51,21 @@ class _InFlight:
     attempt: int
     span: trace.Span
     future: Future | None = None
-    started: bool = False
+    started: bool = False  # the start is committed
+    noted: bool = False  # the engine reported its first step (the start is written soon)
+
+
+@dataclass
+class _Stored:
+    """An image whose blobs are written and whose row waits for its group's commit."""
+
+    completion: Completion
+    image: GeneratedImage
 
 
 THUMBNAILS = (512, 256)
 CANCEL_POLL_S = 0.5  # how often the task rows of running jobs are checked for a cancel request
+PROGRESS_FLUSH_S = 1.0  # progress reaches the database at most this often (SSE hears every step)
 
 
 def default_owner() -> str:
@@ -78,6 +96,10 @@ class ServiceWorker:
         self._stop = threading.Event()
         self._draining = threading.Event()  # no new leases: the process is shutting down
         self._last_progress: dict[str, int] = {}
+        # Noted by the engine thread, written by the loop (see the module docs); guarded by _notes_lock.
+        self._notes_lock = threading.Lock()
+        self._to_start: dict[str, int] = {}  # task id -> attempt
+        self._progress: dict[str, int] = {}  # task id -> latest progress not yet written
         self._unsubscribe_cancels: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="imagegenx-worker", daemon=True)
         if service.cancel_bus is not None:  # cancels from any process (an API node) reach this engine
@@ -122,11 +144,15 @@ class ServiceWorker:
     # Loop ---------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        last_heartbeat = last_sweep = last_purge = last_cancel_check = 0.0
+        last_heartbeat = last_sweep = last_purge = last_cancel_check = last_progress = 0.0
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
                 self._drain_done()
+                self._flush_starts()
+                if now - last_progress > PROGRESS_FLUSH_S:
+                    self._flush_progress()
+                    last_progress = now
                 self._lease_more()
                 if now - last_heartbeat > self.lease_s / 3:
                     held = [*self._in_flight, *list(self._storing)]
@@ -176,12 +202,13 @@ class ServiceWorker:
         free = self.capacity - len(self._in_flight) - len(self._storing)
         if free <= 0 or self._draining.is_set():
             return
-        for lease in self.service.queue.lease(self.owner, free, self.lease_s):
-            self._begin(lease)
+        leases = self.service.queue.lease(self.owner, free, self.lease_s)
+        records = {r.task_id: r for r in self.service.store.get_many([lease.task_id for lease in leases])}
+        for lease in leases:
+            self._begin(lease, records.get(lease.task_id))
 
-    def _begin(self, lease: Lease) -> None:
+    def _begin(self, lease: Lease, record: TaskRecord | None) -> None:
         service, task_id = self.service, lease.task_id
-        record = service.store.get(task_id)
         if record is None or record.status.final:
             service.queue.ack(self.owner, task_id)
             return
@@ -270,7 +297,38 @@ class ServiceWorker:
                 self._storing.add(task_id)
                 finished.append(entry)
         if finished:
+            with self._notes_lock:  # a start not written yet goes into the job's final commit
+                for entry in finished:
+                    self._to_start.pop(entry.lease.task_id, None)
+                    self._progress.pop(entry.lease.task_id, None)
             self._post.submit(self._complete_group, finished)
+
+    def _flush_starts(self) -> None:
+        """Record the starts the engine reported since the last turn, in one transaction."""
+        with self._notes_lock:
+            starts, self._to_start = self._to_start, {}
+        if not starts:
+            return
+        try:
+            started = self.service.store.start_many(starts)
+        except StorageUnavailable:  # try again next turn; the final commit records it otherwise
+            with self._notes_lock:
+                self._to_start = starts | self._to_start
+            raise
+        for task_id in starts:
+            job = self._in_flight.get(task_id)
+            if job is not None:
+                job.started = task_id in started
+            if task_id not in started:  # final or cancel requested meanwhile: stop it
+                self.engine.cancel(task_id)
+        self.service.notify_many([t for t in starts if t in started])
+
+    def _flush_progress(self) -> None:
+        """Write the latest progress of running jobs, in one transaction (at most every PROGRESS_FLUSH_S)."""
+        with self._notes_lock:
+            progress, self._progress = self._progress, {}
+        with contextlib.suppress(StorageUnavailable):  # progress is advisory: the next flush has newer
+            self.service.store.set_progress_many(progress)
 
     # Outcomes (on the post thread) --------------------------------------------------------------
 
@@ -293,8 +351,11 @@ class ServiceWorker:
                     for (entry, record, _), image in zip(members, images, strict=True)
                 ]
                 wait(stored)  # all of them, before an error below ends the group
+                # An error leaves the job's lease: it comes back after expiry. The others commit.
+                done = [f.result() for f in stored if f.exception() is None]
+                self._commit([c for c in done if c is not None])
                 for future in stored:
-                    future.result()  # an error leaves the job's lease: it comes back after expiry
+                    future.result()
         except Exception:  # the leases stay: the jobs come back after expiry
             log.exception("post-processing error")
         finally:
@@ -336,16 +397,17 @@ class ServiceWorker:
                 return [replace(images[0], post={"error": f"post-processing failed: {exc}"})]
         return [self._postprocess(spec, [image])[0] for image in images]
 
-    def _store_outcome(self, job: _InFlight, record: TaskRecord, image: GeneratedImage) -> None:
+    def _store_outcome(self, job: _InFlight, record: TaskRecord, image: GeneratedImage) -> _Stored | None:
+        """Write the blobs of one image; its row is committed with its group's (``_commit``)."""
         service, task_id = self.service, job.lease.task_id
         if "error" in image.post and (current := service.store.get(task_id)) and current.cancel_requested:
             service.store.mark_canceled(task_id)  # cancelled while post-processing: its passes stopped
             self._finish(task_id)
-            return
+            return None
         if "error" in image.post:
             service.store.fail(task_id, image.post["error"])
             self._finish(task_id)
-            return
+            return None
         try:
             results = self._store_images(
                 task_id, image, record.params.get("format", "webp"), record.params.get("embed_metadata", True)
@@ -353,17 +415,29 @@ class ServiceWorker:
         except BlobWriteError as exc:  # neither store nor spool took it: try the job again later
             log.error("could not store results of %s: %s", task_id, exc)
             service.queue.nack(self.owner, task_id, delay_s=5.0)
+            return None
+        # A start not recorded yet (a job quicker than a loop turn, or the database was away all
+        # through it) is recorded in the same commit, else the fenced succeed would find no running
+        # attempt and the task would be acked unfinished.
+        completion = Completion(task_id, job.attempt, results, image_metadata(image), start=not job.started)
+        return _Stored(completion, image)
+
+    def _commit(self, stored: list[_Stored]) -> None:
+        """One commit for a group's successes and their acks, then one read to tell SSE and webhooks."""
+        if not stored:
             return
-        metadata = image_metadata(image)
-        # The database was away all through the job, so its start was never recorded: record it now,
-        # else the fenced succeed below finds no running attempt and the task would be acked unfinished.
-        if not job.started:
-            job.started = service.store.start(task_id, job.attempt)
-        if service.store.succeed(task_id, job.attempt, results, metadata):
-            elapsed = image.timings.total_s
-            service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
-            log.info("task succeeded", extra=_log_fields(image, job.attempt, "succeeded"))
-        self._finish(task_id)
+        service = self.service
+        succeeded = service.complete(self.owner, [s.completion for s in stored])
+        for item in stored:
+            task_id = item.completion.task_id
+            self._last_progress.pop(task_id, None)
+            if task_id in succeeded:
+                elapsed = item.image.timings.total_s
+                service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
+                log.info(
+                    "task succeeded", extra=_log_fields(item.image, item.completion.attempt, "succeeded")
+                )
+        service.notify_many([s.completion.task_id for s in stored])
 
     def _store_images(
         self, task_id: str, image: GeneratedImage, fmt_name: str, embed_metadata: bool
@@ -387,29 +461,25 @@ class ServiceWorker:
         self.service.notify(task_id)
 
     def _on_engine_event(self, event: ProgressEvent) -> None:
-        """Runs on the engine thread: keep it quick; the database hears at most every 5%."""
+        """Runs on the engine thread: no database I/O here (it would stall the GPU loop on SQLite's
+        write lock); the start and progress are noted for the loop to write in batches."""
         if event.status is not JobStatus.RUNNING or not event.total:
             return
-        job = self._in_flight.get(event.job_id)
-        if job is not None and not job.started:
-            try:
-                started = self.service.store.start(event.job_id, job.attempt)
-            except StorageUnavailable:  # the database is away: try again at the next step
-                return
-            job.started = True
-            if not started:  # cancelled meanwhile
-                self.engine.cancel(event.job_id)
-                return
-            self.service.notify(event.job_id)
+        task_id = event.job_id
+        job = self._in_flight.get(task_id)
         progress = min(99, int(100 * event.step / event.total))
+        with self._notes_lock:
+            if job is not None and not job.noted:
+                job.noted = True
+                self._to_start[task_id] = job.attempt
+            # The last step's progress is never written: the success (progress 100) follows it.
+            if 0 < event.step < event.total and progress - self._last_progress.get(task_id, -100) >= 5:
+                self._last_progress[task_id] = progress
+                self._progress[task_id] = progress
         data = {"status": str(TaskStatus.PROCESSING), "progress": progress}
         if event.preview:  # a small JPEG of the latents, for the page's queue
             data["preview"] = "data:image/jpeg;base64," + base64.b64encode(event.preview).decode()
-        self.service.events.publish(event.job_id, data)
-        if progress - self._last_progress.get(event.job_id, -100) >= 5:
-            self._last_progress[event.job_id] = progress
-            with contextlib.suppress(StorageUnavailable):
-                self.service.store.set_progress(event.job_id, progress)
+        self.service.events.publish(task_id, data)
 
 
 def _log_fields(image: GeneratedImage, attempt: int, status: str) -> dict:

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from imagegenx.types import Priority
 
@@ -120,4 +121,30 @@ class JobQueue(Protocol):
 
     def oldest_wait(self, *, now: float | None = None) -> dict[int, float]:
         """Seconds since submit of the oldest ready job in each lane (0.0 for an empty lane)."""
+        ...
+
+
+@runtime_checkable
+class JoinableQueue(Protocol):
+    """A queue whose rows live in a SQL database (the embedded queue) and whose writes can join a
+    transaction that a caller opened on the same SQLAlchemy ``engine`` (the task store's).
+
+    The service then commits a task row with its queue entry, and a finished task's row with the
+    entry's ack, in one transaction each: two fsyncs fewer per task, and no crash can fall between
+    the two. ``conn`` is such a transaction's connection; without it each call commits on its own.
+    """
+
+    @property
+    def engine(self) -> Any:
+        """The SQLAlchemy engine the queue's rows live in."""
+        ...
+
+    def submit_many(
+        self, jobs: Sequence[tuple[str, int, str]], *, conn: Any = None, now: float | None = None
+    ) -> None:
+        """``submit`` for several ``(task_id, lane, batch_key)`` jobs (already queued ones unchanged)."""
+        ...
+
+    def ack_many(self, owner: str, task_ids: Sequence[str], *, conn: Any = None) -> int:
+        """``ack`` for several jobs; returns how many ``owner`` held (and are now gone)."""
         ...

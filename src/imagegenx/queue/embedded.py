@@ -24,8 +24,8 @@ The table is created by the storage room's Alembic migration with exactly the co
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 from sqlalchemy import (
     Column,
@@ -48,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from imagegenx.queue.base import LANES, JobQueue, Lease
+from imagegenx.queue.base import LANES, JobQueue, JoinableQueue, Lease
 from imagegenx.queue.base import check_duration as _check_duration
 from imagegenx.queue.base import check_id as _check_id
 from imagegenx.queue.base import clock as _clock
@@ -85,8 +85,12 @@ def create_table(engine: Engine) -> None:
     metadata.create_all(engine, tables=[queue_jobs])
 
 
-class EmbeddedQueue(JobQueue):
-    """:class:`~imagegenx.queue.base.JobQueue` over the ``queue_jobs`` table of ``engine``'s database."""
+class EmbeddedQueue(JobQueue, JoinableQueue):
+    """:class:`~imagegenx.queue.base.JobQueue` over the ``queue_jobs`` table of ``engine``'s database.
+
+    It is a :class:`~imagegenx.queue.base.JoinableQueue` too: ``submit_many`` and ``ack_many`` run in
+    a caller's transaction on the same engine when given its connection.
+    """
 
     def __init__(self, engine: Engine, *, aging_s: float = 10.0) -> None:
         if engine.dialect.name not in ("sqlite", "postgresql"):
@@ -96,6 +100,10 @@ class EmbeddedQueue(JobQueue):
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._aging_s = float(aging_s)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -127,6 +135,10 @@ class EmbeddedQueue(JobQueue):
             yield conn
             conn.commit()
 
+    def _joined(self, conn: Connection | None):
+        """The caller's transaction when given one (it commits), else a writing transaction of ours."""
+        return nullcontext(conn) if conn is not None else self._write()
+
     def _read(self) -> Connection:
         """A connection for one read-only statement (a deferred transaction where that is a choice)."""
         return self._engine.connect().execution_options(**{READ_ONLY_OPTION: True})
@@ -150,22 +162,42 @@ class EmbeddedQueue(JobQueue):
     # -- JobQueue -------------------------------------------------------------------------------
 
     def submit(self, task_id: str, lane: int, batch_key: str, *, now: float | None = None) -> bool:
-        _check_id("task_id", task_id)
-        if lane not in LANES:
-            raise ValueError(f"lane must be one of {LANES}, got {lane}")
-        now = _clock(now)
-        insert = (sqlite if self._sqlite else postgresql).insert(queue_jobs)
-        statement = insert.values(
-            task_id=task_id,
-            lane=int(lane),
-            batch_key=batch_key,
-            state=READY,
-            available_at=now,
-            deliveries=0,
-            enqueued_at=now,
-        ).on_conflict_do_nothing(index_elements=[_c.task_id])
         with self._write() as conn:
-            return conn.execute(statement).rowcount == 1
+            return conn.execute(self._insert([(task_id, lane, batch_key)], _clock(now))).rowcount == 1
+
+    def submit_many(
+        self,
+        jobs: Sequence[tuple[str, int, str]],
+        *,
+        conn: Connection | None = None,
+        now: float | None = None,
+    ) -> None:
+        if not jobs:
+            return
+        statement = self._insert(jobs, _clock(now))
+        with self._joined(conn) as joined:
+            joined.execute(statement)
+
+    def _insert(self, jobs: Sequence[tuple[str, int, str]], now: float):
+        """One multi-row ``INSERT ... ON CONFLICT DO NOTHING``: a job already queued stays as it is."""
+        rows = []
+        for task_id, lane, batch_key in jobs:
+            _check_id("task_id", task_id)
+            if lane not in LANES:
+                raise ValueError(f"lane must be one of {LANES}, got {lane}")
+            rows.append(
+                {
+                    "task_id": task_id,
+                    "lane": int(lane),
+                    "batch_key": batch_key,
+                    "state": READY,
+                    "available_at": now,
+                    "deliveries": 0,
+                    "enqueued_at": now,
+                }
+            )
+        insert = (sqlite if self._sqlite else postgresql).insert(queue_jobs)
+        return insert.values(rows).on_conflict_do_nothing(index_elements=[_c.task_id])
 
     def lease(
         self,
@@ -216,11 +248,16 @@ class EmbeddedQueue(JobQueue):
         return [t for t in dict.fromkeys(task_ids) if t in held]
 
     def ack(self, owner: str, task_id: str) -> bool:
+        return self.ack_many(owner, [task_id]) == 1
+
+    def ack_many(self, owner: str, task_ids: Sequence[str], *, conn: Connection | None = None) -> int:
+        if not task_ids:
+            return 0
         statement = delete(queue_jobs).where(
-            _c.task_id == task_id, _c.state == LEASED, _c.lease_owner == owner
+            _c.task_id.in_(set(task_ids)), _c.state == LEASED, _c.lease_owner == owner
         )
-        with self._write() as conn:
-            return conn.execute(statement).rowcount == 1
+        with self._joined(conn) as joined:
+            return joined.execute(statement).rowcount
 
     def nack(self, owner: str, task_id: str, delay_s: float = 0.0, *, now: float | None = None) -> bool:
         _check_duration("delay_s", delay_s)

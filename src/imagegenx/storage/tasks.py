@@ -40,7 +40,8 @@ import contextlib
 import hashlib
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "READ_ONLY",
+    "Completion",
     "StorageUnavailable",
     "TaskExists",
     "TaskStore",
@@ -79,6 +81,22 @@ class StorageUnavailable(RuntimeError):
 
 class TaskExists(ValueError):
     """``create`` was given a task id that is already stored; nothing of the batch was written."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished attempt for ``succeed_many``. ``start``: record the start first, in the same
+    transaction (the worker had not written it yet: a 1-step job, or the database was away)."""
+
+    task_id: str
+    attempt: int
+    results: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    start: bool = False
+
+
+# Joins a caller's statements to a store transaction (the embedded queue shares the store's engine).
+Then = Callable[[Connection], object] | None
 
 
 # --- schema ------------------------------------------------------------------------------------------
@@ -286,9 +304,11 @@ class TaskStore:
 
     # --- tasks ---------------------------------------------------------------------------------------
 
-    def create(self, records: list[TaskRecord]) -> None:
+    def create(self, records: list[TaskRecord], *, then: Then = None) -> None:
         """Insert tasks in one transaction: a batch is stored whole or not at all.
 
+        ``then(conn)`` runs inside that transaction before it commits (the embedded queue's rows for
+        these tasks, so that a task and its queue entry exist together or not at all).
         Raises ``TaskExists`` (and stores nothing) when an id is taken.
         """
         if not records:
@@ -298,6 +318,8 @@ class TaskStore:
         try:
             with self._tx() as conn:
                 conn.execute(sa.insert(tasks_table), rows)
+                if then is not None:
+                    then(conn)
         except exc.IntegrityError as error:
             raise TaskExists(f"batch not stored (duplicate task id?): {error.orig}") from error
 
@@ -381,55 +403,63 @@ class TaskStore:
         """queued/processing → processing for ``attempt`` (progress restarts at 0; a redelivery takes
         over, so only that attempt can then succeed). False when the task is final or cancel was requested.
         """
+        return self._changed(_start_stmt(task_id, attempt, time.time()))
+
+    def start_many(self, starts: Mapping[str, int]) -> set[str]:
+        """``start`` for several tasks (task id → attempt) in one transaction: a worker records the
+        start of a whole UNet batch with one commit. Returns the ids that started."""
+        if not starts:
+            return set()
         now = time.time()
-        stmt = (
-            sa.update(tasks_table)
-            .where(
-                _t.task_id == task_id,
-                _t.status.in_(_ACTIVE),
-                sa.not_(_t.cancel_requested),
-            )
-            .values(
-                status=TaskStatus.PROCESSING.value,
-                attempts=attempt,
-                started_at=now,
-                progress=0,
-                updated_at=now,
-            )
-        )
-        return self._changed(stmt)
+        with self._tx() as conn:
+            return {
+                task_id
+                for task_id, attempt in starts.items()
+                if conn.execute(_start_stmt(task_id, attempt, now)).rowcount == 1
+            }
 
     def set_progress(self, task_id: str, progress: int) -> None:
         """Progress 0-100 of a processing task (ignored once the task is no longer processing)."""
-        progress = max(0, min(100, int(progress)))
-        stmt = (
-            sa.update(tasks_table)
-            .where(_t.task_id == task_id, _t.status == TaskStatus.PROCESSING.value)
-            .values(progress=progress, updated_at=time.time())
-        )
-        self._changed(stmt)
+        self.set_progress_many({task_id: progress})
 
-    def succeed(self, task_id: str, attempt: int, results: dict, metadata: dict) -> bool:
-        """processing → succeeded, only for the current attempt; True if this call completed the task."""
+    def set_progress_many(self, progress: Mapping[str, int]) -> None:
+        """``set_progress`` for several tasks in one transaction (a worker's periodic flush)."""
+        if not progress:
+            return
         now = time.time()
         stmt = (
             sa.update(tasks_table)
-            .where(
-                _t.task_id == task_id,
-                _t.status == TaskStatus.PROCESSING.value,
-                _t.attempts == attempt,
-            )
-            .values(
-                status=TaskStatus.SUCCEEDED.value,
-                progress=100,
-                results=results,
-                meta=metadata,
-                error=None,
-                finished_at=now,
-                updated_at=now,
-            )
+            .where(_t.task_id == sa.bindparam("tid"), _t.status == TaskStatus.PROCESSING.value)
+            .values(progress=sa.bindparam("value"), updated_at=now)
         )
-        return self._changed(stmt)
+        rows = [{"tid": t, "value": max(0, min(100, int(p)))} for t, p in progress.items()]
+        with self._tx() as conn:
+            conn.execute(stmt, rows)
+
+    def succeed(self, task_id: str, attempt: int, results: dict, metadata: dict) -> bool:
+        """processing → succeeded, only for the current attempt; True if this call completed the task."""
+        return self._changed(_succeed_stmt(Completion(task_id, attempt, results, metadata), time.time()))
+
+    def succeed_many(self, completions: Sequence[Completion], *, then: Then = None) -> set[str]:
+        """``succeed`` for several tasks in one transaction; returns the ids this call completed.
+
+        A completion with ``start`` is started first (same fencing as ``start``); if the start is
+        refused because a cancel was requested, the task becomes canceled instead, as the worker
+        would have stopped it at its first step. ``then(conn)`` runs before the commit (the embedded
+        queue's acks: a task is final and its queue entry gone together, or neither).
+        """
+        now = time.time()
+        done: set[str] = set()
+        with self._tx() as conn:
+            for item in completions:
+                if item.start and conn.execute(_start_stmt(item.task_id, item.attempt, now)).rowcount != 1:
+                    conn.execute(_canceled_stmt(item.task_id, now, requested_only=True))
+                    continue
+                if conn.execute(_succeed_stmt(item, now)).rowcount == 1:
+                    done.add(item.task_id)
+            if then is not None:
+                then(conn)
+        return done
 
     def fail(self, task_id: str, error: str, attempt: int | None = None) -> bool:
         """queued/processing → failed with ``error``; with ``attempt``, only for that attempt."""
@@ -471,13 +501,7 @@ class TaskStore:
 
     def mark_canceled(self, task_id: str) -> bool:
         """processing → canceled (the worker honoured a cancel request)."""
-        now = time.time()
-        stmt = (
-            sa.update(tasks_table)
-            .where(_t.task_id == task_id, _t.status == TaskStatus.PROCESSING.value)
-            .values(status=TaskStatus.CANCELED.value, finished_at=now, updated_at=now)
-        )
-        return self._changed(stmt)
+        return self._changed(_canceled_stmt(task_id, time.time()))
 
     def expire_queued(self, older_than_s: float, now: float | None = None) -> list[str]:
         """Queued tasks created before ``now - older_than_s`` → expired; returns their ids."""
@@ -573,6 +597,48 @@ class TaskStore:
     def _changed(self, stmt: sa.Update) -> bool:
         with self._tx() as conn:
             return conn.execute(stmt).rowcount == 1
+
+
+def _start_stmt(task_id: str, attempt: int, now: float) -> sa.Update:
+    return (
+        sa.update(tasks_table)
+        .where(_t.task_id == task_id, _t.status.in_(_ACTIVE), sa.not_(_t.cancel_requested))
+        .values(
+            status=TaskStatus.PROCESSING.value, attempts=attempt, started_at=now, progress=0, updated_at=now
+        )
+    )
+
+
+def _succeed_stmt(item: Completion, now: float) -> sa.Update:
+    return (
+        sa.update(tasks_table)
+        .where(
+            _t.task_id == item.task_id,
+            _t.status == TaskStatus.PROCESSING.value,
+            _t.attempts == item.attempt,
+        )
+        .values(
+            status=TaskStatus.SUCCEEDED.value,
+            progress=100,
+            results=item.results,
+            meta=item.metadata,
+            error=None,
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+
+
+def _canceled_stmt(task_id: str, now: float, *, requested_only: bool = False) -> sa.Update:
+    """processing → canceled; ``requested_only``: only if a cancel was requested."""
+    where = [_t.task_id == task_id, _t.status == TaskStatus.PROCESSING.value]
+    if requested_only:
+        where.append(_t.cancel_requested)
+    return (
+        sa.update(tasks_table)
+        .where(*where)
+        .values(status=TaskStatus.CANCELED.value, finished_at=now, updated_at=now)
+    )
 
 
 def _hash_secret(secret: str) -> str:

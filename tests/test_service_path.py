@@ -1,0 +1,238 @@
+"""The service path's database cost: how many write transactions one task takes, and what a kill -9
+inside the merged ones (task row + queue row, success + ack) leaves behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import event
+
+from conftest import make_settings
+from imagegenx.api.app import create_app
+from imagegenx.config import StorageSettings
+from imagegenx.engine.service import Service, TaskInput
+from imagegenx.queue.embedded import EmbeddedQueue
+from imagegenx.storage.blobs import BlobStore
+from imagegenx.storage.tasks import Completion, TaskStore
+from imagegenx.types import ApiKey, TaskStatus, Tier
+
+MODEL = "random:tiny-sd21"
+ONE_STEP = {"width": 64, "height": 64, "steps": 1, "cfg_scale": 0, "sampler": "euler"}
+WRITES = ("INSERT", "UPDATE", "DELETE")
+USER = ApiKey("k1", "test", Tier.PAID, rate_limit_per_s=0, queue_quota=1000, created_at=0)
+PARAMS = {"prompt": "a fox", "model": MODEL, "width": 64, "height": 64, "steps": 1}
+
+
+class WriteLog:
+    """Every committed transaction on an engine that changed rows, as the (verb, table) pairs it ran.
+
+    Statements that change nothing (the worker's periodic expiry and recovery sweeps) do not count:
+    they take the lock for a moment but write no page and sync nothing.
+    """
+
+    def __init__(self, engine) -> None:
+        self.transactions: list[list[tuple[str, str]]] = []
+        self._open: dict[int, list[tuple[str, str]]] = {}
+        self._lock = threading.Lock()
+        event.listen(engine, "after_cursor_execute", self._executed)
+        event.listen(engine, "commit", self._commit)
+        event.listen(engine, "rollback", lambda conn: self._open.pop(id(conn), None))
+
+    def _executed(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        verb = statement.lstrip().split(None, 1)[0].upper()
+        if verb in WRITES and cursor.rowcount:
+            table = statement.split("INTO " if verb == "INSERT" else "FROM " if verb == "DELETE" else " ", 2)
+            name = table[1].split()[0] if verb != "UPDATE" else statement.split()[1]
+            self._open.setdefault(id(conn), []).append((verb, name.strip('"')))
+
+    def _commit(self, conn) -> None:
+        writes = self._open.pop(id(conn), None)
+        if writes:
+            with self._lock:
+                self.transactions.append(writes)
+
+    def take(self) -> list[list[tuple[str, str]]]:
+        with self._lock:
+            taken, self.transactions = self.transactions, []
+        return taken
+
+
+def _settings(tmp_path: Path, **engine):
+    settings = make_settings(tmp_path, **engine)
+    storage = StorageSettings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        blob_url=str(tmp_path),
+        spool_dir=tmp_path / "spool",
+    )
+    models = settings.models.model_copy(update={"default_model": MODEL})
+    return settings.model_copy(update={"storage": storage, "models": models})
+
+
+def _ready(app) -> tuple[WriteLog, str]:
+    """Wait for the warm-up, give the client a key, then start logging the database's writes."""
+    ctx = app.state.ctx
+    assert ctx.ready.wait(120)
+    _, secret = ctx.service.store.create_key("test", Tier.PAID, rate_limit_per_s=0, queue_quota=1000)
+    return WriteLog(ctx.service.store.engine), secret
+
+
+def _wait(client: TestClient, task_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(f"/api/v1/image/task/{task_id}").json()["data"]
+        if view["status"] in ("succeeded", "failed", "canceled", "expired"):
+            return view
+        time.sleep(0.02)
+    raise AssertionError(f"task {task_id} not final after {timeout} s")
+
+
+def test_a_one_step_task_takes_three_write_transactions_through_the_http_api(tmp_path):
+    """Accept (task + queue row), lease, then success + ack: three commits. The start is a fourth
+    only when the loop writes it before the job finishes; otherwise it folds into the success."""
+    app = create_app(_settings(tmp_path), run_worker=True)
+    with TestClient(app) as client:
+        log, client.headers["X-API-Key"] = _ready(app)
+        accept = [("INSERT", "tasks"), ("INSERT", "queue_jobs")]
+        lease = [("UPDATE", "queue_jobs")]
+        start = [("UPDATE", "tasks")]
+        finish = [("UPDATE", "tasks"), ("DELETE", "queue_jobs")]
+        for seed in range(3):
+            response = client.post("/api/v1/image/generate", json={"text": "a fox", "seed": seed, **ONE_STEP})
+            assert response.status_code == 200, response.text
+            view = _wait(client, response.json()["data"]["task_ids"][0])
+            assert view["status"] == "succeeded" and view["attempts"] == 1 and view["progress"] == 100
+            time.sleep(0.2)  # the acknowledgement is in the success's commit: nothing may follow it
+            writes = log.take()
+            assert writes in ([accept, lease, start, finish], [accept, lease, start + finish]), writes
+
+
+def test_progress_is_written_at_most_once_a_second_and_never_the_last_step(tmp_path):
+    app = create_app(_settings(tmp_path), run_worker=True)
+    with TestClient(app) as client:
+        log, client.headers["X-API-Key"] = _ready(app)
+        body = {"text": "a fox", **ONE_STEP, "steps": 40}
+        started = time.monotonic()
+        task_id = client.post("/api/v1/image/generate", json=body).json()["data"]["task_ids"][0]
+        assert _wait(client, task_id)["status"] == "succeeded"
+        seconds = time.monotonic() - started
+        writes = log.take()
+        progress = [t for t in writes if t == [("UPDATE", "tasks")]]
+        # one of these is the start; the rest are progress flushes, one per PROGRESS_FLUSH_S at most
+        assert 1 <= len(progress) <= 2 + seconds, (len(progress), seconds)
+        assert len(writes) == len(progress) + 3  # accept, lease, success + ack
+
+
+# -- kill -9 inside a merged transaction ----------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from sqlalchemy import event
+    from imagegenx.engine.service import TaskInput
+    from imagegenx.storage.tasks import Completion
+    from test_service_path import PARAMS, USER, _service
+
+    service = _service(sys.argv[1], sys.argv[2])
+
+    @event.listens_for(service.store.engine, "commit")
+    def hang(conn):  # every statement has run; the commit has not: die here
+        print("committing", flush=True)
+        time.sleep(600)
+
+    if sys.argv[3] == "submit":
+        service.submit(USER, [TaskInput(dict(PARAMS))])
+    else:
+        service.complete("w1", [Completion(sys.argv[3], 1, {"original": "x"}, {})])
+    """
+)
+
+
+def _service(database_url: str, root: str) -> Service:
+    """A service on the embedded queue, its blobs and settings under ``root`` (no engine: no GPU side)."""
+    store = TaskStore(database_url)
+    blobs = BlobStore(str(Path(root) / "blobs"), Path(root) / "spool")
+    return Service(make_settings(Path(root)), store, EmbeddedQueue(store.engine), blobs)
+
+
+def _kill_inside_commit(tmp_path: Path, database_url: str, what: str) -> None:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, database_url, str(tmp_path), what],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "committing"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_kill9_inside_the_accepting_commit_leaves_neither_row(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    _kill_inside_commit(tmp_path, url, "submit")  # the client never got its 2xx
+    service = _service(url, str(tmp_path))
+    assert service.store.query("k1") == ([], 0)
+    assert service.queue.depth() == {0: 0, 1: 0, 2: 0, 3: 0}
+    (record,) = service.submit(USER, [TaskInput(dict(PARAMS))])  # the retry
+    assert [lease.task_id for lease in service.queue.lease("w1", 5, 30)] == [record.task_id]
+
+
+def test_kill9_inside_the_finishing_commit_loses_no_job(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    service = _service(url, str(tmp_path))
+    (record,) = service.submit(USER, [TaskInput(dict(PARAMS))])
+    assert [lease.task_id for lease in service.queue.lease("w1", 5, 30)] == [record.task_id]
+    assert service.store.start(record.task_id, 1)
+    _kill_inside_commit(tmp_path, url, record.task_id)
+    # Neither the success nor the ack happened: the task still runs, its lease is still held, and
+    # the restarted worker's release_owner hands it out again.
+    assert service.store.get(record.task_id).status is TaskStatus.PROCESSING
+    assert service.queue.release_owner("w1") == 1
+    (again,) = service.queue.lease("w2", 5, 30)
+    assert again.task_id == record.task_id and again.delivery == 2
+    assert service.store.start(record.task_id, 2)
+    assert service.complete("w2", [Completion(record.task_id, 2, {"original": "x"}, {})]) == {record.task_id}
+    assert service.store.get(record.task_id).status is TaskStatus.SUCCEEDED
+    assert service.queue.ack("w2", record.task_id) is False  # already acked in the same commit
+
+
+def test_complete_folds_a_start_and_honours_a_cancel_request(tmp_path):
+    service = _service(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path))
+    first, second = service.submit(USER, [TaskInput(PARAMS | {"seed": i}) for i in range(2)])
+    service.queue.lease("w1", 5, 30)
+    service.store.start(second.task_id, 1)
+    service.store.cancel(second.task_id)  # running: only a request; then redelivered as attempt 2
+    done = service.complete(
+        "w1", [Completion(first.task_id, 1, start=True), Completion(second.task_id, 2, start=True)]
+    )
+    assert done == {first.task_id}
+    assert service.store.get(first.task_id).status is TaskStatus.SUCCEEDED
+    assert service.store.get(second.task_id).status is TaskStatus.CANCELED
+    assert service.queue.depth() == {0: 0, 1: 0, 2: 0, 3: 0} and not service.queue.lease("w1", 5, 30)
+
+
+def test_a_queue_on_another_database_is_not_joined(tmp_path):
+    store = TaskStore(f"sqlite:///{tmp_path / 'a.sqlite'}")
+    other = TaskStore(f"sqlite:///{tmp_path / 'b.sqlite'}")
+    service = Service(
+        make_settings(tmp_path),
+        store,
+        EmbeddedQueue(other.engine),
+        BlobStore(str(tmp_path), tmp_path / "spool"),
+    )
+    assert service.joint_queue() is None
+    (record,) = service.submit(USER, [TaskInput(dict(PARAMS))])
+    (lease,) = service.queue.lease("w1", 5, 30)
+    assert lease.task_id == record.task_id
+    service.store.start(record.task_id, 1)
+    assert service.complete("w1", [Completion(record.task_id, 1)]) == {record.task_id}
+    assert not service.queue.ack("w1", record.task_id)  # acked by complete
