@@ -93,6 +93,7 @@ def step_run(run: Run, prediction: torch.Tensor) -> None:
     lead = run.lead
     scheduler = lead.scheduler
     history = _PER_IMAGE_STATE[type(scheduler).__name__]
+    own = {name: getattr(scheduler, name) for name in history}
     for name in history:  # the members' histories, concatenated slot by slot (None: not yet filled)
         slots = zip(*(getattr(s.scheduler, name) for s in run.samples), strict=True)
         setattr(scheduler, name, [None if slot[0] is None else torch.cat(slot) for slot in slots])
@@ -103,14 +104,18 @@ def step_run(run: Run, prediction: torch.Tensor) -> None:
     if "eta" in supported:
         extra["eta"] = 0.0
     t = lead.timesteps[lead.index]
-    latents = scheduler.step(prediction, t, run.latents, return_dict=False, **extra)[0]
+    try:
+        latents = scheduler.step(prediction, t, run.latents, return_dict=False, **extra)[0]
+    except BaseException:  # out of memory, say: the lead keeps its own history for a retry
+        scheduler.__dict__.update(own)
+        raise
     merged = {name: getattr(scheduler, name) for name in history}
     shared = {k: v for k, v in vars(scheduler).items() if k not in history}
     for i, sample in enumerate(run.samples):
         sample.latents = latents[i : i + 1]
         if sample is not lead:  # the step's bookkeeping (step index, order counters) is the same for all
-            own = {k: list(v) if type(v) is list else v for k, v in shared.items()}
-            sample.scheduler.__dict__.update(own)
+            state = {k: list(v) if type(v) is list else v for k, v in shared.items()}
+            sample.scheduler.__dict__.update(state)
         for name, slots in merged.items():
             setattr(sample.scheduler, name, [None if v is None else v[i : i + 1] for v in slots])
         sample.index += 1
