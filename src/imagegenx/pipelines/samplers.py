@@ -49,7 +49,7 @@ def make_scheduler(name: SchedulerName, base_config: dict[str, Any]):
     return copy.deepcopy(prototype)
 
 
-def make_timed_scheduler(name: SchedulerName, base_config: dict[str, Any], steps: int, device: Any):
+def make_timed_scheduler(name: SchedulerName, base_config: dict[str, Any], steps: int, device: Any) -> Any:
     """``make_scheduler`` then ``set_timesteps(steps, device)``, from a cached prototype.
 
     ``set_timesteps`` costs another 1.5 ms of numpy and small-tensor work, and a deep copy of a
