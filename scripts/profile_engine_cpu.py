@@ -1,11 +1,13 @@
-"""The engine's per-image CPU overhead: 256 one-step jobs of a tiny random SD 2.1 model, batches of 32.
+"""The engine's per-image CPU overhead on tiny random models, beside plain diffusers.
 
-Run:  python scripts/profile_engine_cpu.py            (images/s: ours and plain diffusers, 3 runs)
-      python scripts/profile_engine_cpu.py --profile  (cProfile of the engine, top entries)
+Run:  python scripts/profile_engine_cpu.py                  (turbo: 256 one-step SD 2.1 jobs, batches of 32)
+      python scripts/profile_engine_cpu.py --work lcm4      (64 four-step LCM SDXL jobs, batches of 16)
+      python scripts/profile_engine_cpu.py --profile        (cProfile of one engine run, top entries)
 
-The model is tiny, so nearly all the time is Python and small-tensor work around the UNet and VAE
-calls: the overhead that keeps a GPU idle between kernels in turbo-512-1. The diffusers peer makes
-the same images (one pipeline call per 32 prompts) on the same components, as the lower bound.
+The models are tiny, so nearly all the time is Python and small-tensor work around the UNet and VAE
+calls: the overhead that keeps a GPU idle between kernels in turbo-512-1 and sdxl-1024-lcm4. The
+diffusers peer makes the same images (one pipeline call per batch, a generator per image) on the
+same components, as the lower bound.
 """
 
 from __future__ import annotations
@@ -16,94 +18,120 @@ import os
 import pstats
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from imagegenx.config import EngineSettings, ModelSettings, Settings
 from imagegenx.engine.engine import Engine
+from imagegenx.pipelines.samplers import make_scheduler
 from imagegenx.types import JobSpec, SchedulerName
 
-MODEL, SIDE, BATCH = "random:tiny-sd21", 64, 32
+PROMPT = "a fox in the snow"
 
 
-def make_jobs(first_seed: int, count: int) -> list[JobSpec]:
+@dataclass(frozen=True)
+class Work:
+    model: str
+    steps: int
+    cfg: float
+    sampler: SchedulerName
+    jobs: int
+    batch: int
+    side: int = 64
+
+
+WORK = {
+    "turbo": Work("random:tiny-sd21", 1, 0.0, SchedulerName.EULER, 256, 32),
+    "lcm4": Work("random:tiny-sdxl", 4, 1.0, SchedulerName.LCM, 64, 16),
+}
+
+
+def make_jobs(work: Work, first_seed: int) -> list[JobSpec]:
     return [
         JobSpec(
-            "a fox in the snow",
-            MODEL,
-            width=SIDE,
-            height=SIDE,
-            steps=1,
-            guidance_scale=0.0,
-            scheduler=SchedulerName.EULER,
+            PROMPT,
+            work.model,
+            width=work.side,
+            height=work.side,
+            steps=work.steps,
+            guidance_scale=work.cfg,
+            scheduler=work.sampler,
             seed=first_seed + i,
         )
-        for i in range(count)
+        for i in range(work.jobs)
     ]
 
 
-def run_diffusers(engine: Engine, count: int) -> float:
-    """Seconds for ``count`` images through diffusers' own pipeline, ``BATCH`` prompts per call."""
-    pipe = engine.models.get(MODEL).pipe
-    pipe.set_progress_bar_config(disable=True)
+def run_diffusers(engine: Engine, work: Work, count: int) -> float:
+    """Seconds for ``count`` images through diffusers' own pipeline, one call per batch. A sibling
+    pipeline holds the sampler, so the engine's model keeps its own scheduler config."""
+    pipe = engine.models.get(work.model).pipe
+    components = dict(pipe.components) | {"scheduler": make_scheduler(work.sampler, pipe.scheduler.config)}
+    peer = type(pipe)(**components)
+    peer.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    for first in range(0, count, BATCH):
-        pipe(
-            prompt=["a fox in the snow"] * BATCH,
-            width=SIDE,
-            height=SIDE,
-            num_inference_steps=1,
-            guidance_scale=0.0,
-            generator=[torch.Generator("cpu").manual_seed(first + i) for i in range(BATCH)],
+    for first in range(0, count, work.batch):
+        peer(
+            prompt=[PROMPT] * work.batch,
+            width=work.side,
+            height=work.side,
+            num_inference_steps=work.steps,
+            guidance_scale=work.cfg,
+            generator=[torch.Generator("cpu").manual_seed(first + i) for i in range(work.batch)],
             output_type="np",
         )
     return time.perf_counter() - started
 
 
+def profile_one_run(engine: Engine, work: Work, top: int) -> None:
+    """cProfile of the engine's own thread (enable and disable must run on the profiled thread)."""
+    profiler = cProfile.Profile()
+    run_batch = engine._run_batch
+
+    def profiled(batch: list[JobSpec]) -> None:
+        profiler.enable()
+        try:
+            run_batch(batch)
+        finally:
+            profiler.disable()
+
+    engine._run_batch = profiled  # type: ignore[method-assign]
+    engine.run(make_jobs(work, 1000))
+    stats = pstats.Stats(profiler).strip_dirs().sort_stats("tottime")
+    stats.print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=256)
+    parser.add_argument("--work", choices=sorted(WORK), default="turbo")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="cProfile one engine run instead")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
+    work = WORK[args.work]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     models = ModelSettings(model_dir=Path(tempfile.mkdtemp()), device="cpu")
-    with Engine(Settings(models=models, engine=EngineSettings(max_batch=BATCH))) as engine:
-        engine.run(make_jobs(0, BATCH))  # load and warm up
-        run_diffusers(engine, BATCH)
+    with Engine(Settings(models=models, engine=EngineSettings(max_batch=work.batch))) as engine:
+        engine.run(make_jobs(work, 0)[: work.batch])  # load and warm up
+        run_diffusers(engine, work, work.batch)
         if args.profile:
-            # The engine works on its own thread: profile each batch there (enable and disable
-            # must run on the profiled thread).
-            profiler = cProfile.Profile()
-            run_batch = engine._run_batch
-
-            def profiled(batch: list[JobSpec]) -> None:
-                profiler.enable()
-                try:
-                    run_batch(batch)
-                finally:
-                    profiler.disable()
-
-            engine._run_batch = profiled  # type: ignore[method-assign]
-            engine.run(make_jobs(1000, args.jobs))
-            stats = pstats.Stats(profiler).strip_dirs().sort_stats("tottime")
-            stats.print_stats(args.top)
-            stats.sort_stats("cumulative").print_stats(args.top)
+            profile_one_run(engine, work, args.top)
             return
         for run in range(args.runs):
             started = time.perf_counter()
-            results = engine.run(make_jobs(1000 + run * args.jobs, args.jobs))
+            results = engine.run(make_jobs(work, 1000 + run * work.jobs))
             ours = time.perf_counter() - started
             failed = [r for r in results if isinstance(r, Exception)]
             if failed:
                 raise SystemExit(f"{len(failed)} jobs failed: {failed[0]}")
-            theirs = run_diffusers(engine, args.jobs)
+            theirs = run_diffusers(engine, work, work.jobs)
             print(
-                f"run {run + 1}: imagegenx {args.jobs / ours:.1f} images/s, "
-                f"diffusers {args.jobs / theirs:.1f} images/s, ratio {theirs / ours:.2f}x"
+                f"{args.work} run {run + 1}: imagegenx {work.jobs / ours:.1f} images/s, "
+                f"diffusers {work.jobs / theirs:.1f} images/s, ratio {theirs / ours:.2f}x"
             )
 
 
