@@ -16,10 +16,11 @@ from sqlalchemy import event
 from conftest import make_settings
 from imagegenx.api.app import create_app
 from imagegenx.config import StorageSettings
+from imagegenx.engine.groupcommit import GroupCommit
 from imagegenx.engine.service import Service, TaskInput
 from imagegenx.queue.embedded import EmbeddedQueue
 from imagegenx.storage.blobs import BlobStore
-from imagegenx.storage.tasks import Completion, TaskStore
+from imagegenx.storage.tasks import Completion, StorageUnavailable, TaskExists, TaskStore
 from imagegenx.types import ApiKey, TaskStatus, Tier
 
 MODEL = "random:tiny-sd21"
@@ -236,3 +237,66 @@ def test_a_queue_on_another_database_is_not_joined(tmp_path):
     service.store.start(record.task_id, 1)
     assert service.complete("w1", [Completion(record.task_id, 1)]) == {record.task_id}
     assert not service.queue.ack("w1", record.task_id)  # acked by complete
+
+
+# -- group commit ---------------------------------------------------------------------------------------
+
+
+def _callers(group: GroupCommit, items: list) -> dict:
+    """Run ``group.run(item)`` for each item in its own thread, all at once; returns item -> error."""
+    errors: dict = {}
+    barrier = threading.Barrier(len(items))
+
+    def call(item) -> None:
+        barrier.wait()
+        try:
+            group.run(item)
+        except Exception as error:
+            errors[item] = error
+
+    threads = [threading.Thread(target=call, args=(item,)) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return errors
+
+
+def test_group_commit_returns_each_caller_after_its_own_commit_and_shares_commits():
+    committed: list[list[int]] = []
+    returned_after_commit = []
+
+    def commit(items: list[int]) -> None:
+        time.sleep(0.02)  # as an fsync: callers arriving meanwhile pile up for the next group
+        committed.append(list(items))
+
+    group = GroupCommit(commit)
+    original_run = group.run
+
+    def run(item: int) -> None:
+        original_run(item)
+        returned_after_commit.append(any(item in c for c in committed))
+
+    group.run = run
+    assert _callers(group, list(range(32))) == {}
+    assert sorted(i for c in committed for i in c) == list(range(32))  # each once
+    assert len(committed) < 32 and all(returned_after_commit) and len(returned_after_commit) == 32
+
+
+def test_group_commit_isolates_a_duplicate_and_shares_other_errors():
+    groups: list[list[str]] = []
+
+    def commit(items: list[str]) -> None:
+        groups.append(list(items))
+        time.sleep(0.01)
+        if "dup" in items:
+            raise TaskExists("duplicate")
+        if "down" in items:
+            raise StorageUnavailable("database away")
+
+    errors = _callers(GroupCommit(commit), ["a", "b", "dup", "c", "d"])
+    assert set(errors) == {"dup"} and isinstance(errors["dup"], TaskExists)
+    groups.clear()
+    errors = _callers(GroupCommit(commit), ["down", *"vwxyz"])
+    failed = {item for group in groups if "down" in group for item in group}
+    assert set(errors) == failed and all(isinstance(e, StorageUnavailable) for e in errors.values())

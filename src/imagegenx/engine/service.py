@@ -20,6 +20,7 @@ from opentelemetry import trace
 
 from imagegenx.config import Settings
 from imagegenx.engine.events import TaskEvents
+from imagegenx.engine.groupcommit import GroupCommit
 from imagegenx.engine.validation import validate_job
 from imagegenx.postprocess.chain import PostprocessSpec
 from imagegenx.queue.base import JobQueue, JoinableQueue
@@ -85,6 +86,10 @@ class Service:
     on_cancel: Callable[[str], None] | None = None
     cancel_bus: Any = None  # queue.cancel.CancelBus; workers subscribe to it
     avg_task_s: float = 1.0  # moving average, fed by the worker, for estimated times
+    _accepting: GroupCommit = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._accepting = GroupCommit(self._accept)
 
     def close(self) -> None:
         """Close what this service holds: webhook deliveries (flushed), queue and bus connections, store."""
@@ -142,14 +147,22 @@ class Service:
                 self.blobs.put(input_key(record.task_id, f"control{index}"), control)
         entries = [(r.task_id, r.priority, batch_key_text(job)) for r, job in zip(records, jobs, strict=True)]
         with tracer.start_as_current_span("queue", attributes={"tasks": len(records)}):
-            joint = self.joint_queue()
-            if joint is not None:  # rows and queue entries in one commit: both exist, or neither
-                self.store.create(records, then=lambda conn: joint.submit_many(entries, conn=conn))
+            if self.joint_queue() is not None:  # concurrent requests share one commit (GroupCommit)
+                self._accepting.run(_Accept(records, entries))
             else:
                 self.store.create(records)
                 for entry in entries:
                     self.queue.submit(*entry)
         return records
+
+    def _accept(self, batch: list[_Accept]) -> None:
+        """The rows and queue entries of several requests in one transaction: each request's rows
+        and entries exist together or not at all, and one fsync serves them all."""
+        joint = self.joint_queue()
+        assert joint is not None
+        records = [r for item in batch for r in item.records]
+        entries = [e for item in batch for e in item.entries]
+        self.store.create(records, then=lambda conn: joint.submit_many(entries, conn=conn))
 
     def joint_queue(self) -> JoinableQueue | None:
         """The queue when its rows live in the task database (the embedded queue on the store's
@@ -244,6 +257,14 @@ class Service:
             self.events.publish(record.task_id, {"status": str(record.status), "progress": record.progress})
             if record.status.final and record.callback_url and self.webhooks is not None:
                 self.webhooks.send(record.callback_url, f"task.{record.status}", task_summary(record))
+
+
+@dataclass
+class _Accept:
+    """One request's task rows and queue entries, waiting for a shared commit."""
+
+    records: list[TaskRecord]
+    entries: list[tuple[str, int, str]]
 
 
 class StoreEventRelay:
