@@ -91,3 +91,17 @@ def test_a_run_cut_short_keeps_the_rows_measured_before(tmp_path, monkeypatch):
     assert result["partial"] is True
     assert [row["runner"] for row in result["rows"]] == ["imagegenx", "diffusers"]
     assert set(result["speedup_vs"]) == {"diffusers"}
+
+
+def test_a_peer_gives_back_inductors_flags():
+    """The fast recipe sets global Inductor flags; closing the peer restores them, so the next
+    scenario's own compile is not tuned by the recipe's flags."""
+    import torch._inductor.config as inductor
+
+    from imagegenx.bench.peers import Peer
+
+    before = inductor.coordinate_descent_tuning
+    peer = Peer("diffusers-fast", model=None, saved_inductor=inductor.shallow_copy_dict())
+    inductor.coordinate_descent_tuning = not before
+    peer.close()
+    assert inductor.coordinate_descent_tuning is before and peer.saved_inductor is None

@@ -29,6 +29,15 @@ class Peer:
     name: str
     model: LoadedModel
     note: str = ""
+    saved_inductor: dict[str, Any] | None = None  # Inductor's flags before this peer set its own
+
+    def close(self) -> None:
+        """Give back Inductor's flags, so the recipe's never leak into a later scenario's compile."""
+        if self.saved_inductor is not None:
+            import torch._inductor.config as inductor
+
+            inductor.load_config(self.saved_inductor)
+            self.saved_inductor = None
 
     @property
     def pipe(self) -> Any:
@@ -72,10 +81,15 @@ def load_peer(name: str, ref: str, base: ModelSettings, compile_mode: str = "max
         return Peer(name, model, "bf16, channels_last, fused QKV, no compile")
     import torch._inductor.config as inductor
 
+    saved = inductor.shallow_copy_dict()
     inductor.conv_1x1_as_mm = True
-    inductor.coordinate_descent_tuning = True
     inductor.epilogue_fusion = False
-    inductor.coordinate_descent_check_all_directions = True
+    note = f"bf16, channels_last, fused QKV, compile {compile_mode}"
+    if compile_mode == "max-autotune":  # the recipe as published
+        inductor.coordinate_descent_tuning = True
+        inductor.coordinate_descent_check_all_directions = True
+    else:  # its tuning passes left out: on an H200 they take longer than one GPU call may run
+        note += " without coordinate-descent tuning"
     denoiser.forward = torch.compile(denoiser.forward, mode=compile_mode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
-    return Peer(name, model, f"bf16, channels_last, fused QKV, compile {compile_mode}")
+    return Peer(name, model, note, saved)

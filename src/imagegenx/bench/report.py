@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def run(names: list[str], ctx: BenchContext, console: Console, out: Path | None 
     report = machine(ctx)
     peak = report["matmul_peak_tflops"]
     report["scenarios"] = {}
+    started = time.monotonic()
     for name in names:
         scenario = SCENARIOS[name]
         if scenario.run is None:
@@ -69,6 +71,10 @@ def run(names: list[str], ctx: BenchContext, console: Console, out: Path | None 
 
             def keep(row: Row, name: str = name, done: list[Row] = done, what: str = scenario.what) -> None:
                 done.append(row)
+                elapsed = time.monotonic() - started
+                console.print(
+                    f"  {row.runner}: {row.seconds / row.images:.4g} s/image ({elapsed:.0f} s into the run)"
+                )
                 report["scenarios"][name] = _result(what, done, peak, partial=True)
                 _write(report, out)
 

@@ -123,7 +123,10 @@ def _run_peers(ctx: BenchContext, name: str, work: Workload, measure: Callable[[
         # The UNet families take the job's sampler; SD 3.5 and Flux keep their flow-matching Euler.
         if work.scheduler is not SchedulerName.DPMPP_2M_KARRAS and hasattr(peer.pipe, "unet"):
             peer.pipe.scheduler = make_scheduler(work.scheduler, peer.pipe.scheduler.config)
-        row = measure(peer)
+        try:
+            row = measure(peer)
+        finally:
+            peer.close()
         rows.append(ctx.emit(replace(row, scenario=name, runner=peer_name, note=peer.note)))
         del peer
         free_device()
