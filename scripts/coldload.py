@@ -52,9 +52,10 @@ def _one(path: Path, mode: str, device_name: str, dtype_name: str, fingerprint: 
         torch.zeros(1, device=device)
     started = time.perf_counter()
     split: dict = {}
-    if mode == "fast":
+    if mode in {"fast", "fast-direct"}:
+        direct = mode == "fast-direct"  # O_DIRECT reads, past the page cache (CUDA only)
         pipe, split = fastload.load_single_file(
-            path, family, arch_dir(family), device, dtype, inpaint=inpaint
+            path, family, arch_dir(family), device, dtype, inpaint=inpaint, direct=direct
         )
     else:
         pipe = _from_single_file(ModelSource(str(path), "single-file", family, str(path), inpaint), dtype)
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--modes", default="diffusers,fast")
+    parser.add_argument("--modes", default="diffusers,fast", help="of diffusers, fast, fast-direct")
     parser.add_argument("--fingerprint", action="store_true", help="also compare weight sums once per mode")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -123,6 +123,24 @@ def test_reader_keeps_every_dtype_and_shape(tmp_path) -> None:
             assert torch.equal(got[name], expected), name
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_staged_reader_matches_the_file(tmp_path, direct) -> None:
+    """The CUDA path's reader (chunks through shared staging buffers, page-aligned reads, O_DIRECT
+    where the file system allows it) run on the CPU: chunks far smaller than the tensors, and tensors
+    far smaller than a chunk, on several threads sharing fewer buffers than threads."""
+    tensors = {f"t{i:02d}": torch.randn(i * 97 + 1) for i in range(30)} | {"big": torch.randn(50_000)}
+    tensors["half"] = torch.randn(333).half()
+    path = tmp_path / "staged.safetensors"
+    save_file(tensors, str(path))
+    specs = [s for s in fastread.tensor_table(path) if s.name != "t05"]  # a gap: one tensor not read
+    for chunk_bytes in (4096, 3 * 4096 + 100, 1 << 20):
+        staging = fastread.Staging(CPU, 2, chunk_bytes=chunk_bytes, direct=direct)
+        got = fastread.read_tensors(path, specs, CPU, torch.float32, threads=3, staging=staging)
+        assert sorted(got) == sorted(s.name for s in specs)
+        for name, tensor in got.items():
+            assert torch.equal(tensor, tensors[name].float()), (chunk_bytes, name)
+
+
 def test_chunks_cover_every_byte_once() -> None:
     """The CUDA reader's plan: adjacent tensors share chunks, gaps start new ones, no chunk too big."""
     specs = [

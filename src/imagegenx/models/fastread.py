@@ -8,6 +8,7 @@ read straight into the tensor. Floating tensors are cast to the target dtype on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import struct
@@ -23,6 +24,7 @@ from imagegenx.models.sources import read_safetensors_header
 
 CHUNK_BYTES = 64 << 20  # one pread and one host-to-device copy; large enough for full disk speed
 READ_THREADS = min(8, os.cpu_count() or 1)
+PAGE = 4096  # O_DIRECT alignment of offsets, sizes and buffers
 
 _DTYPES = {
     "F64": torch.float64,
@@ -69,19 +71,28 @@ def tensor_table(path: Path) -> list[TensorSpec]:
 
 
 class Staging:
-    """Pinned host buffers, each with its CUDA stream, shared by the reader threads of one load.
+    """Host buffers, each with its CUDA stream, shared by the reader threads of one load.
 
-    Made once per load (pinning memory is slow) and used by both reads (text encoders + VAE, UNet).
+    On CUDA the buffers are pinned (made once per load: pinning is slow) and copied asynchronously;
+    on the CPU (tests) the same path runs with plain buffers and synchronous copies. Buffers are
+    page-aligned with a page to spare at each end, as ``O_DIRECT`` reads need.
     """
 
-    def __init__(self, device: torch.device, count: int, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self, device: torch.device, count: int, chunk_bytes: int = CHUNK_BYTES, direct: bool = False
+    ):
         self.chunk_bytes = chunk_bytes
+        self.direct = direct
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         self.streams = []
+        cuda = device.type == "cuda"
         for _ in range(count):
-            stream = torch.cuda.Stream(device)
-            self.streams.append(stream)
-            self.free.put((torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True), stream))
+            base = torch.empty(chunk_bytes + 3 * PAGE, dtype=torch.uint8, pin_memory=cuda)
+            skip = -base.data_ptr() % PAGE
+            stream = torch.cuda.Stream(device) if cuda else None
+            if stream is not None:
+                self.streams.append(stream)
+            self.free.put((base[skip : skip + chunk_bytes + 2 * PAGE], stream))
 
     def synchronize(self) -> None:
         for stream in self.streams:
@@ -100,6 +111,8 @@ def read_tensors(
 
     Each thread reads one contiguous part of the file, in order, through its own file descriptor
     (so the kernel's read-ahead sees a sequential reader per descriptor, not interleaved chunks).
+    On CUDA, or when ``staging`` is given, the bytes go through the staging buffers; else straight
+    into the tensors.
     """
     specs = sorted(specs, key=lambda s: s.start)
     unknown = [s.name for s in specs if s.dtype is None]
@@ -108,12 +121,13 @@ def read_tensors(
     threads = threads or READ_THREADS
     # One allocation per tensor (not views of one big buffer), so evicting one component frees its memory.
     raw = {s.name: torch.empty(s.nbytes, dtype=torch.uint8, device=device) for s in specs}
-    if device.type == "cuda":
+    if device.type == "cuda" or staging is not None:
         staging = staging or Staging(device, threads)
-        _in_threads(path, _parts(_chunks(specs, staging.chunk_bytes), threads), _staged_reader(raw, staging))
+        parts = _parts(_chunks(specs, staging.chunk_bytes), threads)
+        _in_threads(path, parts, _staged_reader(raw, staging), staging.direct)
         staging.synchronize()
     else:
-        _in_threads(path, _parts(specs, threads), _direct_reader(raw))
+        _in_threads(path, _parts(specs, threads), _direct_reader(raw), direct=False)
     out = {}
     for spec in specs:
         tensor = raw.pop(spec.name).view(spec.dtype).reshape(spec.shape)
@@ -134,11 +148,15 @@ def _parts(items: list, count: int) -> list[list]:
     return [part for part in parts if part]
 
 
-def _in_threads(path: Path, parts: list[list], read: Any) -> None:
-    """``read(fd, item)`` for every item; one thread and one file descriptor per part."""
+def _in_threads(path: Path, parts: list[list], read: Any, direct: bool) -> None:
+    """``read(fd, item)`` for every item; one thread and one file descriptor per part.
+
+    ``direct``: open with ``O_DIRECT`` (the disk straight into the buffers, no page cache); where
+    the file system refuses it, the reads go through the page cache.
+    """
 
     def run(part: list) -> None:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open(path, direct)
         try:
             if hasattr(os, "posix_fadvise"):  # a larger read-ahead window
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -151,12 +169,24 @@ def _in_threads(path: Path, parts: list[list], read: Any) -> None:
         list(pool.map(run, parts))
 
 
-def _pread_full(fd: int, buffer: memoryview, offset: int) -> None:
+def _open(path: Path, direct: bool) -> int:
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:  # tmpfs and some others refuse O_DIRECT
+            pass
+    return os.open(path, os.O_RDONLY)
+
+
+def _pread_full(fd: int, buffer: memoryview, offset: int, need: int | None = None) -> None:
+    """Fill ``buffer`` from ``offset``; with ``need``, a shorter read that ends the file is enough
+    once ``need`` bytes are in (aligned ``O_DIRECT`` reads may ask for bytes past the end)."""
+    need = len(buffer) if need is None else need
     done = 0
-    while done < len(buffer):
+    while done < need:
         n = os.preadv(fd, [buffer[done:]], offset + done)
         if n <= 0:
-            raise FastLoadUnsupported(f"file ends before byte {offset + len(buffer)} (truncated?)")
+            raise FastLoadUnsupported(f"file ends before byte {offset + need} (truncated?)")
         done += n
 
 
@@ -208,11 +238,16 @@ def _staged_reader(raw: dict[str, torch.Tensor], staging: Staging) -> Any:
     def read(fd: int, chunk: _Chunk) -> None:
         buffer, stream = staging.free.get()
         try:
-            stream.synchronize()  # the buffer's previous copy is done before it is overwritten
-            _pread_full(fd, memoryview(buffer.numpy())[: chunk.nbytes], chunk.start)
-            with torch.cuda.stream(stream):
+            if stream is not None:
+                stream.synchronize()  # the buffer's previous copy is done before it is overwritten
+            # The read starts and ends on page boundaries (for O_DIRECT; harmless otherwise).
+            front = chunk.start % PAGE
+            size = -(-(front + chunk.nbytes) // PAGE) * PAGE
+            _pread_full(fd, memoryview(buffer.numpy())[:size], chunk.start - front, front + chunk.nbytes)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for name, at, offset, n in chunk.pieces:
-                    raw[name][offset : offset + n].copy_(buffer[at : at + n], non_blocking=True)
+                    source = buffer[front + at : front + at + n]
+                    raw[name][offset : offset + n].copy_(source, non_blocking=stream is not None)
         finally:
             staging.free.put((buffer, stream))
 
