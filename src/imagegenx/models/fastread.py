@@ -1,9 +1,10 @@
 """Read a ``.safetensors`` file's tensors straight into device memory, fast (models/fastload.py uses it).
 
-Large ``pread`` calls on several threads, each reading one contiguous part of the file through its
-own descriptor (the GIL is released while the disk works). On CUDA the bytes go through pinned
-staging buffers copied asynchronously into each tensor's own device allocation; on the CPU they are
-read straight into the tensor. Floating tensors are cast to the target dtype on the device.
+On CUDA: large ``pread`` calls on several threads, each reading one contiguous part of the file
+through its own descriptor (the GIL is released while the disk works), into pinned staging buffers
+copied asynchronously into each tensor's own device allocation; optionally with ``O_DIRECT``. On the
+CPU: safetensors' copy-on-write mapping of the file, as diffusers has it. Floating tensors are cast
+to the target dtype on the device.
 """
 
 from __future__ import annotations
@@ -111,30 +112,35 @@ def read_tensors(
 
     Each thread reads one contiguous part of the file, in order, through its own file descriptor
     (so the kernel's read-ahead sees a sequential reader per descriptor, not interleaved chunks).
-    On CUDA, or when ``staging`` is given, the bytes go through the staging buffers; else straight
-    into the tensors.
+    On CUDA, or when ``staging`` is given, the bytes go through the staging buffers; else (CPU) the
+    tensors map the file.
     """
     specs = sorted(specs, key=lambda s: s.start)
     unknown = [s.name for s in specs if s.dtype is None]
     if unknown:
         raise FastLoadUnsupported(f"tensors of a dtype the fast reader does not know, e.g. {unknown[:3]}")
+    if device.type == "cpu" and staging is None:
+        # A private (copy-on-write) mapping of the file, as diffusers' own CPU path has: pages come
+        # in from the page cache on first use; copying them into fresh memory only costs more.
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            loaded = {spec.name: f.get_tensor(spec.name) for spec in specs}
+        return {name: _cast(tensor, dtype) for name, tensor in loaded.items()}
     threads = threads or READ_THREADS
     # One allocation per tensor (not views of one big buffer), so evicting one component frees its memory.
     raw = {s.name: torch.empty(s.nbytes, dtype=torch.uint8, device=device) for s in specs}
-    if device.type == "cuda" or staging is not None:
-        staging = staging or Staging(device, threads)
-        parts = _parts(_chunks(specs, staging.chunk_bytes), threads)
-        _in_threads(path, parts, _staged_reader(raw, staging), staging.direct)
-        staging.synchronize()
-    else:
-        _in_threads(path, _parts(specs, threads), _direct_reader(raw), direct=False)
-    out = {}
-    for spec in specs:
-        tensor = raw.pop(spec.name).view(spec.dtype).reshape(spec.shape)
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        out[spec.name] = tensor
-    return out
+    staging = staging or Staging(device, threads)
+    parts = _parts(_chunks(specs, staging.chunk_bytes), threads)
+    _in_threads(path, parts, _staged_reader(raw, staging), staging.direct)
+    staging.synchronize()
+    return {
+        spec.name: _cast(raw.pop(spec.name).view(spec.dtype).reshape(spec.shape), dtype) for spec in specs
+    }
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
 
 
 def _parts(items: list, count: int) -> list[list]:
@@ -188,16 +194,6 @@ def _pread_full(fd: int, buffer: memoryview, offset: int, need: int | None = Non
         if n <= 0:
             raise FastLoadUnsupported(f"file ends before byte {offset + need} (truncated?)")
         done += n
-
-
-def _direct_reader(raw: dict[str, torch.Tensor]) -> Any:
-    """CPU target: each tensor's bytes read straight into its own memory."""
-
-    def read(fd: int, spec: TensorSpec) -> None:
-        if spec.nbytes:
-            _pread_full(fd, memoryview(raw[spec.name].numpy()), spec.start)
-
-    return read
 
 
 @dataclass(frozen=True)
