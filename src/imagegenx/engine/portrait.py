@@ -10,7 +10,7 @@
    Flux use their flow-matching Euler instead of LCM), submitted together so the engine batches
    them; with InstantID (adapter, IdentityNet and an ArcFace model all given) each carries the
    identity and the first selfie's keypoint image (``vision.selfie.instantid_refs``);
-3. QC and shortlist (``postprocess.shortlist``), overlapped with step 2: past a few 1024² drafts,
+3. QC and shortlist (``postprocess.shortlist``), overlapped with step 2: from 16 1024² drafts,
    each draft is scored on a process pool as soon as it is made (``postprocess.qc_pool``, one
    worker per core but one; the same scores as in one thread); the chain's QC scores (sharpness,
    NSFW, faces, SSIM against the first selfie's aligned crop resized to the draft size) with
@@ -64,7 +64,7 @@ Progress = Callable[[str, int, int], None]
 STAGES = ("selfies", "drafts", "qc", "refine", "fix", "upscale", "write")
 MAX_SELFIES = 3
 _SIZE_BY_FAMILY = {"sd15": 512, "sd21": 768}  # others: 1024; random:tiny-* models: 64
-_POOL_MIN_PIXELS = 4 * 1024 * 1024  # drafts' pixels in all from which QC runs on a process pool
+_POOL_MIN_PIXELS = 16 * 1024 * 1024  # drafts' pixels in all (16 at 1024²) from which QC runs on a pool
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,8 @@ def _qc_pool(
     n: int, width: int, height: int, reference: Image.Image, embedding: np.ndarray
 ) -> AbstractContextManager[QcPool | None]:
     """A QC pool for drafts of this size, or None (QC after the drafts, in this process) when the
-    work is too small to pay for starting worker processes (a second or two each)."""
+    work is too small to pay for starting worker processes (imports and face models: about 4 s on a
+    busy 2-core machine; hidden behind the drafting when there are enough drafts)."""
     if n * width * height < _POOL_MIN_PIXELS:
         return nullcontext()
     return draft_pool(reference, embedding, width, height)

@@ -50,8 +50,11 @@ def _start(
     face_options: tuple[int, float, int],
     brisque: bool,
 ) -> None:
+    import cv2
+
     from imagegenx.vision.identity import _dlib_models
 
+    cv2.setNumThreads(1)  # a worker is one core: OpenCV's own threads would oversubscribe the pool
     faces = DlibIdentity(*face_options)
     identity = faces if reference_embedding is not None else None
     _worker["score"] = ImageScorer(reference, reference_embedding, identity, brisque=brisque)
