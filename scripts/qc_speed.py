@@ -4,7 +4,8 @@ Drafts are scikit-image's astronaut resized to 1024², mirrored, shifted, noised
 the reference is her aligned selfie crop and the embedding the mean of her and her mirror image, as
 a portrait run has them. For each run it checks that the pool gives exactly the serial scores,
 records and shortlist. ``--serial-only`` measures only the serial path (also works on older code).
-Figures: ``serial`` and ``pool-N`` are wall seconds per draft (a pool's start included);
+Figures: ``serial`` and ``pool-N`` are wall seconds per draft (a pool's start included), and
+``serial-cpu`` CPU seconds per draft (steadier than wall time on a shared machine);
 ``pool-N-start_s`` the seconds from a pool's creation to the scores of its first image;
 ``overlap-N-tail_s`` the seconds QC takes after the last draft when it runs during the drafting.
 
@@ -94,12 +95,13 @@ def main() -> None:
     args = parser.parse_args()
     images, (crop, embedding) = drafts(args.n), reference()
     score_drafts(images[:1], crop, embedding)  # load the models outside the timings
-    results: dict[str, list[float]] = {"serial": []}
+    results: dict[str, list[float]] = {"serial": [], "serial-cpu": []}
     serial = None
     for _ in range(args.repeat):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         serial = score_drafts(images, crop, embedding, k=15)
         results["serial"].append((time.perf_counter() - started) / args.n)
+        results["serial-cpu"].append((time.process_time() - cpu) / args.n)
     if not args.serial_only:
         from imagegenx.postprocess.shortlist import draft_pool
 

@@ -4,7 +4,7 @@ Real helper models (dlib's detector, landmarks and ResNet, the Open-NSFW ONNX mo
 photos: the astronaut (shifted, mirrored, softened), the coffee cup (no face). Images arrive in a
 shuffled order with a failed draft among them, and small NSFW batches, as in a portrait run whose
 drafts come out of the engine in batches; a portrait run with the pool forced on tiny drafts gives
-the same report as without it.
+the same report as without it; SSIM with the reference's blurs kept equals the five-blur formula.
 """
 
 import io
@@ -24,7 +24,7 @@ from imagegenx.postprocess.shortlist import draft_pool, score_drafts
 from imagegenx.types import GeneratedImage, JobSpec
 from imagegenx.vision.identity import DlibIdentity, mean_embedding
 from imagegenx.vision.nsfw import NsfwClassifier
-from imagegenx.vision.quality import qc_batch
+from imagegenx.vision.quality import SsimReference, qc_batch, ssim, to_gray
 from imagegenx.vision.selfie import read_selfie
 
 SIZE = 256
@@ -150,3 +150,35 @@ def test_portrait_run_with_the_pool_reports_the_same_qc(tmp_path, monkeypatch):
         e["draft"] for e in serial.report["shortlist"]
     ]
     assert pooled.report["ssim_gate"] == serial.report["ssim_gate"]
+
+
+def _five_blur_ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
+    """SSIM as ``vision.quality.ssim`` computed it before the reference's blurs were kept."""
+    import cv2
+
+    x, y = to_gray(a), to_gray(b)
+    if y.shape != x.shape:
+        y = cv2.resize(y, (x.shape[1], x.shape[0]), interpolation=cv2.INTER_AREA)
+    radius = int(3.5 * sigma + 0.5)
+    win = 2 * radius + 1
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(img: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(img, (win, win), sigma, borderType=cv2.BORDER_REFLECT)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x * mu_x
+    syy = blur(y * y) - mu_y * mu_y
+    sxy = blur(x * y) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
+    return float((num / den)[radius:-radius, radius:-radius].mean())
+
+
+def test_kept_reference_blurs_give_the_same_ssim_bit_for_bit(reference):
+    """One ``SsimReference`` for a batch (reference resized and blurred once per size) gives exactly
+    the SSIM of the five-blur formula, for images of the reference's size and of others."""
+    ref = np.asarray(reference[0].convert("RGB"))
+    kept = SsimReference(ref)
+    for photo in [*_photos(3), np.asarray(Image.fromarray(_photos(1)[0]).resize((512, 512))), ref]:
+        assert kept.against(to_gray(photo)) == _five_blur_ssim(photo, ref) == ssim(photo, ref)
