@@ -300,3 +300,24 @@ def test_group_commit_isolates_a_duplicate_and_shares_other_errors():
     errors = _callers(GroupCommit(commit), ["down", *"vwxyz"])
     failed = {item for group in groups if "down" in group for item in group}
     assert set(errors) == failed and all(isinstance(e, StorageUnavailable) for e in errors.values())
+
+
+# -- reads that spare the write lock ----------------------------------------------------------------------
+
+
+def test_an_idle_lease_takes_no_write_lock_and_load_is_one_read(tmp_path):
+    service = _service(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path))
+    statements: list[str] = []
+    event.listen(service.store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    assert service.queue.lease("w1", 8, 30) == []
+    assert not any("IMMEDIATE" in s for s in statements), statements
+    assert service.store.load(USER.key_id) == (0, 0)
+    (record,) = service.submit(USER, [TaskInput(dict(PARAMS))])
+    other = ApiKey("k2", "other", Tier.PAID, rate_limit_per_s=0, queue_quota=10, created_at=0)
+    service.submit(other, [TaskInput(dict(PARAMS))])
+    assert service.store.load(USER.key_id) == (2, 1)
+    statements.clear()
+    (lease,) = service.queue.lease("w1", 1, 30)  # work is there: the lease takes the lock and the job
+    assert lease.task_id == record.task_id and any("IMMEDIATE" in s for s in statements)
+    service.store.start(record.task_id, 1)
+    assert service.store.load(USER.key_id) == (1, 1)  # processing still counts against the quota

@@ -108,9 +108,10 @@ class Service:
     ) -> list[TaskRecord]:
         """Validate everything first, then write inputs, rows and queue entries."""
         # 1. Limits: queue capacity, the key's quota, the key's tier.
-        if self.store.queued_total() + len(inputs) > self.settings.service.max_queued_tasks:
+        queued, active = self.store.load(user.key_id)
+        if queued + len(inputs) > self.settings.service.max_queued_tasks:
             raise ServiceBusy("the queue is full; try again shortly")
-        if self.store.active_count(user.key_id) + len(inputs) > user.queue_quota:
+        if active + len(inputs) > user.queue_quota:
             raise QuotaExceeded(f"this key may have at most {user.queue_quota} tasks queued or running")
         records, jobs = [], []
         now = time.time()

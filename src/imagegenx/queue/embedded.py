@@ -213,6 +213,8 @@ class EmbeddedQueue(JobQueue, JoinableQueue):
         if max_jobs < 1:
             return []
         now = _clock(now)
+        if self._sqlite and not self._any_ready(now, batch_key):
+            return []  # an idle worker asks every few ms: nothing takeable, so no write lock taken
         with self._write() as conn:
             if batch_key is None:
                 best = conn.execute(self._ready(now, None).limit(1)).first()
@@ -229,6 +231,14 @@ class EmbeddedQueue(JobQueue, JoinableQueue):
                 .values(state=LEASED, lease_owner=owner, lease_until=until, deliveries=_c.deliveries + 1)
             )
         return [Lease(r.task_id, r.lane, r.batch_key, r.deliveries + 1, until) for r in rows]
+
+    def _any_ready(self, now: float, batch_key: str | None) -> bool:
+        """Whether a job is takeable now, read without the write lock (the lease re-checks under it)."""
+        query = select(_c.task_id).where(_c.state == READY, _c.available_at <= now)
+        if batch_key is not None:
+            query = query.where(_c.batch_key == batch_key)
+        with self._read() as conn:
+            return conn.execute(query.limit(1)).first() is not None
 
     def heartbeat(
         self, owner: str, task_ids: list[str], lease_s: float, *, now: float | None = None

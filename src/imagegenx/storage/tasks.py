@@ -399,6 +399,13 @@ class TaskStore:
         with self._tx(read_only=True) as conn:
             return conn.execute(stmt).scalar_one()
 
+    def load(self, user_id: str) -> tuple[int, int]:
+        """``(queued_total(), active_count(user_id))`` read in one transaction (each request asks)."""
+        queued = sa.select(sa.func.count()).where(_t.status == TaskStatus.QUEUED.value)
+        active = sa.select(sa.func.count()).where(_t.user_id == user_id, _t.status.in_(_ACTIVE))
+        with self._tx(read_only=True) as conn:
+            return conn.execute(queued).scalar_one(), conn.execute(active).scalar_one()
+
     def start(self, task_id: str, attempt: int) -> bool:
         """queued/processing → processing for ``attempt`` (progress restarts at 0; a redelivery takes
         over, so only that attempt can then succeed). False when the task is final or cancel was requested.
