@@ -336,8 +336,9 @@ class ServiceWorker:
         """Post-process the images together where their chains agree, then store each outcome."""
         try:
             groups: dict[PostprocessSpec, list[tuple[_InFlight, TaskRecord, GeneratedImage]]] = {}
+            records = {r.task_id: r for r in self.service.store.get_many([e.lease.task_id for e in entries])}
             for entry in entries:
-                done = self._engine_outcome(entry)
+                done = self._engine_outcome(entry, records.get(entry.lease.task_id))
                 if done is not None:
                     record, image = done
                     groups.setdefault(PostprocessSpec.from_params(record.params), []).append(
@@ -362,7 +363,9 @@ class ServiceWorker:
             for entry in entries:
                 self._storing.discard(entry.lease.task_id)
 
-    def _engine_outcome(self, job: _InFlight) -> tuple[TaskRecord, GeneratedImage] | None:
+    def _engine_outcome(
+        self, job: _InFlight, record: TaskRecord | None
+    ) -> tuple[TaskRecord, GeneratedImage] | None:
         """The task's record and image, or None when the job was cancelled or failed (recorded)."""
         service, task_id = self.service, job.lease.task_id
         try:
@@ -375,7 +378,6 @@ class ServiceWorker:
             service.store.fail(task_id, str(exc))
             self._finish(task_id)
             return None
-        record = service.store.get(task_id)
         if record is None:  # purged meanwhile: nothing to store
             self._finish(task_id)
             return None
