@@ -19,7 +19,7 @@ from conftest import make_settings
 from imagegenx.config import ModelSettings
 from imagegenx.models import fastload, fastread
 from imagegenx.models.ldm_export import save_ldm_checkpoint
-from imagegenx.models.loader import _from_single_file, load_model
+from imagegenx.models.loader import _from_pretrained, _from_single_file, load_model
 from imagegenx.models.sources import arch_dir, resolve
 from imagegenx.types import UserError
 
@@ -198,3 +198,19 @@ def test_misfit_checkpoint_falls_back_to_diffusers(checkpoints, tmp_path, caplog
 def test_families_without_a_fast_path_are_declined(tmp_path) -> None:
     with pytest.raises(fastload.FastLoadUnsupported, match="sd21"):
         fastload.load_single_file(tmp_path / "x.safetensors", "sd21", arch_dir("sd21"), CPU, torch.float32)
+
+
+@pytest.mark.parametrize("shard", [None, "200KB"])
+def test_folder_models_are_bit_identical_to_from_pretrained(tmp_path, shard) -> None:
+    """A diffusers folder: the UNet and VAE by the fast reader (also from sharded files), the text
+    encoders by from_pretrained; the same weights as from_pretrained alone."""
+    settings = _settings(tmp_path)
+    folder = tmp_path / "tiny-sdxl-folder"
+    random = load_model(resolve("random:tiny-sdxl", settings), settings).pipe
+    random.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    fast = load_model(resolve(str(folder), settings), settings)
+    assert fast.load_split["loader"] == "fast"
+    assert fast.load_split["fast_components"] == ["unet", "vae"]
+    _assert_identical(_from_pretrained(folder, torch.float32, local_only=True), fast.pipe)

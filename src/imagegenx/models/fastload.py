@@ -32,7 +32,7 @@ import torch
 from imagegenx.models.fastread import READ_THREADS, FastLoadUnsupported, Staging, read_tensors, tensor_table
 from imagegenx.models.tokenizers import tokenizer_for
 
-__all__ = ["FAMILIES", "FastLoadUnsupported", "load_single_file"]
+__all__ = ["FAMILIES", "FastLoadUnsupported", "load_folder_models", "load_single_file"]
 
 FAMILIES = frozenset({"sd15", "sdxl"})
 UNET_PREFIX = "model.diffusion_model."
@@ -112,6 +112,63 @@ def load_single_file(
     pipe = getattr(diffusers, index["_class_name"])(**components, **options)
     split["build_unet"] = time.perf_counter() - built
     return pipe, split
+
+
+def load_folder_models(
+    folder: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The diffusers models (UNet, VAE, transformer) of a diffusers folder, read the fast way.
+
+    For ``from_pretrained(folder, **models)``, which loads the rest (text encoders, tokenizers,
+    scheduler) itself. Left to it as well: a component without ``diffusion_pytorch_model.safetensors``
+    (or its shard index), a quantised one, one with modules kept in float32 when loading in half
+    precision, and any whose weights do not fit its config (such as old attention key names).
+    """
+    import diffusers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    staging = Staging(device, READ_THREADS) if device.type == "cuda" else None
+    models: dict[str, Any] = {}
+    split = {"gigabytes": 0.0, "read": 0.0, "build": 0.0}
+    for name, spec in index.items():
+        cls = (
+            getattr(diffusers, spec[1] or "", None)
+            if isinstance(spec, list) and spec[0] == "diffusers"
+            else None
+        )
+        files = _weight_files(folder / name)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) and files):
+            continue
+        config = cls.load_config(folder / name)
+        if "quantization_config" in config or (cls._keep_in_fp32_modules and dtype != torch.float32):
+            continue
+        started = time.perf_counter()
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            specs = tensor_table(file)
+            split["gigabytes"] += sum(s.nbytes for s in specs) / 1e9
+            tensors |= read_tensors(file, specs, device, dtype, staging=staging)
+        built = time.perf_counter()
+        with _empty_weights():
+            model = cls.from_config(config)
+        try:
+            _assign(model, tensors, device, dtype, name)
+        except FastLoadUnsupported:
+            continue
+        models[name] = model
+        split["read"] += built - started
+        split["build"] += time.perf_counter() - built
+    return models, split
+
+
+def _weight_files(component: Path) -> list[Path]:
+    single = component / "diffusion_pytorch_model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = component / "diffusion_pytorch_model.safetensors.index.json"
+    if shards.is_file():
+        return sorted({component / name for name in json.loads(shards.read_text())["weight_map"].values()})
+    return []
 
 
 def _build_text_vae(

@@ -91,7 +91,7 @@ def load_model(source: ModelSource, settings: ModelSettings) -> LoadedModel:
     if source.kind == "random":
         pipe = _build_random(source.location, device, dtype)
     elif source.kind == "diffusers-folder":
-        pipe = _from_pretrained(Path(source.location), dtype, local_only=True)
+        pipe, split = _folder(Path(source.location), device, dtype)
     elif source.kind == "single-file":
         pipe, split = _single_file(source, device, dtype)
     elif source.kind == "hub":
@@ -170,7 +170,19 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module if dtype == torch.float32 else module.to(dtype)
 
 
-def _from_pretrained(folder: Path | str, dtype: torch.dtype, local_only: bool):
+def _folder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
+    """A diffusers folder: its diffusers models by the fast loader (models/fastload.py), the rest
+    (text encoders, tokenizers, scheduler, and any model it declines) by ``from_pretrained``."""
+    from imagegenx.models import fastload
+
+    models, split = fastload.load_folder_models(folder, device, dtype)
+    pipe = _from_pretrained(folder, dtype, local_only=True, components=models)
+    return pipe, {"loader": "fast" if models else "diffusers", "fast_components": sorted(models), **split}
+
+
+def _from_pretrained(
+    folder: Path | str, dtype: torch.dtype, local_only: bool, components: dict[str, Any] | None = None
+):
     from diffusers import DiffusionPipeline
 
     config = DiffusionPipeline.load_config(folder, local_files_only=local_only)
@@ -179,6 +191,7 @@ def _from_pretrained(folder: Path | str, dtype: torch.dtype, local_only: bool):
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": local_only, "use_safetensors": True}
     if "safety_checker" in config:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+    kwargs |= components or {}  # already loaded: from_pretrained takes them as they are
     try:
         return cls.from_pretrained(folder, **kwargs)
     except OSError as exc:
