@@ -126,8 +126,9 @@ def _split_note(split: dict) -> str:
     speed = split["gigabytes"] / max(read, 1e-9)
     return (
         f"fast loader: read {read:.2f} s ({speed:.1f} GB/s; UNet {split['read_unet']:.2f} s), "
-        f"text encoders + VAE built {split['build_text_vae']:.2f} s and warmed {split['warm']:.2f} s during "
-        f"the UNet's read, UNet built {split['build_unet']:.2f} s, .to(device) {split['to_device']:.2f} s, "
+        f"text encoders + VAE + empty UNet built {split['build_text_vae']:.2f} s and warm-up "
+        f"{split['warm']:.2f} s during the UNet's read, UNet weights + pipeline {split['build_unet']:.2f} s, "
+        f".to(device) {split['to_device']:.2f} s, "
         f"speed-ups {split['speedups']:.2f} s"
     )
 

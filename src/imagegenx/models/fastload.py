@@ -54,8 +54,9 @@ def load_single_file(
     """The pipeline of the ``family`` checkpoint at ``path``, read with the shipped config in ``folder``.
 
     Returns the pipeline and where the time went (seconds: ``read_text_vae``, ``read_unet``,
-    ``build``, ``warm``). ``warm`` (default: on CUDA) runs the text encoders and the VAE decoder once,
-    overlapped with the UNet's read. ``direct`` (CUDA only) reads with ``O_DIRECT``, past the page cache.
+    ``build_text_vae`` and ``warm`` (during the UNet's read), ``build_unet``; and ``gigabytes``).
+    ``warm`` (default: on CUDA) runs the text encoders and the VAE decoder once, overlapped with the
+    UNet's read. ``direct`` (CUDA only) reads with ``O_DIRECT``, past the page cache.
     """
     if family not in FAMILIES:
         raise FastLoadUnsupported(f"family {family} is read by diffusers' from_single_file")
@@ -69,14 +70,16 @@ def load_single_file(
     split: dict[str, float] = {"gigabytes": sum(s.nbytes for s in (*first, *unet_specs)) / 1e9}
 
     # 1. Text encoders and VAE first (they come first in a sorted file), then, while the UNet's
-    # bytes are read, build those components and warm them in a second thread.
+    # bytes are read, a second thread builds those components and the empty UNet, and warms up.
     staging = Staging(device, READ_THREADS, direct=direct) if device.type == "cuda" else None
     tensors = read_tensors(path, first, device, dtype, staging=staging)
     split["read_text_vae"] = time.perf_counter() - started
     components: dict[str, Any] = {}
     warm = device.type == "cuda" if warm is None else warm
     with ThreadPoolExecutor(1, thread_name_prefix="fastload-build") as pool:
-        side: Future = pool.submit(_build_text_vae, index, folder, family, tensors, device, dtype, warm)
+        side: Future = pool.submit(
+            _build_text_vae, index, folder, family, tensors, device, dtype, warm, inpaint
+        )
         unet_started = time.perf_counter()
         unet_tensors = read_tensors(path, unet_specs, device, dtype, staging=staging)
         split["read_unet"] = time.perf_counter() - unet_started
@@ -84,16 +87,11 @@ def load_single_file(
     split["build_text_vae"] = components.pop("_build_seconds")
     split["warm"] = components.pop("_warm_seconds")
 
-    # 2. The UNet, then the pipeline around the components.
+    # 2. The UNet's weights, then the pipeline around the components.
     built = time.perf_counter()
-    unet_class = getattr(diffusers, index["unet"][1])
-    config = dict(unet_class.load_config(folder / "unet"))
-    if inpaint:
-        config["in_channels"] = 9  # what diffusers' num_in_channels=9 does
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    with _empty_weights():
-        unet = unet_class.from_config(config)
+    unet, config = components.pop("_unet")
     _assign(unet, _convert("unet", convert_ldm_unet_checkpoint, unet_tensors, config), device, dtype, "unet")
     components["unet"] = unet
     for name, spec in index.items():
@@ -180,7 +178,11 @@ def _build_text_vae(
     device: torch.device,
     dtype: torch.dtype,
     warm: bool,
+    inpaint: bool,
 ) -> dict[str, Any]:
+    """The text encoders and the VAE with their weights, the UNet empty (with its config), then the
+    warm-up. One thread only: accelerate's init_empty_weights patches torch globally, so two
+    threads inside it at once could leave the patch in place."""
     import diffusers
     import transformers
     from diffusers.loaders.single_file_utils import (
@@ -215,6 +217,12 @@ def _build_text_vae(
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
         _assign(model, state, device, dtype, name)
         out[name] = model
+    unet_class = getattr(diffusers, index["unet"][1])
+    config = dict(unet_class.load_config(folder / "unet"))
+    if inpaint:
+        config["in_channels"] = 9  # what diffusers' num_in_channels=9 does
+    with _empty_weights():
+        out["_unet"] = (unet_class.from_config(config), config)
     out["_build_seconds"] = time.perf_counter() - started
     warm_started = time.perf_counter()
     if warm:
