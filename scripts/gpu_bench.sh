@@ -25,8 +25,10 @@ setup)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, diffusers; print(torch.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
     ;;
-eager) # every generation scenario beside both peers, nothing compiled
-    bench sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 vae-decode-1024 --peer-compile off --out "$OUT/bench-eager.json"
+eager) # the generation scenarios beside both peers, nothing compiled
+    # shellcheck disable=SC2086 # SCENARIOS is a list
+    bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 vae-decode-1024} --peer-compile off \
+        --out "$OUT/bench-eager.json"
     ;;
 eager2)
     bench cold-start flux-dev-1024-28 --peer-compile off --out "$OUT/bench-eager2.json"
@@ -35,8 +37,9 @@ portrait)
     bench esrgan-x4-1024 portrait-100 --out "$OUT/bench-portrait.json"
     ;;
 compiled) # ours compiled (UNet and VAE, default mode) beside the recipe compiled in default mode
-    IMAGEGENX_MODELS__COMPILE=default bench sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 --peer diffusers-fast \
-        --peer-compile default --out "$OUT/bench-compiled.json"
+    # shellcheck disable=SC2086 # SCENARIOS and PEERS are lists
+    IMAGEGENX_MODELS__COMPILE=default bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1} \
+        ${PEERS:---peer diffusers-fast --peer-compile default} --out "$OUT/bench-compiled.json"
     ;;
 autotune) # ours compiled beside diffusers' recipe exactly as published: compile max-autotune
     IMAGEGENX_MODELS__COMPILE=default bench "${SCENARIO:-sdxl-1024-30}" --peer diffusers-fast \
