@@ -1,6 +1,7 @@
 """The service path's database cost: how many write transactions one task takes, and what a kill -9
 inside the merged ones (task row + queue row, success + ack) leaves behind."""
 
+import io
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import event
 
 from conftest import make_settings
@@ -18,6 +20,7 @@ from imagegenx.api.app import create_app
 from imagegenx.config import StorageSettings
 from imagegenx.engine.groupcommit import GroupCommit
 from imagegenx.engine.service import Service, TaskInput
+from imagegenx.engine.worker import PROGRESS_FLUSH_S
 from imagegenx.queue.embedded import EmbeddedQueue
 from imagegenx.storage.blobs import BlobStore
 from imagegenx.storage.tasks import Completion, StorageUnavailable, TaskExists, TaskStore
@@ -111,22 +114,44 @@ def test_a_one_step_task_takes_three_write_transactions_through_the_http_api(tmp
             time.sleep(0.2)  # the acknowledgement is in the success's commit: nothing may follow it
             writes = log.take()
             assert writes in ([accept, lease, start, finish], [accept, lease, start + finish]), writes
+        # A 64² WebP original is its own thumbnail: stored under each name, encoded once.
+        blobs = {v: client.get(url).content for v, url in view["urls"].items()}
+        assert blobs["original"] == blobs["512"] == blobs["256"] and blobs["original"][8:12] == b"WEBP"
 
 
-def test_progress_is_written_at_most_once_a_second_and_never_the_last_step(tmp_path):
+def test_a_thumbnail_smaller_than_the_image_is_encoded_on_its_own(tmp_path):
     app = create_app(_settings(tmp_path), run_worker=True)
     with TestClient(app) as client:
+        _, client.headers["X-API-Key"] = _ready(app)
+        body = {"text": "a fox", **ONE_STEP, "width": 320, "height": 320}
+        view = _wait(client, client.post("/api/v1/image/generate", json=body).json()["data"]["task_ids"][0])
+        blobs = {v: client.get(url).content for v, url in view["urls"].items()}
+        assert blobs["512"] == blobs["original"] != blobs["256"]
+        assert Image.open(io.BytesIO(blobs["256"])).size == (256, 256)
+
+
+def test_progress_of_running_jobs_is_written_together_at_most_every_flush_interval(tmp_path):
+    app = create_app(_settings(tmp_path, max_batch=4, batch_window_ms=1000), run_worker=True)
+    with TestClient(app) as client:
         log, client.headers["X-API-Key"] = _ready(app)
-        body = {"text": "a fox", **ONE_STEP, "steps": 40}
         started = time.monotonic()
-        task_id = client.post("/api/v1/image/generate", json=body).json()["data"]["task_ids"][0]
-        assert _wait(client, task_id)["status"] == "succeeded"
+        body = {"text": "a fox", **ONE_STEP, "steps": 60}
+        tasks = [client.post("/api/v1/image/generate", json=body | {"seed": i}).json() for i in range(3)]
+        task_ids = [t["data"]["task_ids"][0] for t in tasks]
+        seen = set()  # the database shows progress while the jobs run
+        while (view := client.get(f"/api/v1/image/task/{task_ids[0]}").json()["data"])[
+            "status"
+        ] != "succeeded":
+            seen.add(view["progress"])
+            time.sleep(0.05)
+        views = [_wait(client, t) for t in task_ids]
         seconds = time.monotonic() - started
-        writes = log.take()
-        progress = [t for t in writes if t == [("UPDATE", "tasks")]]
-        # one of these is the start; the rest are progress flushes, one per PROGRESS_FLUSH_S at most
-        assert 1 <= len(progress) <= 2 + seconds, (len(progress), seconds)
-        assert len(writes) == len(progress) + 3  # accept, lease, success + ack
+        assert [v["status"] for v in views] == ["succeeded"] * 3
+        assert any(0 < p < 100 for p in seen), seen
+        updates_only = [t for t in log.take() if {verb for verb, _ in t} == {"UPDATE"} and t[0][1] == "tasks"]
+        # the batch's start, then progress flushes: one transaction each for all three jobs
+        assert len(updates_only) <= 2 + seconds / PROGRESS_FLUSH_S, (len(updates_only), seconds)
+        assert max(len(t) for t in updates_only) == 3, updates_only
 
 
 # -- kill -9 inside a merged transaction ----------------------------------------------------------------

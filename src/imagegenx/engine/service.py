@@ -3,7 +3,9 @@
 No torch here: an API node can run this without a GPU. Accepting a task means, in order,
 input images into the blob store, the task row(s) into the database, the job(s) into the queue;
 a crash between steps leaves at worst a row that the expiry sweep finalises, never a lost or
-duplicated task. Results are produced by ``engine.worker.ServiceWorker``.
+duplicated task. On the embedded queue the rows and the queue entries are one transaction, shared
+by the requests that arrive together (``engine.groupcommit``), so neither exists without the other.
+Results are produced by ``engine.worker.ServiceWorker``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 
@@ -159,8 +161,7 @@ class Service:
     def _accept(self, batch: list[_Accept]) -> None:
         """The rows and queue entries of several requests in one transaction: each request's rows
         and entries exist together or not at all, and one fsync serves them all."""
-        joint = self.joint_queue()
-        assert joint is not None
+        joint = cast(JoinableQueue, self.queue)  # submit() checked joint_queue()
         records = [r for item in batch for r in item.records]
         entries = [e for item in batch for e in item.entries]
         self.store.create(records, then=lambda conn: joint.submit_many(entries, conn=conn))

@@ -8,10 +8,10 @@ already final, simply acknowledged.
 
 Database writes are few and batched, because each is a commit (an fsync on SQLite) and SQLite has
 one write lock for the whole process: the engine thread never writes (its events only note starts
-and progress), the loop records the starts of a whole UNet batch in one transaction, progress at
-most every ``PROGRESS_FLUSH_S`` (never the last step's: the success says 100), and a finished group
-commits its rows and acks together. A 1-step job that starts and finishes between two loop turns
-has its start folded into that same commit.
+and progress, ``engine.jobnotes``), the loop records the starts of a whole UNet batch in one
+transaction, progress at most every ``PROGRESS_FLUSH_S``, and a finished group commits its rows and
+acks together. A 1-step job that starts and finishes between two loop turns has its start folded
+into that same commit.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from opentelemetry import trace
 from PIL import Image
 
 from imagegenx.engine.engine import Engine, JobFailed
+from imagegenx.engine.jobnotes import JobNotes
 from imagegenx.engine.service import Service, input_key, job_from_params, result_key
 from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
 from imagegenx.postprocess.encode import ImageFormat, encode_image, image_metadata, to_pil
@@ -65,7 +66,7 @@ class _Stored:
 
 THUMBNAILS = (512, 256)
 CANCEL_POLL_S = 0.5  # how often the task rows of running jobs are checked for a cancel request
-PROGRESS_FLUSH_S = 1.0  # progress reaches the database at most this often (SSE hears every step)
+PROGRESS_FLUSH_S = 0.5  # progress reaches the database at most this often (SSE hears every step)
 
 
 def default_owner() -> str:
@@ -95,11 +96,7 @@ class ServiceWorker:
         self._done: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._draining = threading.Event()  # no new leases: the process is shutting down
-        self._last_progress: dict[str, int] = {}
-        # Noted by the engine thread, written by the loop (see the module docs); guarded by _notes_lock.
-        self._notes_lock = threading.Lock()
-        self._to_start: dict[str, int] = {}  # task id -> attempt
-        self._progress: dict[str, int] = {}  # task id -> latest progress not yet written
+        self._notes = JobNotes()  # noted by the engine thread, written by the loop
         self._unsubscribe_cancels: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="imagegenx-worker", daemon=True)
         if service.cancel_bus is not None:  # cancels from any process (an API node) reach this engine
@@ -297,23 +294,18 @@ class ServiceWorker:
                 self._storing.add(task_id)
                 finished.append(entry)
         if finished:
-            with self._notes_lock:  # a start not written yet goes into the job's final commit
-                for entry in finished:
-                    self._to_start.pop(entry.lease.task_id, None)
-                    self._progress.pop(entry.lease.task_id, None)
+            self._notes.forget(entry.lease.task_id for entry in finished)  # unwritten starts: job.started
             self._post.submit(self._complete_group, finished)
 
     def _flush_starts(self) -> None:
         """Record the starts the engine reported since the last turn, in one transaction."""
-        with self._notes_lock:
-            starts, self._to_start = self._to_start, {}
+        starts = self._notes.take_starts()
         if not starts:
             return
         try:
             started = self.service.store.start_many(starts)
         except StorageUnavailable:  # try again next turn; the final commit records it otherwise
-            with self._notes_lock:
-                self._to_start = starts | self._to_start
+            self._notes.put_back_starts(starts)
             raise
         for task_id in starts:
             job = self._in_flight.get(task_id)
@@ -321,12 +313,12 @@ class ServiceWorker:
                 job.started = task_id in started
             if task_id not in started:  # final or cancel requested meanwhile: stop it
                 self.engine.cancel(task_id)
-        self.service.notify_many([t for t in starts if t in started])
+        # No notify here: the engine's step events told this process's SSE clients already, and a
+        # status read now would reach them after newer progress.
 
     def _flush_progress(self) -> None:
         """Write the latest progress of running jobs, in one transaction (at most every PROGRESS_FLUSH_S)."""
-        with self._notes_lock:
-            progress, self._progress = self._progress, {}
+        progress = self._notes.take_progress()
         with contextlib.suppress(StorageUnavailable):  # progress is advisory: the next flush has newer
             self.service.store.set_progress_many(progress)
 
@@ -432,7 +424,6 @@ class ServiceWorker:
         succeeded = service.complete(self.owner, [s.completion for s in stored])
         for item in stored:
             task_id = item.completion.task_id
-            self._last_progress.pop(task_id, None)
             if task_id in succeeded:
                 elapsed = item.image.timings.total_s
                 service.avg_task_s = 0.8 * service.avg_task_s + 0.2 * max(elapsed, 0.01)
@@ -446,20 +437,26 @@ class ServiceWorker:
     ) -> dict[str, str]:
         fmt = ImageFormat.parse(fmt_name)
         results = {"original": result_key(task_id, "original", fmt.extension)}
-        self.service.blobs.put(results["original"], encode_image(image, fmt, embed_metadata=embed_metadata))
+        original = encode_image(image, fmt, embed_metadata=embed_metadata)
+        self.service.blobs.put(results["original"], original)
         pil = to_pil(image)
         for side in THUMBNAILS:
+            results[str(side)] = result_key(task_id, str(side), ".webp")
+            if fmt is ImageFormat.WEBP and max(pil.size) <= side:
+                # Nothing to shrink, and the original is WebP already: encoding the same pixels again
+                # cost as much as the original (a 512² image's "512" was ~45% of its storing CPU).
+                self.service.blobs.put(results[str(side)], original)
+                continue
             thumb = pil.copy()
             thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
             buf = io.BytesIO()
             thumb.save(buf, "WEBP", quality=85)
-            results[str(side)] = result_key(task_id, str(side), ".webp")
             self.service.blobs.put(results[str(side)], buf.getvalue())
         return results
 
     def _finish(self, task_id: str) -> None:
         self.service.queue.ack(self.owner, task_id)
-        self._last_progress.pop(task_id, None)
+        self._notes.forget([task_id])
         self.service.notify(task_id)
 
     def _on_engine_event(self, event: ProgressEvent) -> None:
@@ -469,15 +466,12 @@ class ServiceWorker:
             return
         task_id = event.job_id
         job = self._in_flight.get(task_id)
-        progress = min(99, int(100 * event.step / event.total))
-        with self._notes_lock:
-            if job is not None and not job.noted:
-                job.noted = True
-                self._to_start[task_id] = job.attempt
-            # The last step's progress is never written: the success (progress 100) follows it.
-            if 0 < event.step < event.total and progress - self._last_progress.get(task_id, -100) >= 5:
-                self._last_progress[task_id] = progress
-                self._progress[task_id] = progress
+        first = job is not None and not job.noted
+        if first:
+            job.noted = True
+        progress = self._notes.step(
+            task_id, event.step, event.total, start_attempt=job.attempt if first else None
+        )
         data = {"status": str(TaskStatus.PROCESSING), "progress": progress}
         if event.preview:  # a small JPEG of the latents, for the page's queue
             data["preview"] = "data:image/jpeg;base64," + base64.b64encode(event.preview).decode()
