@@ -27,11 +27,12 @@ setup)
     ;;
 eager) # the generation scenarios beside both peers, nothing compiled
     # shellcheck disable=SC2086 # SCENARIOS is a list
-    bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 vae-decode-1024} --peer-compile off \
+    bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 vae-decode-1024} ${PEERS:-} --peer-compile off \
         --out "$OUT/bench-eager.json"
     ;;
 eager2)
-    bench cold-start flux-dev-1024-28 --peer-compile off --out "$OUT/bench-eager2.json"
+    # shellcheck disable=SC2086 # SCENARIOS is a list
+    bench ${SCENARIOS:-cold-start flux-dev-1024-28} --peer-compile off --out "$OUT/bench-eager2.json"
     ;;
 portrait)
     bench esrgan-x4-1024 portrait-100 --out "$OUT/bench-portrait.json"
