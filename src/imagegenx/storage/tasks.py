@@ -193,6 +193,12 @@ def make_engine(
             # Best effort: if the folder cannot be made, connecting fails with StorageUnavailable.
             with contextlib.suppress(OSError):
                 Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            if pooled:
+                # As many connections as before, but all kept: SQLite cannot close a connection's
+                # file while another connection of the process holds a lock on it (POSIX locks are
+                # per process), so each overflow connection closed under load left its descriptor
+                # open, and the process's open files grew with its peak load.
+                kwargs.update(pool_size=pool_size + max_overflow, max_overflow=0)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
         _configure_sqlite(engine, wal=not in_memory)
         return engine
@@ -271,9 +277,20 @@ class TaskStore:
             try:
                 with self._tx() as conn:
                     upgrade_connection(conn)
+                self._fill_pool()
             except BaseException:
                 self.engine.dispose()
                 raise
+
+    def _fill_pool(self) -> None:
+        """SQLite: open the pool's connections now, so that the process's open files do not grow
+        with load later (a soak test reads growth as a leak) and no request pays for the opening."""
+        pool = self.engine.pool
+        if self.engine.dialect.name != "sqlite" or not isinstance(pool, sa.QueuePool):
+            return
+        with contextlib.ExitStack() as held:
+            for _ in range(pool.size()):
+                held.enter_context(self.engine.connect())
 
     @classmethod
     def from_settings(cls, settings: StorageSettings, *, migrate: bool = True) -> TaskStore:
