@@ -101,7 +101,7 @@ def test_a_peer_gives_back_inductors_flags():
     from imagegenx.bench.peers import Peer
 
     before = inductor.coordinate_descent_tuning
-    peer = Peer("diffusers-fast", model=None, saved_inductor=inductor.shallow_copy_dict())
+    peer = Peer("diffusers-fast", model=None, saved_inductor=inductor.get_config_copy())
     inductor.coordinate_descent_tuning = not before
     peer.close()
     assert inductor.coordinate_descent_tuning is before and peer.saved_inductor is None

@@ -81,7 +81,7 @@ def load_peer(name: str, ref: str, base: ModelSettings, compile_mode: str = "max
         return Peer(name, model, "bf16, channels_last, fused QKV, no compile")
     import torch._inductor.config as inductor
 
-    saved = inductor.shallow_copy_dict()
+    saved = inductor.get_config_copy()
     inductor.conv_1x1_as_mm = True
     inductor.epilogue_fusion = False
     note = f"bf16, channels_last, fused QKV, compile {compile_mode}"
