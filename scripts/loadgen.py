@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -174,10 +175,16 @@ class LoadGen:
         self.polls = 0
         self.t0 = 0.0
         self.stopping = False
+        self.interrupted_at: float | None = None  # SIGINT: stop sending, report what was seen
         self.cpu: dict | None = None  # cores busy while the schedule ran
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
+
+    def interrupt(self) -> None:
+        """SIGINT (a time limit, Ctrl-C): the report covers the requests scheduled so far."""
+        if self.interrupted_at is None:
+            self.interrupted_at = self.now()
 
     async def submit(self, req: Request) -> None:
         async with self.submit_slots:  # a cap so high it should never bind; lag shows if it does
@@ -282,14 +289,19 @@ class LoadGen:
         submits = []
         for req in self.requests:
             delay = req.scheduled - self.now()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            while delay > 0 and self.interrupted_at is None:
+                await asyncio.sleep(min(delay, 0.1))
+                delay = req.scheduled - self.now()
+            if self.interrupted_at is not None:
+                break
             submits.append(asyncio.create_task(self.submit(req)))
         await asyncio.gather(*submits)
+        if self.interrupted_at is not None:
+            self.requests = self.requests[: len(submits)]
         end_of_schedule = self.now()
         self.cpu = cpu_use(cpu_before, _cpu_sample(a.server_pid), a.server_pid is not None)
         deadline = time.perf_counter() + a.drain_timeout
-        while self.pending and time.perf_counter() < deadline:
+        while self.pending and time.perf_counter() < deadline and self.interrupted_at is None:
             await asyncio.sleep(0.05)
         self.stopping = True
         await poller
@@ -434,11 +446,17 @@ async def _run(args: argparse.Namespace) -> dict:
     timeout = httpx.Timeout(args.http_timeout)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as c:
         gen = LoadGen(c, args)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, gen.interrupt)
         drained = await gen.run()
-        if args.check_detection:
+        if args.check_detection and gen.interrupted_at is None:
             await gen.check_detection()
+    if gen.interrupted_at is not None:
+        # Cut short: the figures cover the schedule up to the interrupt (tasks still running count
+        # as unfinished), so throughput is not divided by seconds that never ran.
+        args.duration = max(gen.interrupted_at, args.warmup + 1e-3)
     elapsed = args.duration + drained
     return {
+        "interrupted_at_s": gen.interrupted_at,
         "summary": summarize(gen.requests, args, drained),
         "cpu_during_schedule": gen.cpu,
         "polls": gen.polls,
@@ -576,9 +594,9 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "started": started,
     }
-    print_table(report)
-    if args.json:
+    if args.json:  # before the table: a closed stdout must not lose the report
         args.json.write_text(json.dumps(report, indent=2))
+    print_table(report)
     return report
 
 

@@ -2,10 +2,13 @@
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from support.server import Server
@@ -60,3 +63,38 @@ def test_short_run_counts_every_request(tmp_path):
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert s["window"]["completed_per_s"] > 0
     assert "completed" in proc.stdout and "p99" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_interrupt_writes_the_report_so_far(tmp_path):
+    """A run cut by SIGINT (a GPU call's time limit) still writes its report, covering what ran."""
+    server = Server(tmp_path).start()
+    try:
+        key = server.key(rate=0.0, quota=10_000)
+        out = tmp_path / "report.json"
+        cmd = [sys.executable, str(SCRIPT), "--url", server.url, "--key", key, "--rate", "5"]
+        cmd += ["--duration", "300", "--warmup", "0.5", "--arrivals", "fixed", "--json", str(out)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _accepted(server, key, 11):  # 10 + the warm-up task
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+    finally:
+        server.stop()
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert 1.5 < report["interrupted_at_s"] < 60
+    assert s["offered"]["duration_s"] == pytest.approx(report["interrupted_at_s"])
+    # only the requests scheduled before the interrupt, each of them sent and answered
+    assert 10 <= len(report["requests"]) <= 5 * report["interrupted_at_s"] + 1
+    assert s["submitted"] == len(report["requests"])
+    assert s["final_status"]["succeeded"] >= 8
+
+
+def _accepted(server: Server, key: str, n: int) -> bool:
+    """At least ``n`` tasks exist on the server (the load generator's progress, seen from outside)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    response = httpx.get(f"{server.url}/api/v1/image/tasks", params={"page_size": 1}, headers=headers)
+    return response.status_code == 200 and response.json()["data"]["total"] >= n
