@@ -22,8 +22,8 @@ from imagegenx.models.ldm_export import save_ldm_checkpoint
 from imagegenx.models.loader import _from_pretrained, _from_single_file, load_model
 from imagegenx.models.sources import arch_dir, resolve
 from imagegenx.types import UserError
+from support.weights import WEIGHTED, assert_same_weights
 
-WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
 CPU = torch.device("cpu")
 
 
@@ -44,21 +44,7 @@ def _settings(tmp_path: Path) -> ModelSettings:
 
 
 def _assert_identical(want, got) -> None:
-    compared = 0
-    for name in WEIGHTED:
-        if getattr(want, name, None) is None:
-            assert getattr(got, name, None) is None, name
-            continue
-        a, b = getattr(want, name).state_dict(), getattr(got, name).state_dict()
-        assert a.keys() == b.keys(), name
-        differ = [
-            k
-            for k in a
-            if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])
-        ]
-        assert not differ, f"{name}: {len(differ)} tensor(s) differ, e.g. {differ[:3]}"
-        compared += len(a)
-    assert compared > 400
+    assert_same_weights(want, got, at_least=400)
     assert dict(got.config) == dict(want.config)
     assert dict(got.scheduler.config) == dict(want.scheduler.config)
 
