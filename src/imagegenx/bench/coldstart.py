@@ -150,6 +150,13 @@ def _lora_switches(name: str, engine: Engine, job, ctx) -> Row:
     switched = [run(seed, LORAS[seed % 3]) for seed in range(1, 10)]  # a different LoRA every job
     base = statistics.median(same)
     costs = [max(0.0, s - base) for s in switched]
+    # The switch alone (peft's set_adapters), to tell it from what else a switched job does again
+    # (the prompt cache is cleared on a switch, so the text encoders run).
+    lora_set = engine.models.get(job(0).model).extras["loras"]
+    alone = [
+        timed(ctx.device, lambda i=i: lora_set.activate((LoraRef(LORAS[i % 3], 0.8),)))[0]
+        for i in range(1, 10)
+    ]
     return Row(
         name,
         "imagegenx LoRA switch",
@@ -159,7 +166,7 @@ def _lora_switches(name: str, engine: Engine, job, ctx) -> Row:
         peak_gib(ctx.device),
         None,
         f"median switch {statistics.median(costs) * 1000:.0f} ms over a {base * 1000:.0f} ms {side}² "
-        f"4-step job; first use (file read) {statistics.median(first_use) - base:.2f} s; "
+        f"4-step job, of which set_adapters {statistics.median(alone) * 1000:.0f} ms; first use (file read) {statistics.median(first_use) - base:.2f} s; "
         f"file reads {sum(engine.models.lora_loads().values())} for {len(LORAS)} LoRAs",
     )
 
