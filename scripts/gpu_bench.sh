@@ -14,7 +14,7 @@ OUT=${OUT:-out}
 LIMIT=${LIMIT:-540}
 mkdir -p "$OUT"
 run() { echo "+ $*"; timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/log.txt"; }
-bench() { run python3 -m imagegenx.cli bench "$@"; }
+bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} "$@"; } # BENCH_ARGS=--smoke: a dry run on the CPU
 case "${1:-}" in
 setup)
     for dir in .gpu .gpu2 .gpu3; do
@@ -28,35 +28,38 @@ setup)
 eager) # the generation scenarios beside both peers, nothing compiled
     # shellcheck disable=SC2086 # SCENARIOS is a list
     bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1 vae-decode-1024} ${PEERS:-} --peer-compile off \
-        --out "$OUT/bench-eager.json"
+        --out "$OUT/bench-${TAG:-eager}.json"
     ;;
-eager2)
+plain) # scenarios without peers (esrgan-x4-1024, portrait-100, cold-start), as the engine is configured
     # shellcheck disable=SC2086 # SCENARIOS is a list
-    bench ${SCENARIOS:-cold-start flux-dev-1024-28} --peer-compile off --out "$OUT/bench-eager2.json"
-    ;;
-portrait)
-    bench esrgan-x4-1024 portrait-100 --out "$OUT/bench-portrait.json"
+    bench ${SCENARIOS:-esrgan-x4-1024 portrait-100} --no-peers --out "$OUT/bench-${TAG:-plain}.json"
     ;;
 compiled) # ours compiled (UNet and VAE, default mode) beside the recipe compiled in default mode
     # shellcheck disable=SC2086 # SCENARIOS and PEERS are lists
     IMAGEGENX_MODELS__COMPILE=default bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1} \
-        ${PEERS:---peer diffusers-fast --peer-compile default} --out "$OUT/bench-compiled.json"
+        ${PEERS:---peer diffusers-fast --peer-compile default} --out "$OUT/bench-${TAG:-compiled}.json"
+    ;;
+fp8) # ours compiled with fp8 matmuls (torchao, Hopper), alone
+    # shellcheck disable=SC2086 # SCENARIOS is a list
+    IMAGEGENX_MODELS__COMPILE=default IMAGEGENX_MODELS__FP8=true bench ${SCENARIOS:-sdxl-1024-lcm4} --no-peers \
+        --out "$OUT/bench-${TAG:-fp8}.json"
     ;;
 autotune) # ours compiled beside diffusers' recipe exactly as published: compile max-autotune
     IMAGEGENX_MODELS__COMPILE=default bench "${SCENARIO:-sdxl-1024-30}" --peer diffusers-fast \
         --peer-compile max-autotune --out "$OUT/bench-autotune.json"
     ;;
 http)
-    # turbo-512-1 through the HTTP API: `imagegenx serve` with batches of 32, open-loop Poisson load
+    # turbo-512-1 through the HTTP API: `imagegenx serve` with batches of 32, open-loop Poisson load;
+    # a part cut by LIMIT still writes the load generator's report (it stops on SIGINT)
     run python3 scripts/loadgen.py --start-server random:sd21 --server-env IMAGEGENX_ENGINE__MAX_BATCH=32 \
         --server-env IMAGEGENX_MODELS__DEVICE=cuda --width 512 --height 512 --steps 1 --cfg 0 --sampler euler \
-        --rate "${RATE:-40}" --duration 40 --warmup 10 --json "$OUT/http-turbo-512-1.json"
+        --rate "${RATE:-40}" --duration "${DURATION:-40}" --warmup 10 --json "$OUT/http-turbo-512-1-${RATE:-40}.json"
     ;;
 profile)
     run python3 scripts/profile_engine_gpu.py "$OUT"
     ;;
 *)
-    echo "usage: $0 setup|eager|eager2|portrait|compiled|autotune|http|profile" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|profile" >&2
     exit 2
     ;;
 esac
