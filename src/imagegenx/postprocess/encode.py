@@ -65,6 +65,9 @@ class ImageFormat(StrEnum):
 
 DEFAULT_FORMAT = ImageFormat.WEBP
 DEFAULT_QUALITY = {ImageFormat.JPEG: 95, ImageFormat.WEBP: 90, ImageFormat.AVIF: 80}
+# libwebp's effort (0-6; Pillow's default is 4). A 1024² photo at quality 90 on one core: 137 ms at 4,
+# 59 ms at 2, for a file 2.4% larger; the encode is on every image's path to the user.
+WEBP_METHOD = 2
 _PIL_FORMAT = {
     ImageFormat.WEBP: "WEBP",
     ImageFormat.PNG: "PNG",
@@ -194,8 +197,9 @@ def encode_image(
             options["pnginfo"] = info
     else:
         options["quality"] = DEFAULT_QUALITY[fmt] if quality is None else quality
-        if fmt is ImageFormat.WEBP and options["quality"] == 100:
-            options["lossless"] = True
+        if fmt is ImageFormat.WEBP:
+            options["method"] = WEBP_METHOD
+            options["lossless"] = options["quality"] == 100
         if embed_metadata:
             options["exif"] = _user_comment_exif(a1111_parameters(image))
     buffer = io.BytesIO()
