@@ -4,7 +4,7 @@
 # or the helper models' files, and nothing can be fetched there. One call carries at most 64 MiB, so
 # the files are split over three folders, each installed into /tmp/site by its own call:
 #   .gpu   wheels of diffusers and the service's packages (cp312), the dlib face models
-#   .gpu2  dlib-bin and ai-edge-litert wheels, mediapipe's .tflite files
+#   .gpu2  dlib-bin, ai-edge-litert and torchao (the fp8 extra) wheels, mediapipe's .tflite files
 #   .gpu3  the NSFW ONNX model package, the Real-ESRGAN x4plus files
 # Run here, in the repository's root, with the project's .venv built (versions are taken from it).
 # The folders are git-ignored through .git/info/exclude.
@@ -50,8 +50,11 @@ for f in shape_predictor_5_face_landmarks.dat dlib_face_recognition_resnet_model
     cp "$SITE/face_recognition_models/models/$f" "$models/"
 done
 
-# 2. .gpu2: dlib and the LiteRT runtime (binary wheels), and mediapipe's model files.
-download .gpu2 "dlib-bin==$(version dlib-bin)" "ai-edge-litert==$(version ai-edge-litert)"
+# 2. .gpu2: dlib and the LiteRT runtime (binary wheels), mediapipe's model files, and torchao for
+# IMAGEGENX_MODELS__FP8: the test extra's pin, 0.18, is built against torch 2.11 (the GPU image's);
+# its wheel is cp310-abi3, so it fits Python 3.12, and declares no dependency, so torch stays.
+download .gpu2 "dlib-bin==$(version dlib-bin)" "ai-edge-litert==$(version ai-edge-litert)" \
+    "torchao==$(version torchao)"
 for f in face_detection/face_detection_short_range face_detection/face_detection_full_range_sparse \
     palm_detection/palm_detection_full pose_detection/pose_detection pose_landmark/pose_landmark_full; do
     (cd "$SITE" && cp --parents "mediapipe/modules/$f.tflite" "$OLDPWD/.gpu2/site/") # the ones vision/ reads

@@ -97,3 +97,16 @@ def test_padded_vae_decode_gives_the_same_pixels(tmp_path):
     assert as_tuple.shape == expected.shape == as_output.shape
     assert torch.equal(as_tuple, as_output)
     assert torch.allclose(as_tuple, expected, atol=1e-5)
+
+
+def test_a_lora_job_on_a_fused_qkv_model_fails_with_the_reason(tmp_path):
+    """The fused attention reads to_qkv only, so a LoRA on to_q/to_k/to_v would be silently dropped:
+    the job is refused instead (fp8 models likewise, tests/test_fp8.py)."""
+    from imagegenx.types import LoraRef
+
+    settings = make_settings(tmp_path)
+    settings = settings.model_copy(update={"models": settings.models.model_copy(update={"fuse_qkv": True})})
+    job = JobSpec("a fox", "random:tiny-sdxl", width=64, height=64, steps=2, loras=(LoraRef("style"),))
+    with Engine(settings) as engine:
+        (result,) = engine.run([job])
+    assert isinstance(result, Exception) and "fused QKV" in str(result)

@@ -34,6 +34,9 @@ class ModelSettings(BaseModel):
     fuse_qkv: bool = False
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     compile_vae: bool = True  # with compile on, the VAE decode too (padded to the same buckets)
+    # float8 weights and activations for the denoiser's linear layers (torchao, the fp8 extra): needs a
+    # GPU of compute capability 8.9+ (Ada, Hopper) and dtype bfloat16; excludes LoRAs
+    fp8: bool = False
 
 
 class EngineSettings(BaseModel):

@@ -17,6 +17,7 @@ from imagegenx.models.instantid import load_identity_adapter
 from imagegenx.models.loader import LoadedModel, load_model
 from imagegenx.models.lora import LoraLibrary, LoraSet
 from imagegenx.models.sources import ModelSource, resolve
+from imagegenx.models.speed import lora_refusal
 
 
 class ModelCache:
@@ -42,7 +43,7 @@ class ModelCache:
                 _, evicted = self._resident.popitem(last=False)
                 _release(evicted)
             model = load_model(self.source(ref), self.settings)
-            model.extras["loras"] = LoraSet(model.pipe, self.loras)
+            model.extras["loras"] = LoraSet(model.pipe, self.loras, lora_refusal(model.speedups))
             self.loads[ref] += 1
             self.load_seconds[ref] += model.load_seconds
             self._resident[ref] = model

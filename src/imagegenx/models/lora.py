@@ -98,9 +98,10 @@ def _adapter_name(name: str, taken: set[str]) -> str:
 class LoraSet:
     """The adapters loaded into one pipeline; activates a set of (name, weight) per batch."""
 
-    def __init__(self, pipe: Any, library: LoraLibrary) -> None:
+    def __init__(self, pipe: Any, library: LoraLibrary, refusal: str = "") -> None:
         self.pipe = pipe
         self.library = library
+        self.refusal = refusal  # why this model takes no LoRA (speed.lora_refusal), "" if it does
         self.loads = 0  # LoRA files read into this pipeline, each at most once
         self._adapters: dict[str, str] = {}  # LoRA name -> peft adapter name
         self._active: tuple[LoraRef, ...] | None = ()  # None: unknown after a failed switch
@@ -112,6 +113,8 @@ class LoraSet:
         """Make exactly ``loras`` active; True when the set or a weight changed."""
         loras = tuple(loras)
         _validate(loras)
+        if loras and self.refusal:
+            raise UserError(self.refusal)
         if loras == self._active:
             return False
         try:

@@ -13,6 +13,13 @@
 - ``compile_vae``: with ``compile`` on, the VAE decode is compiled too, its batch padded to the same
   buckets (it is 40% of an SDXL 1024² LCM-4 image on an H200, and runs at 15% of the matmul peak
   eager: GroupNorm and SiLU between the convolutions are memory-bound, which fusion helps).
+- ``fp8``: the denoiser's linear layers in float8 (torchao's dynamic float8 activations and float8
+  weights, one scale per row), applied before ``torch.compile``, which fuses each activation's
+  quantization into the kernel before it. Needs float8 matmuls (a CUDA GPU of compute capability
+  8.9+: Ada, Hopper, Blackwell; torchao refuses other devices) and bfloat16 weights (torchao's
+  per-row scales take nothing else). Off by default, and like ``fuse_qkv`` it excludes LoRAs: PEFT's
+  LoRA layer over torchao weights is made for int8 ones and the adapters' hot-swap is untested over
+  float8, so a job with a LoRA on such a model is refused (``lora_refusal``), never run without it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,16 @@ from typing import Any
 import torch
 
 from imagegenx.config import ModelSettings
+from imagegenx.types import UserError
+
+# Linear layers fed one row per image (timestep, pooled-text and guidance embeddings, the resnets'
+# time projections, the AdaLN scale/shift of transformer blocks) stay in bf16: with a handful of
+# rows the matmul is tiny, so fp8 saves nothing there and quantizing the activation only costs time,
+# while their error would shift every block they condition.
+_PER_IMAGE_PARTS = frozenset(
+    {"time_embedding", "add_embedding", "class_embedding", "time_text_embed", "time_emb_proj"}
+)
+_FP8_FEATURE_MULTIPLE = 16  # float8 matmuls (torch._scaled_mm) need both dimensions a multiple of 16
 
 
 def batch_bucket(rows: int) -> int:
@@ -43,6 +60,10 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
     if settings.fuse_qkv and denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
         denoiser.fuse_qkv_projections()
         applied["fuse_qkv"] = True
+    if settings.fp8 and denoiser is not None:
+        # Before compile: Dynamo then traces the float8 layers and fuses their activation scaling.
+        check_fp8_supported(denoiser, device)
+        applied["fp8"] = quantize_fp8(denoiser)
     if settings.compile != "off" and denoiser is not None:
         # Each bucket and resolution is its own graph: allow more of them than Dynamo's default 8.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -53,6 +74,67 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
             vae.decode = padded_decode(torch.compile(vae.decode, mode=settings.compile, dynamic=False))
             applied["compile_vae"] = True
     return applied
+
+
+def lora_refusal(applied: dict[str, Any]) -> str:
+    """Why a model with these speed-ups takes no LoRA ("" when it does)."""
+    if "fp8" in applied:
+        return (
+            "LoRAs are not supported on an fp8 model (IMAGEGENX_MODELS__FP8): use a model loaded without fp8"
+        )
+    if "fuse_qkv" in applied:
+        # The fused attention reads to_qkv only: a LoRA on to_q/to_k/to_v would be silently ignored.
+        return "LoRAs are not supported with fused QKV projections (IMAGEGENX_MODELS__FUSE_QKV)"
+    return ""
+
+
+def is_fp8_linear(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``quantize_fp8`` turns this layer (``name`` in the denoiser) into float8."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    if module.in_features % _FP8_FEATURE_MULTIPLE or module.out_features % _FP8_FEATURE_MULTIPLE:
+        return False
+    parts = name.split(".")
+    # A linear inside a norm module is an AdaLN modulation (norm1.linear, norm_out.linear, ...).
+    return not (_PER_IMAGE_PARTS.intersection(parts) or any(p.startswith("norm") for p in parts[:-1]))
+
+
+def check_fp8_supported(denoiser: torch.nn.Module, device: torch.device) -> None:
+    """Raise ``UserError`` saying what fp8 needs when this device or dtype cannot run it."""
+    if not _has_float8_matmuls(device):
+        what = device.type if device.type != "cuda" else torch.cuda.get_device_name(device)
+        raise UserError(
+            f"fp8 needs float8 matmuls: a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, "
+            f"Blackwell), not {what}; unset IMAGEGENX_MODELS__FP8 on this machine"
+        )
+    dtype = str(next(denoiser.parameters()).dtype).removeprefix("torch.")
+    if dtype != "bfloat16":
+        raise UserError(
+            f"fp8 needs bfloat16 weights (torchao's per-row float8 scales), not {dtype}: "
+            "set IMAGEGENX_MODELS__DTYPE=bfloat16"
+        )
+
+
+def _has_float8_matmuls(device: torch.device) -> bool:
+    # torch._scaled_mm also runs on the CPU, but torchao refuses float8 there: only what it supports.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_fp8(denoiser: torch.nn.Module) -> int:
+    """Float8 dynamic activations and float8 weights, per-row scales, on the layers ``is_fp8_linear``
+    picks; returns how many were quantized."""
+    try:  # an optional extra, imported only when fp8 is asked for
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError:
+        raise UserError("fp8 needs torchao: pip install 'imagegenx[fp8]'") from None
+
+    picked = [name for name, module in denoiser.named_modules() if is_fp8_linear(module, name)]
+    quantize_(
+        denoiser,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=is_fp8_linear,
+    )
+    return len(picked)
 
 
 def padded_decode(decode: Callable[..., Any]) -> Callable[..., Any]:
