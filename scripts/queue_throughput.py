@@ -22,7 +22,7 @@ import psycopg
 from imagegenx.queue.base import JobQueue
 from imagegenx.queue.embedded import EmbeddedQueue, create_table
 from imagegenx.queue.jetstream import JetStreamQueue
-from imagegenx.storage.tasks import make_engine
+from imagegenx.storage.database import make_engine
 
 
 def measure(name: str, client: Callable[[], JobQueue], jobs: int, batch: int, workers: int) -> None:

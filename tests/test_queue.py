@@ -43,7 +43,7 @@ from sqlalchemy import URL, Engine, create_engine, delete, event, select
 from imagegenx.queue.base import JobQueue, Lease
 from imagegenx.queue.embedded import EmbeddedQueue, create_table, queue_jobs
 from imagegenx.queue.jetstream import JetStreamQueue
-from imagegenx.storage.tasks import make_engine
+from imagegenx.storage.database import make_engine
 
 # An admin connection (libpq DSN) to a PostgreSQL server; CI may point it at its own service.
 POSTGRES_DSN = os.environ.get(
@@ -728,7 +728,7 @@ def test_sqlite_leases_hold_the_write_lock_however_the_engine_is_set_up(tmp_path
 _LEASER = """
 import json, sys
 from imagegenx.queue.embedded import EmbeddedQueue
-from imagegenx.storage.tasks import make_engine
+from imagegenx.storage.database import make_engine
 url, owner = sys.argv[1], sys.argv[2]
 queue = EmbeddedQueue(make_engine(url))
 print("ready", flush=True)

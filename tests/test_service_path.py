@@ -23,7 +23,8 @@ from imagegenx.engine.service import Service, TaskInput
 from imagegenx.engine.worker import PROGRESS_FLUSH_S
 from imagegenx.queue.embedded import EmbeddedQueue
 from imagegenx.storage.blobs import BlobStore
-from imagegenx.storage.tasks import Completion, StorageUnavailable, TaskExists, TaskStore
+from imagegenx.storage.database import StorageUnavailable
+from imagegenx.storage.tasks import Completion, TaskExists, TaskStore
 from imagegenx.types import ApiKey, TaskStatus, Tier
 
 MODEL = "random:tiny-sd21"

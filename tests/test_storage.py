@@ -24,15 +24,9 @@ from sqlalchemy.engine import make_url
 
 from imagegenx.config import StorageSettings
 from imagegenx.storage import migrate
-from imagegenx.storage.tasks import (
-    StorageUnavailable,
-    TaskExists,
-    TaskStore,
-    make_engine,
-    metadata,
-    resolve_url,
-    storage_errors,
-)
+from imagegenx.storage.database import StorageUnavailable, make_engine, resolve_url, storage_errors
+from imagegenx.storage.schema import metadata
+from imagegenx.storage.tasks import TaskExists, TaskStore
 from imagegenx.types import TaskRecord, TaskStatus, Tier
 from support.services import create_database, drop_database
 

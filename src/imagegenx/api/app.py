@@ -29,7 +29,7 @@ from imagegenx.api.ssrf import check_url
 from imagegenx.api.webhooks import WebhookSender, new_secret
 from imagegenx.config import Settings
 from imagegenx.engine.service import Forbidden, QuotaExceeded, Service, ServiceBusy
-from imagegenx.storage.tasks import StorageUnavailable
+from imagegenx.storage.database import StorageUnavailable
 from imagegenx.types import UserError
 
 log = logging.getLogger("imagegenx.api")

@@ -27,7 +27,8 @@ from imagegenx.engine.validation import validate_job
 from imagegenx.postprocess.chain import PostprocessSpec
 from imagegenx.queue.base import JobQueue, JoinableQueue
 from imagegenx.storage.blobs import BlobStore
-from imagegenx.storage.tasks import Completion, StorageUnavailable, TaskStore
+from imagegenx.storage.database import StorageUnavailable
+from imagegenx.storage.tasks import Completion, TaskStore
 from imagegenx.types import (
     ApiKey,
     ControlRef,

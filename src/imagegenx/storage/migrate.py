@@ -62,7 +62,7 @@ def upgrade(database_url: str) -> None:
     Works for ``sqlite:///path`` and ``postgresql://...`` (psycopg 3) alike. Raises
     ``imagegenx.storage.tasks.StorageUnavailable`` when the database cannot be reached.
     """
-    from imagegenx.storage.tasks import make_engine, storage_errors
+    from imagegenx.storage.database import make_engine, storage_errors
 
     engine = make_engine(database_url, pooled=False)
     try:

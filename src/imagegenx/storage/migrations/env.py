@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from imagegenx.storage.tasks import make_engine
+from imagegenx.storage.database import make_engine
 
 config = context.config
 
