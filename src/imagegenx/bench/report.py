@@ -29,7 +29,9 @@ def machine(ctx: BenchContext) -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "smoke": ctx.smoke,
-        "speedups": ctx.settings.models.model_dump(include={"dtype", "channels_last", "fuse_qkv", "compile"}),
+        "speedups": ctx.settings.models.model_dump(
+            include={"dtype", "channels_last", "fuse_qkv", "compile", "compile_vae", "fp8"}
+        ),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
