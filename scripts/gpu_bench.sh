@@ -34,9 +34,10 @@ plain) # scenarios without peers (esrgan-x4-1024, portrait-100, cold-start), as 
     # shellcheck disable=SC2086 # SCENARIOS is a list
     bench ${SCENARIOS:-esrgan-x4-1024 portrait-100} --no-peers --out "$OUT/bench-${TAG:-plain}.json"
     ;;
-compiled) # ours compiled (UNet and VAE, default mode) beside the recipe compiled in default mode
+compiled) # ours compiled (UNet and VAE; COMPILE=reduce-overhead for CUDA graphs) beside the recipe compiled
+    # in default mode
     # shellcheck disable=SC2086 # SCENARIOS and PEERS are lists
-    IMAGEGENX_MODELS__COMPILE=default bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1} \
+    IMAGEGENX_MODELS__COMPILE=${COMPILE:-default} bench ${SCENARIOS:-sdxl-1024-30 sdxl-1024-lcm4 turbo-512-1} \
         ${PEERS:---peer diffusers-fast --peer-compile default} --out "$OUT/bench-${TAG:-compiled}.json"
     ;;
 fp8) # ours compiled with fp8 matmuls (torchao, Hopper; its per-row float8 needs bf16 weights), alone
