@@ -14,7 +14,7 @@ import contextlib
 from imagegenx.engine.engine import Engine
 from imagegenx.engine.held_tasks import HeldTasks
 from imagegenx.engine.service import Service
-from imagegenx.storage.tasks import StorageUnavailable
+from imagegenx.storage.database import StorageUnavailable
 from imagegenx.types import JobStatus, ProgressEvent, TaskStatus
 
 __all__ = ["ProgressWriter"]

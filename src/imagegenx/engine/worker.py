@@ -37,7 +37,7 @@ from imagegenx.engine.outcomes import OutcomeWriter
 from imagegenx.engine.portrait_runner import PortraitRunner
 from imagegenx.engine.progress_writer import ProgressWriter
 from imagegenx.engine.service import Service
-from imagegenx.storage.tasks import StorageUnavailable
+from imagegenx.storage.database import StorageUnavailable
 
 __all__ = ["CANCEL_POLL_S", "PROGRESS_FLUSH_S", "ServiceWorker", "default_owner"]
 
