@@ -452,8 +452,9 @@ async def _run(args: argparse.Namespace) -> dict:
             await gen.check_detection()
     if gen.interrupted_at is not None:
         # Cut short: the figures cover the schedule up to the interrupt (tasks still running count
-        # as unfinished), so throughput is not divided by seconds that never ran.
-        args.duration = max(gen.interrupted_at, args.warmup + 1e-3)
+        # as unfinished), so throughput is not divided by seconds that never ran; an interrupt
+        # while draining leaves the schedule's length as it was.
+        args.duration = min(args.duration, max(gen.interrupted_at, args.warmup + 1e-3))
     elapsed = args.duration + drained
     return {
         "interrupted_at_s": gen.interrupted_at,

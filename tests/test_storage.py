@@ -199,6 +199,24 @@ def test_in_memory_sqlite_works():
         assert s.get("t1").task_id == "t1"
 
 
+def test_sqlite_fsyncs_every_commit_unless_the_url_says_normal(tmp_path):
+    def synchronous(url: str) -> int:
+        engine = make_engine(url)
+        with engine.connect() as conn:
+            value = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+        engine.dispose()
+        return value
+
+    path = tmp_path / "tasks.db"
+    assert synchronous(f"sqlite:///{path}") == 2  # FULL
+    assert synchronous(f"sqlite:///{path}?synchronous=normal") == 1  # NORMAL
+    with TaskStore(f"sqlite:///{path}?synchronous=normal") as store:  # the same file, the option stripped
+        store.create([rec("t1")])
+    assert TaskStore(f"sqlite:///{path}").get("t1").task_id == "t1"
+    with pytest.raises(ValueError, match="use full or normal"):
+        make_engine(f"sqlite:///{path}?synchronous=off")
+
+
 def test_postgres_urls_mean_psycopg_3():
     for given in ("postgresql://u@h/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"):
         assert resolve_url(given).drivername == "postgresql+psycopg"
