@@ -17,7 +17,7 @@ run() { echo "+ $*"; timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | g
 bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} "$@"; } # BENCH_ARGS=--smoke: a dry run on the CPU
 case "${1:-}" in
 setup)
-    for dir in .gpu .gpu2 .gpu3; do
+    for dir in .gpu .gpu2 .gpu3 .gpu4; do # .gpu4: a few extra wheels (torchao, py-spy) when a call has room
         [ -d "$dir/whl" ] && ls "$dir"/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index \
             --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
         [ -d "$dir/site" ] && cp -r "$dir"/site/. /tmp/site/
