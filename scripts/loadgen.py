@@ -472,7 +472,7 @@ def start_server(args: argparse.Namespace, root: Path):
     from support.server import Server
 
     env = dict(item.split("=", 1) for item in args.server_env)
-    server = Server(root, model=args.start_server, env=env).start()
+    server = Server(root, model=args.start_server, env=env, args=tuple(args.server_arg)).start()
     key = server.key("paid", rate=0.0, quota=1_000_000)  # rate 0: unlimited, polls are not charged
     return server, key
 
@@ -504,6 +504,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--server-root", type=Path, help="Folder for that server (default: a temp dir)")
     target.add_argument(
         "--server-env", action="append", default=[], metavar="NAME=VALUE", help="Extra env for it"
+    )
+    target.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="Extra `serve` option (--worker-process)",
     )
     load = p.add_argument_group("load")
     load.add_argument("--rate", type=float, default=10.0, help="Requests per second [10]")

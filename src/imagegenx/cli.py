@@ -293,8 +293,17 @@ def serve(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Default model (see `models`).")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [default: 8000].")] = None,
+    worker_process: Annotated[
+        bool,
+        typer.Option(
+            "--worker-process",
+            help="Run the engine in a child `imagegenx worker` process (restarted if it dies), so HTTP "
+            "traffic and the engine do not share one interpreter lock: for high request rates.",
+        ),
+    ] = False,
 ) -> None:
-    """Start the HTTP API and the engine in one process (SQLite, a local folder, the embedded queue)."""
+    """Start the HTTP API and the engine (SQLite, a local folder, the embedded queue): in one process,
+    or with --worker-process in two."""
     _quiet_libraries()
     import uvicorn
 
@@ -318,7 +327,15 @@ def serve(
     jsonlog.configure()
     _configure_tracing()
     service = settings.service
-    uvicorn.run(create_app(settings), host=service.host, port=service.port, log_config=None)
+    if not worker_process:
+        uvicorn.run(create_app(settings), host=service.host, port=service.port, log_config=None)
+        return
+    from imagegenx.cli_roles import child_worker
+
+    with child_worker(["--model", model] if model else []):
+        uvicorn.run(
+            create_app(settings, run_worker=False), host=service.host, port=service.port, log_config=None
+        )
 
 
 def _configure_tracing() -> None:

@@ -7,6 +7,7 @@ store (``IMAGEGENX_STORAGE__*``, ``IMAGEGENX_QUEUE__URL``). Registered by ``cli.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -151,6 +153,47 @@ def supervise(devices: list[str], args: list[str]) -> int:
         if stopping.is_set() and all(child.poll() is not None for child in children.values()):
             return max(child.returncode for child in children.values())
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def child_worker(args: list[str]) -> Iterator[None]:
+    """``imagegenx worker ARGS`` in a child process while the block runs (``serve --worker-process``):
+    started again if it dies on its own, stopped gracefully (SIGTERM: it drains) when the block ends."""
+    stopping = threading.Event()
+    cmd = [sys.executable, "-m", "imagegenx.cli", "worker", *args]
+    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+
+    def watch() -> None:
+        nonlocal child
+        while not stopping.wait(0.5):
+            if child.poll() is not None and not stopping.is_set():
+                print(f"worker exited with {child.returncode}; starting it again", file=sys.stderr)
+                time.sleep(RESTART_DELAY_S)
+                child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+
+    watcher = threading.Thread(target=watch, name="imagegenx-worker-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stopping.set()
+        watcher.join()
+        if child.poll() is None:
+            child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM if the parent dies (even by kill -9), so no
+    orphaned worker keeps leasing jobs; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def run_worker(settings: Settings, *, owner: str | None = None, grace_s: float = 30.0) -> None:

@@ -21,9 +21,15 @@ def free_port() -> int:
 
 class Server:
     def __init__(
-        self, root: Path, *, model: str = "random:tiny-sd15", env: dict[str, str] | None = None
+        self,
+        root: Path,
+        *,
+        model: str = "random:tiny-sd15",
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.root = root
+        self.args = args  # more `imagegenx serve` options
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,6 +61,7 @@ class Server:
             self.model,
             "--port",
             str(self.port),
+            *self.args,
         ]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)

@@ -114,7 +114,9 @@ def build_service(settings: Settings) -> Service:
     service = Service(
         settings=settings,
         store=store,
-        queue=open_queue(settings.queue, store.engine, lease_s=settings.service.lease_s),
+        queue=open_queue(
+            settings.queue, store.engine, lease_s=settings.service.lease_s, write_gate=store.writing
+        ),
         blobs=BlobStore.from_settings(settings.storage),  # a local folder or S3
     )
     service.cancel_bus = open_cancel_bus(settings.queue)

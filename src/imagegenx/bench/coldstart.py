@@ -166,7 +166,8 @@ def _lora_switches(name: str, engine: Engine, job, ctx) -> Row:
         peak_gib(ctx.device),
         None,
         f"median switch {statistics.median(costs) * 1000:.0f} ms over a {base * 1000:.0f} ms {side}² "
-        f"4-step job, of which set_adapters {statistics.median(alone) * 1000:.0f} ms; first use (file read) {statistics.median(first_use) - base:.2f} s; "
+        f"4-step job, of which set_adapters {statistics.median(alone) * 1000:.0f} ms; "
+        f"first use (file read) {statistics.median(first_use) - base:.2f} s; "
         f"file reads {sum(engine.models.lora_loads().values())} for {len(LORAS)} LoRAs",
     )
 

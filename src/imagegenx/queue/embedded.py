@@ -24,8 +24,8 @@ The table is created by the storage room's Alembic migration with exactly the co
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from sqlalchemy import (
     Column,
@@ -92,7 +92,13 @@ class EmbeddedQueue(JobQueue, JoinableQueue):
     a caller's transaction on the same engine when given its connection.
     """
 
-    def __init__(self, engine: Engine, *, aging_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        aging_s: float = 10.0,
+        write_gate: Callable[[], AbstractContextManager[None]] | None = None,
+    ) -> None:
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ValueError(f"EmbeddedQueue needs SQLite or PostgreSQL, got {engine.dialect.name}")
         if not (math.isfinite(aging_s) and aging_s > 0):
@@ -100,6 +106,8 @@ class EmbeddedQueue(JobQueue, JoinableQueue):
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._aging_s = float(aging_s)
+        # The task store's writer turns (TaskStore.writing): our writes queue with its writes.
+        self._write_gate = write_gate or nullcontext
 
     @property
     def engine(self) -> Engine:
@@ -127,7 +135,7 @@ class EmbeddedQueue(JobQueue, JoinableQueue):
             with self._engine.begin() as conn:
                 yield conn
             return
-        with self._engine.connect() as conn:
+        with self._write_gate(), self._engine.connect() as conn:
             conn.begin()
             if getattr(conn.connection.dbapi_connection, "in_transaction", False):
                 conn.exec_driver_sql("ROLLBACK")

@@ -7,6 +7,8 @@ scale extra (nats-py) still runs embedded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from imagegenx.config import QueueSettings
@@ -15,7 +17,12 @@ from imagegenx.queue.cancel import CancelBus, LocalCancelBus, NatsCancelBus
 
 
 def open_queue(
-    settings: QueueSettings, db_engine: Any, *, lease_s: float = 30.0, aging_s: float = 10.0
+    settings: QueueSettings,
+    db_engine: Any,
+    *,
+    lease_s: float = 30.0,
+    aging_s: float = 10.0,
+    write_gate: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> JobQueue:
     """The job queue: rows in ``db_engine``'s database, or JetStream at ``settings.url``.
 
@@ -27,7 +34,7 @@ def open_queue(
 
         if db_engine is None:
             raise ValueError("the embedded queue needs the task database's engine")
-        return EmbeddedQueue(db_engine, aging_s=aging_s)
+        return EmbeddedQueue(db_engine, aging_s=aging_s, write_gate=write_gate)
     from imagegenx.queue.jetstream import JetStreamQueue
 
     return JetStreamQueue(settings.url, settings.stream, ack_wait_s=lease_s, aging_s=aging_s)

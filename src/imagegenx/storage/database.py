@@ -38,6 +38,8 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from imagegenx.storage.writegate import gate_for
+
 __all__ = [
     "READ_ONLY",
     "EngineStore",
@@ -175,6 +177,13 @@ class EngineStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine: Engine = engine
+        sqlite = engine.dialect.name == "sqlite"
+        self._gate = gate_for(engine.url.database) if sqlite else None
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held around a write transaction: SQLite writers take turns (storage/writegate.py); the
+        embedded queue is given this too, so its writes queue with the store's."""
+        return self._gate.hold() if self._gate is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         """Close pooled connections. The store must not be used afterwards."""
@@ -188,7 +197,8 @@ class EngineStore:
 
     @contextlib.contextmanager
     def _tx(self, *, read_only: bool = False) -> Iterator[Connection]:
-        with storage_errors(), self.engine.connect() as conn:
+        gate = contextlib.nullcontext() if read_only else self.writing()
+        with storage_errors(), gate, self.engine.connect() as conn:
             if read_only:
                 conn.execution_options(**{READ_ONLY: True})
             with conn.begin():
