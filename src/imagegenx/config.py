@@ -69,7 +69,7 @@ class StorageSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     database_url: str = Field(default_factory=lambda: f"sqlite:///{_data_home() / 'imagegenx.db'}")
-    # PostgreSQL connections per process: kept open, and extra under load (storage/tasks.py sizes them)
+    # PostgreSQL connections per process: kept open, and extra under load (storage/database.py sizes them)
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     # A local folder, or s3://bucket/prefix (S3-compatible; the s3_* fields below reach it)

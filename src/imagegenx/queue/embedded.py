@@ -56,7 +56,7 @@ from imagegenx.queue.base import clock as _clock
 READY = "ready"
 LEASED = "leased"
 # The task store's engines begin SQLite transactions with BEGIN IMMEDIATE unless a connection carries
-# this execution option (storage.tasks.READ_ONLY; the queue room may not import storage). The queue's
+# this execution option (storage.database.READ_ONLY; the queue room may not import storage). The queue's
 # reads set it so that a metrics scrape does not take the write lock; other engines ignore it.
 READ_ONLY_OPTION = "imagegenx_read_only"
 

@@ -60,7 +60,7 @@ def upgrade(database_url: str) -> None:
     """Bring the database at ``database_url`` to the newest schema; a no-op when it is there already.
 
     Works for ``sqlite:///path`` and ``postgresql://...`` (psycopg 3) alike. Raises
-    ``imagegenx.storage.tasks.StorageUnavailable`` when the database cannot be reached.
+    ``imagegenx.storage.database.StorageUnavailable`` when the database cannot be reached.
     """
     from imagegenx.storage.database import make_engine, storage_errors
 
