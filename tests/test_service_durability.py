@@ -1,5 +1,8 @@
 """Faults and time: kill -9 and restart, expiry of stale queued tasks, priority lanes."""
 
+import os
+import signal
+import subprocess
 import time
 
 from support.server import Server, wait_for
@@ -58,7 +61,9 @@ def test_urgent_lane_overtakes_queued_work(tmp_path):
     server = Server(tmp_path, env={"IMAGEGENX_ENGINE__MAX_BATCH": "1"}).start()
     try:
         with server.client(server.key()) as client:
-            body = {"width": 64, "height": 64, "steps": 20}
+            # Jobs long enough that none finishes before the urgent one arrives, however fast the
+            # engine starts them
+            body = {"width": 64, "height": 64, "steps": 80}
             low = [
                 _submit(client, body | {"text": f"low {i}", "priority": 3, "width": 64 + 8 * i})
                 for i in range(5)
@@ -92,3 +97,38 @@ def test_a_full_queue_answers_503_and_keeps_what_it_accepted(tmp_path):
                 client.post(f"/api/v1/image/task/{task_id}/cancel")
     finally:
         server.stop()
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_serve_with_a_worker_process_runs_tasks_and_restarts_a_dead_worker(tmp_path):
+    server = Server(tmp_path, args=("--worker-process",)).start()
+    try:
+        with server.client(server.key()) as client:
+            first = wait_for(client, _submit(client, {"text": "one", "width": 64, "height": 64, "steps": 2}))
+            assert first["status"] == "succeeded"
+            (worker,) = _children(server.proc.pid)
+            os.kill(worker, signal.SIGKILL)  # the engine's process dies: the API stays, a new worker comes
+            second = _submit(client, {"text": "two", "width": 64, "height": 64, "steps": 2})
+            assert wait_for(client, second, timeout=180)["status"] == "succeeded"
+            (restarted,) = _children(server.proc.pid)
+            assert restarted != worker
+    finally:
+        server.stop()
+    deadline = time.monotonic() + 60  # the worker stops with the server (it drains first)
+    while os.path.exists(f"/proc/{restarted}") and not _zombie(restarted) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{restarted}") or _zombie(restarted)
+
+
+def _zombie(pid: int) -> bool:
+    """Exited (a zombie until reaped, or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True

@@ -136,7 +136,8 @@ def test_progress_of_running_jobs_is_written_together_at_most_every_flush_interv
     with TestClient(app) as client:
         log, client.headers["X-API-Key"] = _ready(app)
         started = time.monotonic()
-        body = {"text": "a fox", **ONE_STEP, "steps": 60}
+        # Long enough (about 2 s here) for several progress flushes, however fast the machine is idle
+        body = {"text": "a fox", **ONE_STEP, "steps": 150, "width": 192, "height": 192}
         tasks = [client.post("/api/v1/image/generate", json=body | {"seed": i}).json() for i in range(3)]
         task_ids = [t["data"]["task_ids"][0] for t in tasks]
         seen = set()  # the database shows progress while the jobs run
