@@ -1,15 +1,18 @@
 """Step previews: latents projected to RGB by the family's fixed matrix, a few times per job, in
-the engine's progress events (the web page's queue shows them)."""
+the engine's progress events (the web page's queue shows them). They are started at a due step and
+ride a later event of the job, once the device has finished them (PendingPreviews)."""
 
 import io
+from typing import ClassVar
 
 import pytest
 import torch
 from PIL import Image
 
+import imagegenx.engine.engine as engine_module
 from conftest import make_settings
 from imagegenx.engine.engine import Engine
-from imagegenx.pipelines.preview import RGB_FACTORS, latent_preview, preview_due
+from imagegenx.pipelines.preview import RGB_FACTORS, PendingPreviews, latent_preview, preview_due
 from imagegenx.types import JobSpec, JobStatus
 
 
@@ -45,5 +48,99 @@ def test_progress_events_carry_previews_when_enabled(tmp_path, enabled):
     if not enabled:
         assert not previews
         return
-    assert [e.step for e in previews] == [2, 4, 6, 8, 10, 12, 14]
+    # due at steps 2, 4, ..., 14; on the CPU each is ready for the job's next event
+    assert [e.step for e in previews] == [3, 5, 7, 9, 11, 13, 15]
     assert Image.open(io.BytesIO(previews[-1].preview)).size == (8, 8)  # the 64² image's latents
+
+
+def test_pending_previews_give_the_same_jpeg_once():
+    latents = torch.randn(1, 4, 24, 16)
+    previews = PendingPreviews()
+    previews.start("a", latents, "sdxl")
+    previews.start("flux", torch.randn(1, 16, 8, 8), "flux")  # no factors: nothing pending
+    previews.start("b", latents * 2, "sd15")
+    previews.drop("b")
+    assert len(previews) == 1
+    assert previews.ready() == {"a": latent_preview(latents, "sdxl")}
+    assert previews.ready() == {} and len(previews) == 0
+
+
+class _Recording(PendingPreviews):
+    """The engine's PendingPreviews, noting the job's last step and a copy of the latents at each
+    start (the events list is appended on the engine thread, before the start)."""
+
+    instances: ClassVar[list["_Recording"]] = []
+    events: ClassVar[list] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[tuple[int, torch.Tensor]] = []
+        type(self).instances.append(self)
+
+    def start(self, job_id, latents, family):
+        self.started.append((self.events[-1].step, latents.clone()))
+        super().start(job_id, latents, family)
+
+
+class _Busy(_Recording):
+    """A device that never catches up: every preview is still on its way when the job ends."""
+
+    def ready(self):
+        return {}
+
+
+class _Broken(_Recording):
+    def start(self, job_id, latents, family):
+        raise RuntimeError("projection failed")
+
+
+def _run_job(tmp_path, monkeypatch, previews_class, steps):
+    events = []
+    previews_class.instances, previews_class.events = [], events
+    monkeypatch.setattr(engine_module, "PendingPreviews", previews_class)
+    with Engine(make_settings(tmp_path)) as engine:
+        engine.subscribe(events.append)
+        job = JobSpec("a fox", "random:tiny-sdxl", width=64, height=64, steps=steps, seed=3, job_id="j")
+        result = engine.submit(job).result(timeout=120)
+    assert result.width == 64 and events[-1].status is JobStatus.SUCCEEDED
+    (previews,) = previews_class.instances
+    return [e for e in events if e.preview], previews
+
+
+def test_a_later_event_carries_the_jpeg_of_the_started_latents(tmp_path, monkeypatch):
+    with_preview, previews = _run_job(tmp_path, monkeypatch, _Recording, steps=24)
+    assert 0 < len(with_preview) <= 8
+    assert len(with_preview) == len(previews.started)  # the CPU is always done by the next step
+    for event, (step, latents) in zip(with_preview, previews.started, strict=True):
+        assert event.status is JobStatus.RUNNING and event.step == step + 1
+        assert event.preview == latent_preview(latents, "sdxl")  # the same projection, the same bytes
+        assert Image.open(io.BytesIO(event.preview)).size == (8, 8)
+    assert len(previews) == 0
+
+
+def test_a_preview_pending_when_its_job_ends_is_dropped(tmp_path, monkeypatch):
+    with_preview, previews = _run_job(tmp_path, monkeypatch, _Busy, steps=8)
+    assert not with_preview and previews.started  # started, never ready: the image came instead
+    assert len(previews) == 0  # nothing left behind
+
+
+def test_a_failed_preview_costs_only_the_preview(tmp_path, monkeypatch):
+    with_preview, previews = _run_job(tmp_path, monkeypatch, _Broken, steps=8)
+    assert not with_preview and len(previews) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned memory and events")
+def test_cuda_previews_wait_for_the_device_without_blocking_the_host():
+    latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float16)
+    expected = latent_preview(latents, "sdxl")
+    previews = PendingPreviews()
+    previews.start("warm", latents, "sdxl")  # first pinned allocation and factors upload: may wait
+    torch.cuda.synchronize()
+    assert previews.ready() == {"warm": expected}  # the same bytes as the blocking projection
+    torch.cuda._sleep(2_000_000_000)  # keep the GPU busy for a while (about a second)
+    previews.start("j", latents, "sdxl")
+    host, event = previews._pending["j"]
+    assert host.device.type == "cpu" and host.is_pinned() and event is not None
+    assert previews.ready() == {}  # the copy waits behind the sleep; the host did not
+    torch.cuda.synchronize()
+    assert previews.ready() == {"j": expected} and len(previews) == 0

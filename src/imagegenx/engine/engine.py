@@ -30,7 +30,7 @@ from imagegenx.engine.validation import validate_job
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.loader import LoadedModel
 from imagegenx.pipelines.flow import FlowRunner
-from imagegenx.pipelines.preview import latent_preview, preview_due
+from imagegenx.pipelines.preview import PendingPreviews, preview_due
 from imagegenx.pipelines.sample import Sample, to_uint8
 from imagegenx.pipelines.sd import SDRunner
 from imagegenx.types import GeneratedImage, JobSpec, JobStatus, ProgressEvent, Timings, UserError
@@ -201,6 +201,7 @@ class Engine:
 
         running: list[Sample] = []
         joining = batch
+        previews = PendingPreviews()  # the loop's own: whatever is pending goes with the batch
         while joining or running:
             running += self._prepare(runner, joining)
             running = [s for s in running if not self._drop_if_canceled(s.job.job_id)]
@@ -210,13 +211,17 @@ class Engine:
             running = self._step(runner, running)
             elapsed = time.perf_counter() - started
             self.metrics.step_seconds.observe(elapsed)
+            ready = previews.ready()  # started at earlier steps, their copies done by now
             for sample in running:
                 sample.times["denoise_s"] = sample.times.get("denoise_s", 0.0) + elapsed
                 job_id, step, total = sample.job.job_id, sample.index, sample.total_steps
-                preview = self._preview(model, sample) if preview_due(step, total) else None
-                self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total, preview=preview))
+                self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total, preview=ready.get(job_id)))
+                if preview_due(step, total):
+                    self._preview(previews, model, sample)
             finished = [s for s in running if s.done]
             running = [s for s in running if not s.done]
+            for sample in finished:
+                previews.drop(sample.job.job_id)  # still on its way: the image follows instead
             if finished:
                 self._finish(runner, model, finished, batch_size=len(finished) + len(running))
             with self._wake:
@@ -224,15 +229,15 @@ class Engine:
                 joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
                 self.metrics.waiting.set(len(self.scheduler))
 
-    def _preview(self, model: LoadedModel, sample: Sample) -> bytes | None:
-        """A latent-to-RGB JPEG for the progress event; a failure costs the preview, never the job."""
+    def _preview(self, previews: PendingPreviews, model: LoadedModel, sample: Sample) -> None:
+        """Start a latent-to-RGB JPEG, for one of the job's next progress events (never waiting for
+        the device here); a failure costs the preview, never the job."""
         if not self.settings.engine.step_previews:
-            return None
+            return
         try:
-            return latent_preview(sample.latents, model.family)
+            previews.start(sample.job.job_id, sample.latents, model.family)
         except Exception:
             log.exception("step preview of %s failed", sample.job.job_id)
-            return None
 
     def _runner(self, model: LoadedModel) -> SDRunner | FlowRunner:
         """One runner per resident model, kept with it (evicting the model drops its runner too)."""

@@ -4,11 +4,18 @@
 The matrices are linear fits of the SD 1.5 (also SD 2.x: the same VAE) and SDXL VAEs, as published
 with ComfyUI's latent previews (``comfy/latent_formats.py``, "latent_rgb_factors"). They read the
 latents the UNet sees; early steps are mostly noise, the picture settles as the steps go on.
+
+``PendingPreviews`` makes them without stalling the device: the projection is queued on the device
+with a non-blocking copy into pinned host memory and a CUDA event, and the JPEG is made once the
+event has completed, for a later progress event of the same job. A blocking ``.cpu()`` would wait
+for every kernel queued so far, leaving the GPU idle while Python launches the next step.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 
 import torch
 from PIL import Image
@@ -29,6 +36,8 @@ RGB_FACTORS = {"sd15": _SD15, "sd21": _SD15, "sdxl": _SDXL, "sdxl-refiner": _SDX
 MAX_SIDE = 128  # pixels: a 1024² image's latents are 128² already
 PREVIEWS_PER_JOB = 8
 
+log = logging.getLogger("imagegenx.preview")
+
 
 def preview_due(step: int, total: int) -> bool:
     """Fewer than PREVIEWS_PER_JOB previews per job, evenly spaced, never on the last step (the
@@ -39,14 +48,76 @@ def preview_due(step: int, total: int) -> bool:
 @torch.no_grad()
 def latent_preview(latents: torch.Tensor, family: str) -> bytes | None:
     """JPEG bytes of ``latents`` (1, 4, h, w) seen through the family's RGB factors; None for
-    families without factors (SD 3.5, Flux: 16 channels)."""
+    families without factors (SD 3.5, Flux: 16 channels). Blocks until the device is done."""
+    pixels = _project(latents, family)
+    return None if pixels is None else _jpeg(pixels.cpu())
+
+
+class PendingPreviews:
+    """Previews on their way from the device, at most one per job (a newer one replaces it).
+
+    ``start`` queues the work and returns at once; ``ready`` hands over the finished ones (it only
+    asks the events, never waits); ``drop`` forgets a job's preview (its image follows instead).
+    The JPEGs are the same as ``latent_preview``'s for the same latents.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @torch.no_grad()
+    def start(self, job_id: str, latents: torch.Tensor, family: str) -> None:
+        pixels = _project(latents, family)
+        if pixels is None:
+            return
+        event = None
+        if pixels.is_cuda:
+            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(pixels.device))
+            pixels = host  # the device tensor may go: the stream reuses its memory only after the copy
+        else:
+            pixels = pixels.cpu()  # CPU: computed already (another device: a plain copy)
+        self._pending[job_id] = (pixels, event)
+
+    def ready(self) -> dict[str, bytes]:
+        """The previews whose copies have completed, by job id; they leave the pending map."""
+        done: dict[str, bytes] = {}
+        for job_id, (pixels, event) in list(self._pending.items()):
+            if event is not None and not event.query():
+                continue
+            del self._pending[job_id]
+            try:
+                done[job_id] = _jpeg(pixels)
+            except Exception:  # costs the preview, never the job
+                log.exception("step preview of %s failed", job_id)
+        return done
+
+    def drop(self, job_id: str) -> None:
+        self._pending.pop(job_id, None)
+
+
+def _project(latents: torch.Tensor, family: str) -> torch.Tensor | None:
+    """(h, w, 3) uint8 pixels on the latents' device, or None for families without factors."""
     factors = RGB_FACTORS.get(family)
     if factors is None or latents.shape[1] != len(factors):
         return None
-    matrix = torch.tensor(factors, device=latents.device, dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), matrix)
-    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).cpu().numpy()
-    image = Image.fromarray(pixels)
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), _matrix(family, latents.device))
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
+
+
+@functools.cache
+def _matrix(family: str, device: torch.device) -> torch.Tensor:
+    """The factors on ``device``, made once: a fresh host-to-device copy would wait for the stream."""
+    return torch.tensor(RGB_FACTORS[family], device=device, dtype=torch.float32)
+
+
+def _jpeg(pixels: torch.Tensor) -> bytes:
+    """A small JPEG of (h, w, 3) uint8 host pixels, at most MAX_SIDE a side."""
+    image = Image.fromarray(pixels.numpy())
     image.thumbnail((MAX_SIDE, MAX_SIDE))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=75)
