@@ -86,3 +86,36 @@ def test_threshold_is_configurable(prompt_filter):
 
 def test_normalize_prompt():
     assert normalize_prompt("  (Red:1.2)  [FOX]\n{snow} ") == "red fox snow"
+
+
+def test_the_one_step_profanity_score_is_the_libraries_own():
+    """The scorer the filter uses computes exactly alt-profanity-check's predict_prob, on plain prompts,
+    insults and word soups drawn from the model's whole vocabulary."""
+    import random
+
+    import numpy as np
+    from profanity_check import predict_prob
+    from profanity_check import profanity_check as fitted
+
+    from imagegenx.vision.safety import linear_profanity_scorer
+
+    score = linear_profanity_scorer(fitted.vectorizer, fitted.model)
+    assert score is not None
+    words = sorted(fitted.vectorizer.vocabulary_)
+    rng = random.Random(0)
+    texts = ["a lighthouse on a cliff at dusk", "you stupid idiot", "", "kill them all you bastards"]
+    texts += [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(300)]
+    want, got = predict_prob(texts), score(texts)
+    assert np.abs(want - got).max() < 1e-12
+    assert (want > 0.8).sum() >= 3 and (want < 0.2).sum() > 100  # both sides of the threshold
+    assert linear_profanity_scorer(fitted.vectorizer, object()) is None  # another shape: the library's own
+
+
+def test_the_filter_scores_with_the_one_step_scorer(prompt_filter):
+    from profanity_check import predict_prob
+
+    prompt_filter.warmup()
+    assert prompt_filter._predict_prob is not predict_prob
+    assert prompt_filter.profanity_score("you stupid idiot") == pytest.approx(
+        predict_prob(["you stupid idiot"])[0]
+    )

@@ -161,7 +161,7 @@ class ProgressEvent:
     step: int = 0
     total: int = 0
     message: str = ""
-    preview: bytes | None = None  # a small JPEG of the latents now (pipelines/preview.py), some steps
+    preview: bytes | None = None  # a small JPEG of the latents a step or two before (pipelines/preview.py)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from imagegenx.types import UserError
 
@@ -113,8 +118,9 @@ class PromptFilter:
         """Load the profanity model now (about 1.5 s) instead of on the first check."""
         if self.profanity and self._predict_prob is None:
             from profanity_check import predict_prob
+            from profanity_check import profanity_check as fitted
 
-            self._predict_prob = predict_prob
+            self._predict_prob = linear_profanity_scorer(fitted.vectorizer, fitted.model) or predict_prob
 
     def profanity_score(self, prompt: str) -> float:
         if not self.profanity:
@@ -141,3 +147,32 @@ class PromptFilter:
         verdict = self.check(prompt)
         verdict.raise_if_blocked()
         return verdict
+
+
+def linear_profanity_scorer(vectorizer: Any, model: Any) -> Callable[[list[str]], np.ndarray] | None:
+    """``predict_prob`` of alt-profanity-check's fitted model, computed in one step: the bag of words,
+    each calibrated linear SVM's decision and its sigmoid, averaged (what scikit-learn's
+    ``CalibratedClassifierCV.predict_proba`` computes for two classes, without its per-call checks:
+    2.2 ms → 0.3 ms a prompt, and the check runs on every request while holding the interpreter lock).
+    None when the model is not of that shape (another scikit-learn or package version): then
+    ``predict_prob`` itself is used. tests/test_safety.py checks that both agree."""
+    import numpy as np
+
+    try:
+        members = model.calibrated_classifiers_
+        if model.method != "sigmoid" or list(model.classes_) != [0, 1]:
+            return None
+        weights = np.vstack([m.estimator.coef_[0] for m in members])  # (members, words)
+        intercepts = np.array([m.estimator.intercept_[0] for m in members])
+        slopes = np.array([m.calibrators[0].a_ for m in members])
+        offsets = np.array([m.calibrators[0].b_ for m in members])
+        if any(len(m.calibrators) != 1 for m in members) or weights.shape[1] != len(vectorizer.vocabulary_):
+            return None
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+    def score(texts: list[str]) -> np.ndarray:
+        decisions = vectorizer.transform(texts) @ weights.T + intercepts  # (texts, members)
+        return (1.0 / (1.0 + np.exp(slopes * decisions + offsets))).mean(axis=1)
+
+    return score
