@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegenx.api.routes_a1111 import a1111_sampler, parse_infotext, split_loras
-from imagegenx.api.routes_openai import openai_mask
+from imagegenx.api.a1111_schemas import a1111_sampler, parse_infotext, split_loras
+from imagegenx.api.openai_schemas import openai_mask
 from imagegenx.postprocess.encode import read_parameters
 from imagegenx.types import SchedulerName
 from support.server import Server
