@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import imagegenx.engine.engine as engine_module
+import imagegenx.engine.batch_runner as batch_runner_module
 from conftest import make_settings
 from imagegenx.engine.engine import Engine
 from imagegenx.pipelines.preview import RGB_FACTORS, PendingPreviews, latent_preview, preview_due
@@ -97,7 +97,7 @@ class _Broken(_Recording):
 def _run_job(tmp_path, monkeypatch, previews_class, steps):
     events = []
     previews_class.instances, previews_class.events = [], events
-    monkeypatch.setattr(engine_module, "PendingPreviews", previews_class)
+    monkeypatch.setattr(batch_runner_module, "PendingPreviews", previews_class)
     with Engine(make_settings(tmp_path)) as engine:
         engine.subscribe(events.append)
         job = JobSpec("a fox", "random:tiny-sdxl", width=64, height=64, steps=steps, seed=3, job_id="j")

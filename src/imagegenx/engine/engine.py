@@ -3,17 +3,17 @@
 A single worker thread runs the loop (as vLLM's engine step: schedule, execute, update):
 
 1. take a batch of compatible jobs from the ``BatchScheduler`` (after its 50 ms window);
-2. make its model resident and its LoRA set active (never reloading the base model);
-3. prepare the jobs' samples, then step the whole batch one UNet call at a time; between steps
-   cancelled samples leave, finished ones are decoded, and waiting compatible jobs join;
-4. resolve each job's future with a ``GeneratedImage``, or fail just that job with a reason.
+2. hand it to the ``BatchRunner`` (engine/batch_runner.py), which makes its model resident and its
+   LoRA set active (never reloading the base model), prepares the jobs' samples and steps the whole
+   batch one UNet call at a time; between steps cancelled samples leave, finished ones are decoded,
+   and waiting compatible jobs join;
+3. resolve each job's future with a ``GeneratedImage``, or fail just that job with a reason (this
+   file: a job's life from ``submit`` to its outcome, NaN retries and cancellation included).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
 import threading
 import time
 import uuid
@@ -21,21 +21,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, replace
 
-import torch
-
 from imagegenx.config import Settings
+from imagegenx.engine.batch_runner import BatchRunner
 from imagegenx.engine.metrics import EngineMetrics, failure_reason
 from imagegenx.engine.scheduler import BatchScheduler, SchedulerConfig
 from imagegenx.engine.validation import validate_job
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.loader import LoadedModel
 from imagegenx.pipelines.flow import FlowRunner
-from imagegenx.pipelines.preview import PendingPreviews, preview_due
-from imagegenx.pipelines.sample import Sample, to_uint8
+from imagegenx.pipelines.sample import to_uint8
 from imagegenx.pipelines.sd import SDRunner
 from imagegenx.types import GeneratedImage, JobSpec, JobStatus, ProgressEvent, Timings, UserError
-
-log = logging.getLogger("imagegenx.engine")
 
 Listener = Callable[[ProgressEvent], None]
 
@@ -65,6 +61,18 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._ids = itertools.count()
+        self._batches = BatchRunner(
+            self.settings,
+            self.models,
+            self.scheduler,
+            self.metrics,
+            self._wake,
+            emit=self._emit,
+            fail=self._fail,
+            deliver=self._deliver,
+            drop_if_canceled=self._drop_if_canceled,
+            cancel_requested=self._cancel_requested,
+        )
         self._thread = threading.Thread(target=self._loop, name="imagegenx-engine", daemon=True)
         self._thread.start()
 
@@ -167,165 +175,12 @@ class Engine:
                     self._fail(job.job_id, f"internal error: {exc!r}")
 
     def _run_batch(self, batch: list[JobSpec]) -> None:
-        key = batch[0].batch_key
-        try:
-            model = self.models.get(key.model)
-            runner = self._runner(model)
-            if model.extras["loras"].activate(key.loras) and isinstance(runner, SDRunner):
-                runner.prompts.clear_cache()
-        except UserError as exc:
-            for job in batch:
-                self._fail(job.job_id, str(exc))
-            return
-        if isinstance(runner, SDRunner):
-            # ControlNets are built from the plain UNet: load them before identity attention goes on.
-            runner.set_identity(None, None)
-            try:
-                for ref in key.controls:
-                    self.models.controlnet(ref, model)
-                adapter = self.models.identity_adapter(key.identity[0], model) if key.identity else None
-            except UserError as exc:
-                for job in batch:
-                    self._fail(job.job_id, str(exc))
-                return
-            runner.set_identity(adapter, key.identity[1] if key.identity else None)
-        if isinstance(runner, FlowRunner):
-            if key.controls or key.identity:
-                for job in batch:
-                    self._fail(
-                        job.job_id, f"ControlNet needs an SD 1.5, SD 2.x or SDXL model, not {model.family}"
-                    )
-                return
-            self._run_flow(runner, model, batch)
-            return
-
-        running: list[Sample] = []
-        joining = batch
-        previews = PendingPreviews()  # the loop's own: whatever is pending goes with the batch
-        while joining or running:
-            running += self._prepare(runner, joining)
-            running = [s for s in running if not self._drop_if_canceled(s.job.job_id)]
-            if not running:
-                break
-            started = time.perf_counter()
-            running = self._step(runner, running)
-            elapsed = time.perf_counter() - started
-            self.metrics.step_seconds.observe(elapsed)
-            ready = previews.ready()  # started at earlier steps, their copies done by now
-            for sample in running:
-                sample.times["denoise_s"] = sample.times.get("denoise_s", 0.0) + elapsed
-                job_id, step, total = sample.job.job_id, sample.index, sample.total_steps
-                self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total, preview=ready.get(job_id)))
-                if preview_due(step, total):
-                    self._preview(previews, model, sample)
-            finished = [s for s in running if s.done]
-            running = [s for s in running if not s.done]
-            for sample in finished:
-                previews.drop(sample.job.job_id)  # still on its way: the image follows instead
-            if finished:
-                self._finish(runner, model, finished, batch_size=len(finished) + len(running))
-            with self._wake:
-                free = self.scheduler.max_batch_size(key) - len(running)
-                joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
-                self.metrics.waiting.set(len(self.scheduler))
-
-    def _preview(self, previews: PendingPreviews, model: LoadedModel, sample: Sample) -> None:
-        """Start a latent-to-RGB JPEG, for one of the job's next progress events (never waiting for
-        the device here); a failure costs the preview, never the job."""
-        if not self.settings.engine.step_previews:
-            return
-        try:
-            previews.start(sample.job.job_id, sample.latents, model.family)
-        except Exception:
-            log.exception("step preview of %s failed", sample.job.job_id)
+        # A seam of its own: scripts/profile_engine_cpu.py wraps it on the engine thread.
+        self._batches.run(batch)
 
     def _runner(self, model: LoadedModel) -> SDRunner | FlowRunner:
-        """One runner per resident model, kept with it (evicting the model drops its runner too)."""
-        runner = model.extras.get("runner")
-        if runner is None:
-            if model.uses_engine_loop:
-                runner = SDRunner(model)
-                runner.uint8_output = True  # results become uint8 anyway: convert before the host copy
-            else:
-                runner = FlowRunner(model)
-            if (rows := self.settings.engine.fault_oom_above_rows) > 0 and isinstance(runner, SDRunner):
-                runner.before_unet = functools.partial(_simulated_oom, rows)
-            model.extras["runner"] = runner
-        return runner
-
-    def _prepare(self, runner: SDRunner, jobs: list[JobSpec]) -> list[Sample]:
-        """The jobs' samples, prepared together (one noise draw for all); a job that cannot be
-        prepared fails alone."""
-        ready: list[JobSpec] = []
-        nets: list[list] = []
-        for job in jobs:
-            try:
-                nets.append([self.models.controlnet(control.model, runner.model) for control in job.controls])
-            except UserError as exc:
-                self._fail(job.job_id, str(exc))
-                continue
-            ready.append(job)
-        samples = []
-        for job, sample in zip(ready, runner.prepare_each(ready, nets), strict=True):
-            if isinstance(sample, UserError):
-                self._fail(job.job_id, str(sample))
-                continue
-            samples.append(sample)
-            self._emit(ProgressEvent(job.job_id, JobStatus.RUNNING, 0, sample.total_steps))
-        return samples
-
-    def _step(self, runner: SDRunner, samples: list[Sample]) -> list[Sample]:
-        """One step for all, in chunks no larger than the key's current limit; returns the survivors.
-
-        After CUDA out-of-memory the chunk is halved and the key's limit lowered for good, so later
-        steps and later batches fit; an image that does not fit even alone fails with the reason.
-        """
-        key = samples[0].job.batch_key
-        limit = self.scheduler.max_batch_size(key)
-        survivors: list[Sample] = []
-        for start in range(0, len(samples), limit):
-            chunk = samples[start : start + limit]
-            try:
-                runner.step(chunk)
-                self.metrics.batch_size.observe(len(chunk))
-                survivors += chunk
-            except torch.OutOfMemoryError:
-                _empty_cache(runner.device)
-                if len(chunk) == 1:
-                    job = chunk[0].job
-                    self._fail(
-                        job.job_id, f"out of device memory even for one {job.width}x{job.height} image"
-                    )
-                    continue
-                self.metrics.oom_splits.inc()
-                self.scheduler.shrink(key, len(chunk) // 2)
-                survivors += self._step(runner, chunk)
-        return survivors
-
-    def _finish(self, runner: SDRunner, model: LoadedModel, samples: list[Sample], batch_size: int) -> None:
-        started = time.perf_counter()
-        try:
-            images = runner.decode(samples)
-        except torch.OutOfMemoryError:
-            _empty_cache(runner.device)
-            images = [img for s in samples for img in runner.decode([s])]
-        decode_s = (time.perf_counter() - started) / len(samples)
-        for sample, image in zip(samples, images, strict=True):
-            sample.times["decode_s"] = decode_s
-            self._deliver(sample.job, image, model, batch_size, sample.times, sample.total_steps)
-
-    def _run_flow(self, runner: FlowRunner, model: LoadedModel, batch: list[JobSpec]) -> None:
-        def step_done(job_ids: list[str], step: int, total: int) -> bool:
-            for job_id in job_ids:
-                self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total))
-            return all(job_id in self._cancel_requested for job_id in job_ids)
-
-        started = time.perf_counter()
-        images = runner.run(batch, step_done)
-        elapsed = time.perf_counter() - started
-        for job, image in zip(batch, images, strict=True):
-            if not self._drop_if_canceled(job.job_id):
-                self._deliver(job, image, model, len(batch), {"denoise_s": elapsed}, job.steps)
+        """The model's runner (tests and scripts reach it to set compile flags)."""
+        return self._batches.runner(model)
 
     # Outcomes -----------------------------------------------------------------------------------
 
@@ -437,14 +292,3 @@ def _with_id(job: JobSpec, job_id: str) -> JobSpec:
 
 
 _SEED_STEP = 0x9E3779B9  # a NaN retry's seed: far from the first, and the same on every run
-
-
-def _simulated_oom(limit: int, rows: int) -> None:
-    """The ``fault_oom_above_rows`` hook: a device with room for ``limit`` UNet rows."""
-    if rows > limit:
-        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {rows} rows > {limit})")
-
-
-def _empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
