@@ -93,7 +93,7 @@ class Soak:
         if kind == "invalid":
             body, words = INVALID[index % len(INVALID)]
             path = "/api/v1/image/img2img" if "image" in body else "/api/v1/image/generate"
-            response = await self.client.post(path, json=BODY | body)
+            response = await self.client.post(path, json=BODY | {"steps": self.args.steps} | body)
             message = response.json().get("message", "") if response.status_code < 500 else response.text
             if 400 <= response.status_code < 500 and response.status_code != 429 and words in message:
                 self.outcomes["refused_invalid"] += 1
@@ -103,7 +103,12 @@ class Soak:
                 self.errors.append(f"invalid request {body} answered {response.status_code}: {message[:200]}")
             return
         priority = 3 if kind == "burst" else 2
-        body = BODY | {"text": f"soak {index} {kind}", "seed": max(index, 0), "priority": priority}
+        body = BODY | {
+            "steps": self.args.steps,
+            "text": f"soak {index} {kind}",
+            "seed": max(index, 0),
+            "priority": priority,
+        }
         response = await self.client.post("/api/v1/image/generate", json=body)
         if response.status_code in (429, 503):
             if "Retry-After" not in response.headers:
@@ -245,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ttl", type=float, default=2.0, help="seconds a task may wait queued, then expired")
     p.add_argument("--drain-timeout", type=float, default=600.0)
     p.add_argument("--model", default="random:tiny-sdxl")
+    p.add_argument("--steps", type=int, default=1, help="denoising steps per task (more: a slower server)")
     p.add_argument("--seed", type=int, default=20261129)
     p.add_argument("--url", help="an already running server (then also --key; no process figures)")
     p.add_argument("--key")

@@ -15,7 +15,9 @@ def test_soak_accounts_for_every_task_and_leaks_nothing(tmp_path):
         # machine (CI alone served the default 40/s without a full queue: no 503 was seen).
         [
             *(sys.executable, str(SOAK), "--tasks", "300", "--rate", "80", "--concurrency", "32"),
-            *("--max-queued", "20", "--json", str(out)),
+            # Tasks of 8 steps and a 0.5-s TTL: the service must fall behind for the queue to fill
+            # and low-priority tasks to expire; with 1-step tasks a quiet machine keeps up with 80/s.
+            *("--max-queued", "20", "--steps", "8", "--ttl", "0.5", "--json", str(out)),
         ],
         capture_output=True,
         text=True,
