@@ -1,7 +1,10 @@
 """Speed-ups change speed, not images: channels_last, fused QKV, and the padded batches compile uses."""
 
+import os
+
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from conftest import make_settings
@@ -110,3 +113,19 @@ def test_a_lora_job_on_a_fused_qkv_model_fails_with_the_reason(tmp_path):
     with Engine(settings) as engine:
         (result,) = engine.run([job])
     assert isinstance(result, Exception) and "fused QKV" in str(result)
+
+
+def test_compile_keeps_its_kernels_under_the_data_folder_unless_told_otherwise(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from imagegenx.models.speed import apply_speedups
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # records the real value: restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    settings = ModelSettings(compile="default", compile_cache_dir=tmp_path / "kernels")
+    pipe = SimpleNamespace(unet=torch.nn.Linear(4, 4), vae=None)
+    assert apply_speedups(pipe, torch.device("cpu"), settings)["compile"] == "default"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "kernels")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")  # the operator's choice stays
+    apply_speedups(SimpleNamespace(unet=torch.nn.Linear(4, 4), vae=None), torch.device("cpu"), settings)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"

@@ -34,6 +34,10 @@ class ModelSettings(BaseModel):
     fuse_qkv: bool = False
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     compile_vae: bool = True  # with compile on, the VAE decode too (padded to the same buckets)
+    # Inductor's on-disk cache (compiled kernels, autotuning) when compile is on, unless
+    # TORCHINDUCTOR_CACHE_DIR is set: here it outlives reboots and /tmp cleaners, so a restarted
+    # service finds its graphs compiled (an SDXL UNet and VAE take minutes from scratch).
+    compile_cache_dir: Path = Field(default_factory=lambda: _data_home() / "compile-cache")
     # float8 weights and activations for the denoiser's linear layers (torchao, the fp8 extra): needs a
     # GPU of compute capability 8.9+ (Ada, Hopper) and dtype bfloat16; excludes LoRAs
     fp8: bool = False

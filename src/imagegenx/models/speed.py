@@ -9,7 +9,8 @@
 - ``compile``: ``torch.compile`` of the UNet (``default``, ``reduce-overhead`` for CUDA graphs, or
   ``max-autotune``). Static shapes: the engine pads each UNet batch to a bucket (1, 2, 4, 8, ... rows)
   so a handful of graphs serve every batch size; compiled kernels persist in Inductor's on-disk
-  cache (``TORCHINDUCTOR_CACHE_DIR``), so a restart does not compile again from scratch.
+  cache (``TORCHINDUCTOR_CACHE_DIR``, by default ``ModelSettings.compile_cache_dir`` under the data
+  folder), so a restart does not compile again from scratch.
 - ``compile_vae``: with ``compile`` on, the VAE decode is compiled too, its batch padded to the same
   buckets (it is 40% of an SDXL 1024² LCM-4 image on an H200, and runs at 15% of the matmul peak
   eager: GroupNorm and SiLU between the convolutions are memory-bound, which fusion helps).
@@ -24,6 +25,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +67,8 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         check_fp8_supported(denoiser, device)
         applied["fp8"] = quantize_fp8(denoiser)
     if settings.compile != "off" and denoiser is not None:
+        # Inductor reads its cache folder when it compiles (the first call), not at import.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir))
         # Each bucket and resolution is its own graph: allow more of them than Dynamo's default 8.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         denoiser.forward = torch.compile(denoiser.forward, mode=settings.compile, dynamic=False)
