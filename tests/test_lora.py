@@ -356,3 +356,14 @@ def test_describe_reads_format_and_targets_from_the_header(lora_dir):
     assert lib.describe("style") == {"name": "style", "format": "peft", "targets": ["text_encoder", "unet"]}
     assert lib.describe("detail")["targets"] == ["unet"]
     assert lib.describe("xl_style")["targets"] == ["text_encoder", "text_encoder_2", "unet"]
+
+
+def test_a_compiled_model_says_once_that_lora_changes_compile_again(lora_dir, caplog):
+    pipe = StableDiffusionPipeline(**sd_components(), requires_safety_checker=False)
+    loras = LoraSet(pipe, LoraLibrary(lora_dir), compiled=True)
+    with caplog.at_level("WARNING", logger="imagegenx.models.lora"):
+        loras.activate(refs(("style", 1.0)))
+        loras.activate(refs(("detail", 0.5)))
+    warnings = [r for r in caplog.records if "compiles the UNet again" in r.getMessage()]
+    assert len(warnings) == 1
+    assert loras.active() == refs(("detail", 0.5))  # the switch itself happens as on any model

@@ -43,7 +43,9 @@ class ModelCache:
                 _, evicted = self._resident.popitem(last=False)
                 _release(evicted)
             model = load_model(self.source(ref), self.settings)
-            model.extras["loras"] = LoraSet(model.pipe, self.loras, lora_refusal(model.speedups))
+            model.extras["loras"] = LoraSet(
+                model.pipe, self.loras, lora_refusal(model.speedups), compiled="compile" in model.speedups
+            )
             self.loads[ref] += 1
             self.load_seconds[ref] += model.load_seconds
             self._resident[ref] = model

@@ -9,6 +9,7 @@ LoRA layer, which then returns exactly its base layer's output.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import warnings
@@ -17,6 +18,8 @@ from typing import Any
 
 from imagegenx.models.sources import PICKLE_SUFFIXES, read_safetensors_header, refuse_pickle
 from imagegenx.types import LoraRef, UserError
+
+log = logging.getLogger(__name__)
 
 MAX_WEIGHT = 2.0
 
@@ -98,10 +101,14 @@ def _adapter_name(name: str, taken: set[str]) -> str:
 class LoraSet:
     """The adapters loaded into one pipeline; activates a set of (name, weight) per batch."""
 
-    def __init__(self, pipe: Any, library: LoraLibrary, refusal: str = "") -> None:
+    def __init__(self, pipe: Any, library: LoraLibrary, refusal: str = "", *, compiled: bool = False) -> None:
         self.pipe = pipe
         self.library = library
         self.refusal = refusal  # why this model takes no LoRA (speed.lora_refusal), "" if it does
+        # torch.compile guards on the adapter layers' names and scales: every new set or weight is
+        # compiled again (in-place hot-swap under compile is not built yet). Said once per model.
+        self.compiled = compiled
+        self._warned = False
         self.loads = 0  # LoRA files read into this pipeline, each at most once
         self._adapters: dict[str, str] = {}  # LoRA name -> peft adapter name
         self._active: tuple[LoraRef, ...] | None = ()  # None: unknown after a failed switch
@@ -128,6 +135,12 @@ class LoraSet:
         return True
 
     def _apply(self, loras: tuple[LoraRef, ...]) -> None:
+        if self.compiled and not self._warned:
+            log.warning(
+                "LoRAs on a compiled model: each new LoRA set or weight compiles the UNet again "
+                "(seconds to minutes, then cached); serve LoRA traffic from a model without compile"
+            )
+            self._warned = True
         self._active = None
         if loras:
             self.pipe.enable_lora()  # undo an earlier disable_lora(); set_adapters alone does not
