@@ -31,7 +31,7 @@ from imagegenx.types import TaskRecord, TaskStatus, Tier
 from support.services import create_database, drop_database
 
 SECRET_RE = re.compile(r"igx_([0-9a-f]{16})_[A-Za-z0-9_-]{32}")
-HEAD = "0002_tasks_created_at"
+HEAD = "0003_tasks_user_status"
 
 # --- databases ---------------------------------------------------------------------------------------
 
@@ -592,3 +592,12 @@ def test_api_keys(store, db_url):
     listed = {k.key_id: k for k in store.list_keys()}
     assert listed[key.key_id].revoked_at is not None and listed[other.key_id].revoked_at is None
     assert store.verify_key(other_secret) == other
+
+
+def test_the_per_request_active_count_reads_the_keys_unfinished_tasks_only(tmp_path):
+    """Each accepted request counts its key's unfinished tasks: an index on (user_id, status), not a
+    walk through the key's whole history."""
+    with TaskStore(f"sqlite:///{tmp_path / 'tasks.db'}") as store, store.engine.connect() as conn:
+        query = "SELECT count(*) FROM tasks WHERE user_id = 'u' AND status IN ('queued', 'processing')"
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}").all()
+    assert any("ix_tasks_user_id_status" in str(row) for row in plan), plan

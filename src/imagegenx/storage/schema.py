@@ -42,6 +42,9 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_status_created_at", "status", "created_at"),
     sa.Index("ix_tasks_batch_id", "batch_id"),
     sa.Index("ix_tasks_created_at", "created_at"),  # 0002: the history purge scans by creation time
+    sa.Index(
+        "ix_tasks_user_id_status", "user_id", "status"
+    ),  # 0003: each request counts its key's active tasks
 )
 
 api_keys_table = sa.Table(
