@@ -8,13 +8,9 @@ and the service completed 6-11 tasks/s of the 100 offered while the GPU idled.
 
 The gate queues writers before they ask SQLite: the threads of a process on a lock, which wakes the
 next waiter as the holder leaves; processes (``serve --worker-process``, API nodes and workers on one
-SQLite file) on an ``flock`` of a file beside the database, polled every millisecond. Polling alone
-is not fair either: a process whose threads write back to back takes the flock again within
-microseconds. So a waiting process also holds a shared lock on a second file ("demand"), and a
-process that releases the gate while someone is waiting lets ``YIELD_S`` pass before it takes the
-gate again (on the CPU at 100 tasks/s offered, the worker process was otherwise starved by the API
-process: 4.8 tasks/s). It only orders writers: after ``WAIT_S`` a writer goes ahead without it, and
-SQLite's own locking stays what keeps the data consistent.
+SQLite file) on an ``flock`` of a file beside the database, polled every millisecond. It only orders
+writers: after ``WAIT_S`` a writer goes ahead without it, and SQLite's own locking stays what keeps
+the data consistent.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ from pathlib import Path
 
 WAIT_S = 5.0  # as SQLite's busy_timeout: past it, the writer proceeds and SQLite decides
 POLL_S = 0.001
-YIELD_S = 0.003  # after a release with another process waiting: long enough for its next poll
 
 _gates: dict[str, WriteGate] = {}
 _gates_lock = threading.Lock()
@@ -42,8 +37,6 @@ class WriteGate:
         self._threads = threading.RLock()
         self._depth = 0  # nested holds by the thread inside (a queue write within a store write)
         self._fd: int | None = None
-        self._demand_fd: int | None = None
-        self._yield_until = 0.0  # monotonic time before which this process leaves the gate to others
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -70,46 +63,23 @@ class WriteGate:
         try:
             if self._fd is None:
                 self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-                demand = self.lock_path.with_name(self.lock_path.name + "-demand")
-                self._demand_fd = os.open(demand, os.O_RDWR | os.O_CREAT, 0o644)
-            wait = self._yield_until - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            if _try_flock(self._fd, fcntl.LOCK_EX):
-                return True
-            fcntl.flock(self._demand_fd, fcntl.LOCK_SH)  # "a process is waiting" (see the module docs)
-            try:
-                deadline = time.monotonic() + WAIT_S
-                while not _try_flock(self._fd, fcntl.LOCK_EX):
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
                     if time.monotonic() > deadline:
                         return False
                     time.sleep(POLL_S)
-                return True
-            finally:
-                fcntl.flock(self._demand_fd, fcntl.LOCK_UN)
         except OSError:  # a read-only folder: order the threads only
             return False
 
     def _unlock_file(self) -> None:
         import fcntl
 
-        if self._fd is None:
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        if _try_flock(self._demand_fd, fcntl.LOCK_EX):  # nobody waiting
-            fcntl.flock(self._demand_fd, fcntl.LOCK_UN)
-        else:
-            self._yield_until = time.monotonic() + YIELD_S
-
-
-def _try_flock(fd: int, operation: int) -> bool:
-    import fcntl
-
-    try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 def gate_for(database: str | None) -> WriteGate | None:
