@@ -166,10 +166,11 @@ def child_worker(args: list[str]) -> Iterator[None]:
     def watch() -> None:
         nonlocal child
         while not stopping.wait(0.5):
-            if child.poll() is not None and not stopping.is_set():
+            if child.poll() is not None:
                 print(f"worker exited with {child.returncode}; starting it again", file=sys.stderr)
-                time.sleep(RESTART_DELAY_S)
-                child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+                if not stopping.wait(RESTART_DELAY_S):  # not when the server is stopping meanwhile
+                    # Its parent-death signal follows this thread, which lives until the server stops.
+                    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
 
     watcher = threading.Thread(target=watch, name="imagegenx-worker-watch", daemon=True)
     watcher.start()
