@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegenx import __version__
 from imagegenx.api.app import AppContext
-from imagegenx.api.routes_v1 import _image, _task_input
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, GenerateParams, Img2ImgParams, InpaintParams
 from imagegenx.api.shaped_errors import invalid, validated
 from imagegenx.api.styles import apply_style, resolve_style
+from imagegenx.api.task_inputs import _image, _task_input
 from imagegenx.engine.service import TaskInput
 from imagegenx.pipelines.samplers import parse_sampler
 from imagegenx.types import SchedulerName, TaskRecord, UserError

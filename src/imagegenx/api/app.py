@@ -89,12 +89,16 @@ def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> 
         routes_openai,
         routes_ops,
         routes_portrait,
-        routes_v1,
+        routes_v1_catalog,
+        routes_v1_submit,
+        routes_v1_tasks,
         routes_web,
     )
 
     app.include_router(routes_ops.router)
-    app.include_router(routes_v1.router)
+    app.include_router(routes_v1_submit.router)  # v1 in this order: the OpenAPI schema's path order
+    app.include_router(routes_v1_tasks.router)
+    app.include_router(routes_v1_catalog.router)
     app.include_router(routes_control.router)
     app.include_router(routes_portrait.router)
     app.include_router(routes_openai.router)

@@ -14,9 +14,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegenx.api.app import AppContext
-from imagegenx.api.routes_v1 import _task_input
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, GenerateParams, Img2ImgParams, InpaintParams
 from imagegenx.api.shaped_errors import invalid, validated
+from imagegenx.api.task_inputs import _task_input
 from imagegenx.engine.service import TaskInput
 from imagegenx.types import UserError
 from imagegenx.vision.imagefile import decode_image

@@ -44,10 +44,10 @@ from imagegenx.api.a1111_schemas import (
 )
 from imagegenx.api.app import AppContext, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
-from imagegenx.api.routes_v1 import _image
 from imagegenx.api.shaped_errors import shaped_errors
 from imagegenx.api.styles import STYLES
 from imagegenx.api.sync_tasks import cancel_tasks, failure, result_bytes, submit, wait_for_tasks
+from imagegenx.api.task_inputs import _image
 from imagegenx.postprocess.encode import read_parameters
 from imagegenx.types import ApiKey, SchedulerName, TaskRecord, TaskStatus
 from imagegenx.vision.imagefile import decode_image

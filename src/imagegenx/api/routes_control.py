@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
-from imagegenx.api.routes_v1 import _image, _submitted, _task_input, model_file
 from imagegenx.api.schemas import Envelope, GenerateParams, Submitted
+from imagegenx.api.task_inputs import _image, _submitted, _task_input, model_file
 from imagegenx.vision.controls import DEFAULT_STRENGTH, make_control_image
 from imagegenx.vision.imagefile import decode_image
 

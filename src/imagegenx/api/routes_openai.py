@@ -43,10 +43,11 @@ from imagegenx.api.openai_schemas import (
     generation_items,
     model_ref,
 )
-from imagegenx.api.routes_v1 import _read_upload, _view
 from imagegenx.api.schemas import MAX_PROMPT_CHARS
 from imagegenx.api.shaped_errors import error_param, invalid, shaped_errors
 from imagegenx.api.sync_tasks import failure, result_bytes, submit, wait_for_tasks
+from imagegenx.api.task_inputs import _read_upload
+from imagegenx.api.task_views import _view
 from imagegenx.types import TaskRecord, TaskStatus
 
 

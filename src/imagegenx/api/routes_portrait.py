@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
-from imagegenx.api.routes_v1 import _submitted, model_file
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, Envelope, Submitted, decode_base64_image
+from imagegenx.api.task_inputs import _submitted, model_file
 from imagegenx.engine.portrait_task import submit_portrait
 from imagegenx.vision.selfie import RANDOM_ARCFACE
 

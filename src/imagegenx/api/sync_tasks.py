@@ -16,8 +16,8 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from imagegenx.api.app import AppContext
-from imagegenx.api.routes_v1 import _record
 from imagegenx.api.shaped_errors import TaskFailure
+from imagegenx.api.task_views import _record
 from imagegenx.engine.service import TaskInput
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus
 
