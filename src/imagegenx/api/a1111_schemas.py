@@ -24,7 +24,7 @@ from imagegenx.api.app import AppContext
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, GenerateParams, Img2ImgParams, InpaintParams
 from imagegenx.api.shaped_errors import invalid, validated
 from imagegenx.api.styles import apply_style, resolve_style
-from imagegenx.api.task_inputs import _image, _task_input
+from imagegenx.api.task_inputs import build_task_input, input_image_bytes
 from imagegenx.engine.service import TaskInput
 from imagegenx.pipelines.samplers import parse_sampler
 from imagegenx.types import SchedulerName, TaskRecord, UserError
@@ -171,7 +171,9 @@ def _decode(ctx: AppContext, value: str, what: str) -> bytes:
     """A1111 images: base64 (data: URLs too) or, where allowed, an http(s) URL."""
     value = value.strip()
     is_url = value.startswith(("http://", "https://"))
-    return (_image(ctx, None, value, what) if is_url else _image(ctx, value, None, what)) or b""  # decoded
+    return (
+        input_image_bytes(ctx, None, value, what) if is_url else input_image_bytes(ctx, value, None, what)
+    ) or b""  # decoded
 
 
 def task_inputs(ctx: AppContext, body: Txt2ImgRequest) -> list[TaskInput]:
@@ -190,7 +192,7 @@ def task_inputs(ctx: AppContext, body: Txt2ImgRequest) -> list[TaskInput]:
     prompt, loras = split_loras(body.prompt or "")
     negative = body.negative_prompt or ""
     styles = _known_styles(body.styles)
-    for style in styles[:-1]:  # the last one is applied by _task_input, as the task's style
+    for style in styles[:-1]:  # the last one is applied by build_task_input, as the task's style
         prompt, negative = apply_style(style, prompt, negative)
     seed = body.seed if body.seed is not None and body.seed >= 0 else random.randrange(2**32)
     values: dict[str, Any] = {
@@ -229,7 +231,7 @@ def task_inputs(ctx: AppContext, body: Txt2ImgRequest) -> list[TaskInput]:
         params = validated(GenerateParams, values, _NAMES)
     items = []
     for i in range(count):
-        item = _task_input(ctx, params, task, text=prompt, **images[i % len(images)])
+        item = build_task_input(ctx, params, task, text=prompt, **images[i % len(images)])
         item.params["seed"] = seed + i
         items.append(item)
     return items

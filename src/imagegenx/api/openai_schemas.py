@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagegenx.api.app import AppContext
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, GenerateParams, Img2ImgParams, InpaintParams
 from imagegenx.api.shaped_errors import invalid, validated
-from imagegenx.api.task_inputs import _task_input
+from imagegenx.api.task_inputs import build_task_input
 from imagegenx.engine.service import TaskInput
 from imagegenx.types import UserError
 from imagegenx.vision.imagefile import decode_image
@@ -136,7 +136,7 @@ def extensions(
 def _items(ctx: AppContext, params: GenerateParams, task: str, n: int, **images: Any) -> list[TaskInput]:
     items = []
     for i in range(n):
-        item = _task_input(ctx, params, task, **images)
+        item = build_task_input(ctx, params, task, **images)
         if params.seed is not None:
             item.params["seed"] = params.seed + i
         items.append(item)

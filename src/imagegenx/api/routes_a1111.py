@@ -47,7 +47,7 @@ from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.shaped_errors import shaped_errors
 from imagegenx.api.styles import STYLES
 from imagegenx.api.sync_tasks import cancel_tasks, failure, result_bytes, submit, wait_for_tasks
-from imagegenx.api.task_inputs import _image
+from imagegenx.api.task_inputs import input_image_bytes
 from imagegenx.postprocess.encode import read_parameters
 from imagegenx.types import ApiKey, SchedulerName, TaskRecord, TaskStatus
 from imagegenx.vision.imagefile import decode_image
@@ -268,7 +268,7 @@ def prompt_styles(key: KeyDep) -> list[dict[str, Any]]:
 
 
 def _png_info(ctx: AppContext, body: PngInfoRequest) -> dict[str, Any]:
-    data = _image(ctx, body.image.strip(), None, "image") or b""
+    data = input_image_bytes(ctx, body.image.strip(), None, "image") or b""
     text = read_parameters(data) or ""
     with decode_image(data, "image", mode=None) as image:
         items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}

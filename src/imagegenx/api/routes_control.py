@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.schemas import Envelope, GenerateParams, Submitted
-from imagegenx.api.task_inputs import _image, _submitted, _task_input, model_file
+from imagegenx.api.task_inputs import build_task_input, input_image_bytes, model_file, submitted_envelope
 from imagegenx.vision.controls import DEFAULT_STRENGTH, make_control_image
 from imagegenx.vision.imagefile import decode_image
 
@@ -66,8 +66,10 @@ def controlnet(body: ControlNetParams, key: KeyDep, ctx: ContextDep) -> Envelope
     images = []
     for c in body.controls:
         depth = str(model_file(ctx, c.depth_model, ".onnx", "depth model")) if c.depth_model else None
-        images.append(control_image(c, _image(ctx, c.image, c.image_url, f"{c.type} image"), depth))
-    item = _task_input(ctx, body, "text2img")
+        images.append(
+            control_image(c, input_image_bytes(ctx, c.image, c.image_url, f"{c.type} image"), depth)
+        )
+    item = build_task_input(ctx, body, "text2img")
     item.params["controls"] = [
         {
             "model": c.model,
@@ -77,4 +79,4 @@ def controlnet(body: ControlNetParams, key: KeyDep, ctx: ContextDep) -> Envelope
         for c in body.controls
     ]
     item.control_images = images
-    return _submitted(ctx.service.submit(key, [item]))
+    return submitted_envelope(ctx.service.submit(key, [item]))

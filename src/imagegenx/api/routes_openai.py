@@ -46,8 +46,8 @@ from imagegenx.api.openai_schemas import (
 from imagegenx.api.schemas import MAX_PROMPT_CHARS
 from imagegenx.api.shaped_errors import error_param, invalid, shaped_errors
 from imagegenx.api.sync_tasks import failure, result_bytes, submit, wait_for_tasks
-from imagegenx.api.task_inputs import _read_upload
-from imagegenx.api.task_views import _view
+from imagegenx.api.task_inputs import read_upload
+from imagegenx.api.task_views import task_view
 from imagegenx.types import TaskRecord, TaskStatus
 
 
@@ -60,7 +60,7 @@ def _answer(
     data = []
     for record in records:
         if response_format == "url":
-            url = _view(ctx, record, str(request.base_url)).urls["original"]
+            url = task_view(ctx, record, str(request.base_url)).urls["original"]
             data.append({"url": url, "revised_prompt": None})
         else:
             b64 = base64.b64encode(result_bytes(ctx, record)).decode("ascii")
@@ -124,8 +124,8 @@ async def edits(
     uploads = [*(image or []), *(images or [])]
     if not uploads:
         raise invalid("image", "an image file is required")
-    image_data = await _read_upload(ctx, uploads[0], "image")
-    mask_data = await _read_upload(ctx, mask, "mask")
+    image_data = await read_upload(ctx, uploads[0], "image")
+    mask_data = await read_upload(ctx, mask, "mask")
     values = {"text": prompt, "model": await run_in_threadpool(model_ref, ctx, model)}
     values |= extensions(negative_prompt, seed, steps, output_format or "png")
     items = await run_in_threadpool(edit_items, ctx, image_data, mask_data, values, size, n, strength)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, Envelope, Submitted, decode_base64_image
-from imagegenx.api.task_inputs import _submitted, model_file
+from imagegenx.api.task_inputs import model_file, submitted_envelope
 from imagegenx.engine.portrait_task import submit_portrait
 from imagegenx.vision.selfie import RANDOM_ARCFACE
 
@@ -70,4 +70,4 @@ async def portrait(body: PortraitParams, key: KeyDep, ctx: ContextDep) -> Envelo
     if ctx.prompt_filter is not None:
         ctx.prompt_filter.enforce(body.prompt)
     record = await run_in_threadpool(submit_portrait, ctx.service, key, selfies, params, body.priority)
-    return _submitted([record])
+    return submitted_envelope([record])

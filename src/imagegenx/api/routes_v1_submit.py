@@ -19,30 +19,38 @@ from imagegenx.api.schemas import (
     InpaintParams,
     Submitted,
 )
-from imagegenx.api.task_inputs import _form_params, _image, _read_upload, _submitted, _task_input
+from imagegenx.api.task_inputs import (
+    build_task_input,
+    form_params,
+    input_image_bytes,
+    read_upload,
+    submitted_envelope,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_responses(ErrorBody))
 
 
 @router.post("/image/generate", summary="Text to image", response_model=Envelope[Submitted])
 def generate(body: GenerateParams, key: KeyDep, ctx: ContextDep) -> Envelope[Submitted]:
-    return _submitted(ctx.service.submit(key, [_task_input(ctx, body, "text2img")]))
+    return submitted_envelope(ctx.service.submit(key, [build_task_input(ctx, body, "text2img")]))
 
 
 @router.post(
     "/image/img2img", summary="Image to image (base64 or image_url)", response_model=Envelope[Submitted]
 )
 def img2img(body: Img2ImgParams, key: KeyDep, ctx: ContextDep) -> Envelope[Submitted]:
-    image = _image(ctx, body.image, body.image_url, "image")
-    return _submitted(ctx.service.submit(key, [_task_input(ctx, body, "img2img", init_image=image)]))
+    image = input_image_bytes(ctx, body.image, body.image_url, "image")
+    return submitted_envelope(
+        ctx.service.submit(key, [build_task_input(ctx, body, "img2img", init_image=image)])
+    )
 
 
 @router.post("/image/inpaint", summary="Inpaint (base64 or URLs)", response_model=Envelope[Submitted])
 def inpaint(body: InpaintParams, key: KeyDep, ctx: ContextDep) -> Envelope[Submitted]:
-    image = _image(ctx, body.image, body.image_url, "image")
-    mask = _image(ctx, body.mask, body.mask_url, "mask")
-    item = _task_input(ctx, body, "inpaint", init_image=image, mask_image=mask)
-    return _submitted(ctx.service.submit(key, [item]))
+    image = input_image_bytes(ctx, body.image, body.image_url, "image")
+    mask = input_image_bytes(ctx, body.mask, body.mask_url, "mask")
+    item = build_task_input(ctx, body, "inpaint", init_image=image, mask_image=mask)
+    return submitted_envelope(ctx.service.submit(key, [item]))
 
 
 @router.post(
@@ -54,10 +62,10 @@ async def img2img_upload(
     image: Annotated[UploadFile, File(description="The input image")],
     params: Annotated[str, Form(description="Img2ImgParams as JSON")] = "{}",
 ) -> Envelope[Submitted]:
-    body = _form_params(Img2ImgParams, params)
-    data = await _read_upload(ctx, image, "image")
-    item = _task_input(ctx, body, "img2img", init_image=data)
-    return _submitted(await run_in_threadpool(ctx.service.submit, key, [item]))
+    body = form_params(Img2ImgParams, params)
+    data = await read_upload(ctx, image, "image")
+    item = build_task_input(ctx, body, "img2img", init_image=data)
+    return submitted_envelope(await run_in_threadpool(ctx.service.submit, key, [item]))
 
 
 @router.post(
@@ -70,10 +78,10 @@ async def inpaint_upload(
     mask: Annotated[UploadFile, File(description="The mask: white = repaint")],
     params: Annotated[str, Form(description="InpaintParams as JSON")] = "{}",
 ) -> Envelope[Submitted]:
-    body = _form_params(InpaintParams, params)
-    image_data, mask_data = await _read_upload(ctx, image, "image"), await _read_upload(ctx, mask, "mask")
-    item = _task_input(ctx, body, "inpaint", init_image=image_data, mask_image=mask_data)
-    return _submitted(await run_in_threadpool(ctx.service.submit, key, [item]))
+    body = form_params(InpaintParams, params)
+    image_data, mask_data = await read_upload(ctx, image, "image"), await read_upload(ctx, mask, "mask")
+    item = build_task_input(ctx, body, "inpaint", init_image=image_data, mask_image=mask_data)
+    return submitted_envelope(await run_in_threadpool(ctx.service.submit, key, [item]))
 
 
 @router.post("/image/batch-generate", summary="Many texts, one batch id", response_model=Envelope[Submitted])
@@ -81,8 +89,8 @@ def batch_generate(body: BatchGenerateParams, key: KeyDep, ctx: ContextDep) -> E
     items = []
     for text in body.texts:
         for i in range(body.batch_size):
-            item = _task_input(ctx, body, "text2img", text=text)
+            item = build_task_input(ctx, body, "text2img", text=text)
             item.params["seed"] = item.params["seed"] + i if body.seed is not None else item.params["seed"]
             items.append(item)
     batch_id = uuid.uuid4().hex
-    return _submitted(ctx.service.submit(key, items, batch_id=batch_id), batch_id)
+    return submitted_envelope(ctx.service.submit(key, items, batch_id=batch_id), batch_id)

@@ -19,7 +19,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from imagegenx.api.app import ErrorBody, NotFound, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.schemas import Envelope, Page, TaskView
-from imagegenx.api.task_views import _record, _view
+from imagegenx.api.task_views import owned_record, task_view
 from imagegenx.types import TaskStatus
 
 router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_responses(ErrorBody))
@@ -41,7 +41,7 @@ MEDIA_TYPES = {
     response_model=Envelope[TaskView],
 )
 def get_task(task_id: str, key: KeyDep, ctx: ContextDep, request: Request) -> Envelope[TaskView]:
-    return Envelope(data=_view(ctx, _record(ctx, task_id, key), str(request.base_url)))
+    return Envelope(data=task_view(ctx, owned_record(ctx, task_id, key), str(request.base_url)))
 
 
 @router.post(
@@ -54,7 +54,7 @@ def cancel_task(task_id: str, key: KeyDep, ctx: ContextDep, request: Request) ->
         ctx.service.cancel(task_id, key)
     except KeyError:
         raise NotFound(f"no task {task_id!r} for this key") from None
-    return Envelope(data=_view(ctx, _record(ctx, task_id, key), str(request.base_url)))
+    return Envelope(data=task_view(ctx, owned_record(ctx, task_id, key), str(request.base_url)))
 
 
 @router.get(
@@ -65,7 +65,7 @@ def cancel_task(task_id: str, key: KeyDep, ctx: ContextDep, request: Request) ->
 async def task_events(
     task_id: str, key: KeyDep, ctx: ContextDep, request: Request
 ) -> AsyncIterable[ServerSentEvent]:
-    record = await run_in_threadpool(_record, ctx, task_id, key)
+    record = await run_in_threadpool(owned_record, ctx, task_id, key)
     subscription = ctx.service.events.subscribe(task_id)
     try:
         yield ServerSentEvent(
@@ -76,7 +76,7 @@ async def task_events(
             try:
                 event = await asyncio.to_thread(subscription.get, True, 5.0)
             except queue.Empty:
-                record = await run_in_threadpool(_record, ctx, task_id, key)  # missed events: ask the DB
+                record = await run_in_threadpool(owned_record, ctx, task_id, key)  # missed events: ask the DB
                 event = {"status": str(record.status), "progress": record.progress}
             status = TaskStatus(event["status"])
             yield ServerSentEvent(event="status", data=event)
@@ -96,7 +96,7 @@ def download(
     ctx: ContextDep,
     version: Annotated[str, Query(pattern=VERSION_PATTERN)] = "original",
 ) -> Response:
-    record = _record(ctx, task_id, key)
+    record = owned_record(ctx, task_id, key)
     blob_key = record.results.get(version)
     if blob_key is None:
         raise NotFound(f"task {task_id} has no {version} result (status {record.status})")
@@ -123,7 +123,7 @@ def download_zip(
         records = [r for r in ctx.service.store.query(key.key_id, limit=1000)[0] if r.batch_id == batch_id]
     else:
         ids = [t for t in (task_ids or "").split(",") if t][:200]
-        records = [_record(ctx, t, key) for t in ids]
+        records = [owned_record(ctx, t, key) for t in ids]
     done = [r for r in records if "original" in r.results]
     if not done:
         raise NotFound("none of these tasks has a finished image")
@@ -167,5 +167,5 @@ def history(
         limit=page_size,
         offset=(page - 1) * page_size,
     )
-    views = [_view(ctx, r, str(request.base_url)) for r in items]
+    views = [task_view(ctx, r, str(request.base_url)) for r in items]
     return Envelope(data=Page(items=views, total=total, page=page, page_size=page_size))

@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from imagegenx.api.app import AppContext
 from imagegenx.api.shaped_errors import TaskFailure
-from imagegenx.api.task_views import _record
+from imagegenx.api.task_views import owned_record
 from imagegenx.engine.service import TaskInput
 from imagegenx.types import ApiKey, TaskRecord, TaskStatus
 
@@ -32,7 +32,7 @@ def submit(ctx: AppContext, key: ApiKey, items: list[TaskInput]) -> list[TaskRec
 
 
 def _final_records(ctx: AppContext, key: ApiKey, task_ids: list[str]) -> dict[str, TaskRecord]:
-    records = (_record(ctx, task_id, key) for task_id in task_ids)
+    records = (owned_record(ctx, task_id, key) for task_id in task_ids)
     return {r.task_id: r for r in records if r.status.final}
 
 

@@ -22,7 +22,7 @@ from imagegenx.types import TaskRecord, UserError
 from imagegenx.vision.imagefile import decode_image
 
 
-def _task_input(
+def build_task_input(
     ctx: AppContext, p: GenerateParams, task: str, text: str | None = None, **images
 ) -> TaskInput:
     user_prompt = text if text is not None else p.text
@@ -76,11 +76,11 @@ def model_file(ctx: AppContext, name: str, suffix: str, what: str) -> Path:
     return path
 
 
-def _submitted(records: list[TaskRecord], batch_id: str | None = None) -> Envelope[Submitted]:
+def submitted_envelope(records: list[TaskRecord], batch_id: str | None = None) -> Envelope[Submitted]:
     return Envelope(data=Submitted(task_ids=[r.task_id for r in records], batch_id=batch_id))
 
 
-def _image(
+def input_image_bytes(
     ctx: AppContext, b64: str | None, url: str | None, what: str, required: bool = True
 ) -> bytes | None:
     limit = ctx.settings.service.max_upload_bytes
@@ -94,7 +94,7 @@ def _image(
     return None
 
 
-async def _read_upload(ctx: AppContext, upload: UploadFile | None, what: str) -> bytes | None:
+async def read_upload(ctx: AppContext, upload: UploadFile | None, what: str) -> bytes | None:
     if upload is None:
         return None
     limit = ctx.settings.service.max_upload_bytes
@@ -110,7 +110,7 @@ def _checked(data: bytes, what: str) -> bytes:
     return data
 
 
-def _form_params(model: type[Img2ImgParams], params: str) -> Img2ImgParams:
+def form_params(model: type[Img2ImgParams], params: str) -> Img2ImgParams:
     try:
         return model.model_validate(json.loads(params or "{}"))
     except (json.JSONDecodeError, ValidationError) as exc:

@@ -8,7 +8,7 @@ from imagegenx.api.schemas import TaskView
 from imagegenx.types import ApiKey, TaskRecord
 
 
-def _view(ctx: AppContext, record: TaskRecord, base_url: str) -> TaskView:
+def task_view(ctx: AppContext, record: TaskRecord, base_url: str) -> TaskView:
     base = (ctx.settings.service.public_url or base_url).rstrip("/")
     urls = {
         version: f"{base}/api/v1/image/task/{record.task_id}/download?version={version}"
@@ -37,7 +37,7 @@ def _view(ctx: AppContext, record: TaskRecord, base_url: str) -> TaskView:
     )
 
 
-def _record(ctx: AppContext, task_id: str, key: ApiKey) -> TaskRecord:
+def owned_record(ctx: AppContext, task_id: str, key: ApiKey) -> TaskRecord:
     try:
         return ctx.service.get(task_id, key)
     except KeyError:
