@@ -34,15 +34,19 @@ def test_schedule_and_percentiles():
     assert loadgen.percentile([], 50) is None
 
 
+def _command(server: Server, out, *, duration: float) -> list[str]:
+    """loadgen at 5 requests/s against ``server`` with a fresh unlimited key (``cmd[5]``)."""
+    key = server.key(rate=0.0, quota=10_000)
+    cmd = [sys.executable, str(SCRIPT), "--url", server.url, "--key", key, "--rate", "5"]
+    return [*cmd, "--duration", str(duration), "--warmup", "0.5", "--arrivals", "fixed", "--json", str(out)]
+
+
 @pytest.mark.timeout(120)
 def test_short_run_counts_every_request(tmp_path):
     server = Server(tmp_path).start()
     try:
-        key = server.key(rate=0.0, quota=10_000)
         out = tmp_path / "report.json"
-        cmd = [sys.executable, str(SCRIPT), "--url", server.url, "--key", key, "--rate", "5"]
-        cmd += ["--duration", "3", "--warmup", "0.5", "--arrivals", "fixed", "--json", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        proc = subprocess.run(_command(server, out, duration=3), capture_output=True, text=True, timeout=90)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     finally:
         server.stop()
@@ -70,13 +74,11 @@ def test_interrupt_writes_the_report_so_far(tmp_path):
     """A run cut by SIGINT (a GPU call's time limit) still writes its report, covering what ran."""
     server = Server(tmp_path).start()
     try:
-        key = server.key(rate=0.0, quota=10_000)
         out = tmp_path / "report.json"
-        cmd = [sys.executable, str(SCRIPT), "--url", server.url, "--key", key, "--rate", "5"]
-        cmd += ["--duration", "300", "--warmup", "0.5", "--arrivals", "fixed", "--json", str(out)]
+        cmd = _command(server, out, duration=300)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _accepted(server, key, 11):  # 10 + the warm-up task
+        while time.monotonic() < deadline and not _accepted(server, cmd[5], 11):  # 10 + the warm-up task
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
