@@ -70,6 +70,7 @@ def process_stats(pid: int) -> dict:
 class Soak:
     def __init__(self, client: httpx.AsyncClient, args: argparse.Namespace, pid: int | None) -> None:
         self.client, self.args, self.pid = client, args, pid
+        self.body = BODY | {"steps": args.steps}  # what every request starts from
         self.rng = random.Random(args.seed)
         self.outcomes: Counter[str] = Counter()
         self.errors: list[str] = []
@@ -93,7 +94,7 @@ class Soak:
         if kind == "invalid":
             body, words = INVALID[index % len(INVALID)]
             path = "/api/v1/image/img2img" if "image" in body else "/api/v1/image/generate"
-            response = await self.client.post(path, json=BODY | {"steps": self.args.steps} | body)
+            response = await self.client.post(path, json=self.body | body)
             message = response.json().get("message", "") if response.status_code < 500 else response.text
             if 400 <= response.status_code < 500 and response.status_code != 429 and words in message:
                 self.outcomes["refused_invalid"] += 1
@@ -103,12 +104,7 @@ class Soak:
                 self.errors.append(f"invalid request {body} answered {response.status_code}: {message[:200]}")
             return
         priority = 3 if kind == "burst" else 2
-        body = BODY | {
-            "steps": self.args.steps,
-            "text": f"soak {index} {kind}",
-            "seed": max(index, 0),
-            "priority": priority,
-        }
+        body = self.body | {"text": f"soak {index} {kind}", "seed": max(index, 0), "priority": priority}
         response = await self.client.post("/api/v1/image/generate", json=body)
         if response.status_code in (429, 503):
             if "Retry-After" not in response.headers:

@@ -20,7 +20,7 @@ from imagegenx.engine.engine import Engine
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.loader import LoadedModel
 from imagegenx.pipelines.samplers import make_scheduler
-from imagegenx.postprocess.encode import DEFAULT_QUALITY, WEBP_METHOD, ImageFormat, encode_image
+from imagegenx.postprocess.encode import ImageFormat, encode_image, encode_pil
 from imagegenx.types import JobSpec, SchedulerName
 
 PROMPT = "a red fox in fresh snow, golden hour, photo"
@@ -196,11 +196,7 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
 
 def _webp(image) -> bytes:
     """A peer's PIL image encoded with our WebP settings: the comparison is of the generation."""
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, "WEBP", quality=DEFAULT_QUALITY[ImageFormat.WEBP], method=WEBP_METHOD)
-    return buffer.getvalue()
+    return encode_pil(image, ImageFormat.WEBP)
 
 
 # Heavy stages alone -------------------------------------------------------------------------------

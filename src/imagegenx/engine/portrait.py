@@ -33,7 +33,6 @@ the caller's thread; an exception it raises ends the run (drafts still queued ar
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -50,7 +49,7 @@ from PIL import Image
 
 from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
 from imagegenx.postprocess.contact_sheet import contact_sheet
-from imagegenx.postprocess.encode import ImageFormat, encode_image, image_metadata, to_pil
+from imagegenx.postprocess.encode import ImageFormat, encode_image, encode_pil, image_metadata, to_pil
 from imagegenx.postprocess.qc_pool import QcPool
 from imagegenx.postprocess.shortlist import draft_pool, score_drafts
 from imagegenx.types import GeneratedImage, JobSpec, LoraRef, SchedulerName, UserError
@@ -284,9 +283,7 @@ def run_portrait(
         files[stem + ".json"] = json.dumps(meta, indent=2).encode()
         listed.append({k: meta[k] for k in ("file", *entry, "qc", "postprocess_seconds") if k in meta})
         tell("write", position, total)
-    buffer = io.BytesIO()
-    _sheet(results, shortlist).save(buffer, "WEBP", quality=90)
-    files["contact_sheet.webp"] = buffer.getvalue()
+    files["contact_sheet.webp"] = encode_pil(_sheet(results, shortlist), ImageFormat.WEBP)
     tell("write", total - 1, total)
     lap("write")
     timings["total"] = round(sum(timings.values()), 3)

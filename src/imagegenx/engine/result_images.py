@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 from PIL import Image
 
 from imagegenx.engine.service import result_key
-from imagegenx.postprocess.encode import ImageFormat, encode_image, to_pil
+from imagegenx.postprocess.encode import ImageFormat, encode_image, encode_pil, to_pil
 from imagegenx.storage.blobs import BlobStore
 from imagegenx.types import GeneratedImage
 
@@ -35,7 +33,5 @@ def store_images(
             continue
         thumb = pil.copy()
         thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        thumb.save(buf, "WEBP", quality=85)
-        blobs.put(results[str(side)], buf.getvalue())
+        blobs.put(results[str(side)], encode_pil(thumb, ImageFormat.WEBP, quality=85))
     return results

@@ -187,23 +187,38 @@ def encode_image(
     Defaults: JPEG 95, WebP 90 (quality 100 means lossless WebP), AVIF 80; PNG is always lossless.
     """
     fmt = ImageFormat.parse(fmt)
+    options = _save_options(fmt, quality)
+    if embed_metadata and fmt is ImageFormat.PNG:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(_PNG_TEXT_KEY, a1111_parameters(image))  # tEXt, or iTXt beyond Latin-1
+        options["pnginfo"] = info
+    elif embed_metadata:
+        options["exif"] = _user_comment_exif(a1111_parameters(image))
+    return _save(to_pil(image), fmt, options)
+
+
+def encode_pil(image: Image.Image, fmt: ImageFormat = DEFAULT_FORMAT, *, quality: int | None = None) -> bytes:
+    """A Pillow image (a thumbnail, a contact sheet, a peer's output) encoded with the same settings as
+    ``encode_image``, without metadata."""
+    fmt = ImageFormat.parse(fmt)
+    return _save(image, fmt, _save_options(fmt, quality))
+
+
+def _save_options(fmt: ImageFormat, quality: int | None) -> dict[str, Any]:
     if quality is not None and not 1 <= quality <= 100:
         raise UserError(f"quality must be between 1 and 100, got {quality}")
-    options: dict[str, Any] = {}
     if fmt is ImageFormat.PNG:
-        if embed_metadata:
-            info = PngImagePlugin.PngInfo()
-            info.add_text(_PNG_TEXT_KEY, a1111_parameters(image))  # tEXt, or iTXt beyond Latin-1
-            options["pnginfo"] = info
-    else:
-        options["quality"] = DEFAULT_QUALITY[fmt] if quality is None else quality
-        if fmt is ImageFormat.WEBP:
-            options["method"] = WEBP_METHOD
-            options["lossless"] = options["quality"] == 100
-        if embed_metadata:
-            options["exif"] = _user_comment_exif(a1111_parameters(image))
+        return {}
+    options: dict[str, Any] = {"quality": DEFAULT_QUALITY[fmt] if quality is None else quality}
+    if fmt is ImageFormat.WEBP:
+        options["method"] = WEBP_METHOD
+        options["lossless"] = options["quality"] == 100
+    return options
+
+
+def _save(image: Image.Image, fmt: ImageFormat, options: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
-    to_pil(image).save(buffer, format=_PIL_FORMAT[fmt], **options)
+    image.save(buffer, format=_PIL_FORMAT[fmt], **options)
     return buffer.getvalue()
 
 

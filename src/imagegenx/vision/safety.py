@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from imagegenx.types import UserError
+
 if TYPE_CHECKING:
     import numpy as np
-
-from imagegenx.types import UserError
 
 # One line per rule: "category: regex". Keep this list short and factual; extend it per deployment.
 _MINOR = (
