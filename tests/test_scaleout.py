@@ -136,7 +136,8 @@ def test_kill9_worker_mid_batch_every_job_finishes_once_elsewhere(scene):
     first.wait_for_line(" ready (")
     second.wait_for_line(" ready (")
     second.signal(signal.SIGSTOP)  # frozen: the whole batch goes to the first worker
-    task_ids = scene.submit([f"a lighthouse {i}" for i in range(6)], steps=40)
+    # Long enough for the batch's progress (written at most every 0.5 s) to show mid-run before it ends
+    task_ids = scene.submit([f"a lighthouse {i}" for i in range(6)], steps=150, side=128)
     scene.wait(task_ids, lambda v: v["status"] == "processing" and 0 < v["progress"] < 60)
 
     first.kill()
