@@ -574,18 +574,25 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")
     server = None
     tmp = None
+    setup_started = time.monotonic()
     try:
         if args.start_server:
             root = args.server_root
             if root is None:
-                tmp = tempfile.TemporaryDirectory(prefix="loadgen-")
+                # A worker process may still be writing results as the server stops.
+                tmp = tempfile.TemporaryDirectory(prefix="loadgen-", ignore_cleanup_errors=True)
                 root = Path(tmp.name)
             root.mkdir(parents=True, exist_ok=True)
             server, args.key = start_server(args, root)
             args.url, args.server_pid = server.url, server.proc.pid
+            print(f"server ready in {time.monotonic() - setup_started:.1f} s", file=sys.stderr)
         if not args.no_warm_task:
             warm_up(args.url, args.key, args)
+            print(f"warm-up task done at {time.monotonic() - setup_started:.1f} s", file=sys.stderr)
         report = asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        # A time limit that ends the run before its schedule began has nothing to report.
+        sys.exit(f"interrupted {time.monotonic() - setup_started:.1f} s in, before the schedule started")
     finally:
         if server is not None:
             server.stop()

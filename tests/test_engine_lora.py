@@ -24,11 +24,13 @@ def _array(image) -> np.ndarray:
     return np.frombuffer(image.rgb, np.uint8).reshape(image.height, image.width, 3).astype(int)
 
 
-def test_lora_sets_switch_without_reloading(settings):
+@pytest.mark.parametrize("mode", ["adapters", "fused"])
+def test_lora_sets_switch_without_reloading(settings, mode):
     def job(*loras: LoraRef) -> JobSpec:
         return JobSpec("a barn", MODEL, width=64, height=64, steps=4, seed=5, loras=loras)
 
-    with Engine(settings) as engine:
+    models = settings.models.model_copy(update={"lora_mode": mode})
+    with Engine(settings.model_copy(update={"models": models})) as engine:
         _write_loras(engine, settings.models.lora_dir)
         sequence = [
             (),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +26,10 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from imagegenx.models import lora_fused
 from imagegenx.models.lora import LoraLibrary, LoraSet
 from imagegenx.models.lora_files import write_kohya_lora, write_peft_lora
+from imagegenx.models.lora_fused import FusedLoraSet
 from imagegenx.types import LoraRef, UserError
 
 TOKENIZER_DIR = resources.files("imagegenx.models") / "tokenizers/clip"
@@ -149,8 +152,18 @@ def lora_dir(tmp_path_factory):
     return folder
 
 
+LORA_MODES = {"adapters": LoraSet, "fused": FusedLoraSet}
+
+
+@pytest.fixture(params=sorted(LORA_MODES))
+def sd(lora_dir, request):
+    """An SD pipeline and its LoRAs, once as PEFT adapters and once merged into the weights."""
+    pipe = StableDiffusionPipeline(**sd_components(), requires_safety_checker=False)
+    return pipe, LORA_MODES[request.param](pipe, LoraLibrary(lora_dir))
+
+
 @pytest.fixture
-def sd(lora_dir):
+def sd_adapters(lora_dir):
     pipe = StableDiffusionPipeline(**sd_components(), requires_safety_checker=False)
     return pipe, LoraSet(pipe, LoraLibrary(lora_dir))
 
@@ -216,11 +229,15 @@ def test_switching_loads_each_file_once_and_never_reloads_the_base(sd, monkeypat
 
     for cls in (StableDiffusionPipeline, UNet2DConditionModel, CLIPTextModel):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(forbidden))
-    reads = []
+    reads = []  # the files read: by the adapters' loader, or by the fused set itself
     real_load = pipe.load_lora_weights
     monkeypatch.setattr(
-        pipe, "load_lora_weights", lambda path, **kw: reads.append(path) or real_load(path, **kw)
+        pipe,
+        "load_lora_weights",
+        lambda source, **kw: (isinstance(source, str) and reads.append(source)) or real_load(source, **kw),
     )
+    real_read = lora_fused.load_file
+    monkeypatch.setattr(lora_fused, "load_file", lambda path: reads.append(str(path)) or real_read(path))
 
     a, b = refs(("style", 1.0)), refs(("kohya_film", 0.8))
     outputs = {}
@@ -244,13 +261,19 @@ def test_switching_loads_each_file_once_and_never_reloads_the_base(sd, monkeypat
 def test_kohya_and_diffusers_formats_change_unet_and_text_encoder(sd):
     pipe, loras = sd
     base_unet, base_text = unet_out(pipe), text_out(pipe)
+    base_weights = {n: p.clone() for n, p in pipe.unet.named_parameters()}
     for name in ("kohya_film", "style"):
         loras.activate(refs((name, 1.0)))
         assert not torch.allclose(unet_out(pipe), base_unet, atol=1e-4), name
         assert not torch.allclose(text_out(pipe), base_text, atol=1e-4), name
-        # Conv, feed-forward and projection layers were loaded too, not only attention (LCM-LoRA-like).
+        # Conv, feed-forward and projection layers were loaded too, not only attention (LCM-LoRA-like):
+        # they hold adapters, or (fused) their weights changed.
         with_lora = {
             n for n, m in pipe.unet.named_modules() if any(name in k for k in getattr(m, "lora_A", {}))
+        } | {
+            n.removesuffix(".weight")
+            for n, p in pipe.unet.named_parameters()
+            if n in base_weights and not torch.equal(p, base_weights[n])
         }
         for suffix in ("resnets.0.conv1", "ff.net.2", "attn2.to_k", "proj_in", "time_emb_proj"):
             assert any(n.endswith(suffix) for n in with_lora), (name, suffix)
@@ -261,9 +284,11 @@ def test_kohya_and_diffusers_formats_change_unet_and_text_encoder(sd):
     assert not torch.allclose(kohya_full, base_unet, atol=1e-4)
 
 
-def test_sdxl_loras_in_both_formats_reach_both_text_encoders(lora_dir, sd):
+@pytest.mark.parametrize("mode", sorted(LORA_MODES))
+def test_sdxl_loras_in_both_formats_reach_both_text_encoders(lora_dir, sd_adapters, mode):
+    sd = sd_adapters
     pipe = StableDiffusionXLPipeline(**sdxl_components())
-    loras = LoraSet(pipe, LoraLibrary(lora_dir))
+    loras = LORA_MODES[mode](pipe, LoraLibrary(lora_dir))
     added = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.zeros(1, 6)}
 
     def outputs():
@@ -367,3 +392,66 @@ def test_a_compiled_model_says_once_that_lora_changes_compile_again(lora_dir, ca
     warnings = [r for r in caplog.records if "compiles the UNet again" in r.getMessage()]
     assert len(warnings) == 1
     assert loras.active() == refs(("detail", 0.5))  # the switch itself happens as on any model
+
+
+@pytest.mark.parametrize(
+    "lora_set",
+    [refs(("style", 1.0)), refs(("style", 0.5), ("detail", 1.0)), refs(("kohya_film", 0.8)), ()],
+)
+def test_fused_loras_give_the_adapters_output(lora_dir, lora_set):
+    outputs = []
+    for mode in ("adapters", "fused"):
+        pipe = StableDiffusionPipeline(**sd_components(), requires_safety_checker=False)
+        loras = LORA_MODES[mode](pipe, LoraLibrary(lora_dir))
+        loras.activate(refs(("detail", 1.0)))  # a set before: the switch must undo it
+        loras.activate(lora_set)
+        outputs.append((unet_out(pipe), text_out(pipe)))
+    (unet_a, text_a), (unet_f, text_f) = outputs
+    assert torch.allclose(unet_a, unet_f, atol=1e-5)
+    assert torch.allclose(text_a, text_f, atol=1e-5)
+
+
+def test_fused_switches_keep_a_compiled_unet_without_recompiling(lora_dir):
+    pipe = StableDiffusionPipeline(**sd_components(), requires_safety_checker=False)
+    eager = {}
+    loras = FusedLoraSet(pipe, LoraLibrary(lora_dir))
+    sets = [(), refs(("style", 1.0)), refs(("kohya_film", 0.8)), refs(("style", 0.3), ("detail", 1.0)), ()]
+    for lora_set in sets:
+        loras.activate(lora_set)
+        eager[lora_set] = unet_out(pipe)
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    pipe.unet.forward = torch.compile(pipe.unet.forward, backend=counting_backend, dynamic=False)
+    for lora_set in sets + sets[::-1]:
+        loras.activate(lora_set)
+        assert torch.allclose(unet_out(pipe), eager[lora_set], atol=1e-6), lora_set
+    assert len(compiles) == 1  # one graph for every set: the module tree never changed
+    assert not any("lora" in name for name, _ in pipe.unet.named_modules())
+    assert len({out.sum().item() for out in eager.values()}) == 4  # the sets differ from each other
+    assert loras.original_bytes() > 0
+
+
+def test_lora_mode_follows_the_settings_and_compile():
+    from types import SimpleNamespace
+
+    from imagegenx.config import ModelSettings
+    from imagegenx.models.cache import lora_set_for
+
+    pipe = StableDiffusionPipeline(**sd_components(), requires_safety_checker=False)
+    library = LoraLibrary(Path("/nonexistent"))
+    for mode, speedups, expected in [
+        ("auto", {}, LoraSet),
+        ("auto", {"compile": "default"}, FusedLoraSet),
+        ("fused", {}, FusedLoraSet),
+        ("adapters", {"compile": "default"}, LoraSet),
+    ]:
+        model = SimpleNamespace(pipe=pipe, speedups=speedups)
+        chosen = lora_set_for(model, library, ModelSettings(lora_mode=mode))
+        assert type(chosen) is expected, (mode, speedups)
+    refusing = lora_set_for(SimpleNamespace(pipe=pipe, speedups={"fuse_qkv": True}), library, ModelSettings())
+    with pytest.raises(UserError, match="fused QKV"):
+        refusing.activate(refs(("style", 1.0)))

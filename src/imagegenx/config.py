@@ -38,6 +38,10 @@ class ModelSettings(BaseModel):
     # TORCHINDUCTOR_CACHE_DIR is set: here it outlives reboots and /tmp cleaners, so a restarted
     # service finds its graphs compiled (an SDXL UNet and VAE take minutes from scratch).
     compile_cache_dir: Path = Field(default_factory=lambda: _data_home() / "compile-cache")
+    # How LoRAs apply (models/lora.py): adapters (PEFT layers, switch in ms, every step slower),
+    # fused (merged into the weights on a switch: steps at full speed, no recompile under compile);
+    # auto: fused when compile is on, else adapters
+    lora_mode: Literal["auto", "adapters", "fused"] = "auto"
     # float8 weights and activations for the denoiser's linear layers (torchao, the fp8 extra): needs a
     # GPU of compute capability 8.9+ (Ada, Hopper) and dtype bfloat16; excludes LoRAs
     fp8: bool = False

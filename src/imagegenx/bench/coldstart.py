@@ -115,6 +115,10 @@ def cold_start(name: str, ctx) -> list[Row]:
                 f"then one {size}² 4-step LCM image; no compile",
             )
             rows = [first, _lora_switches(name, engine, job, ctx), _mixed(name, engine, job, ctx, settings)]
+        # The same switches with the LoRAs merged into the weights (what a compiled model uses).
+        fused = settings.models.model_copy(update={"lora_mode": "fused"})
+        with Engine(settings.model_copy(update={"models": fused})) as engine:
+            rows.insert(2, _lora_switches(name, engine, job, ctx, "fused"))
     return rows
 
 
@@ -139,19 +143,22 @@ def _image(result):
     return result
 
 
-def _lora_switches(name: str, engine: Engine, job, ctx) -> Row:
+def _lora_switches(name: str, engine: Engine, job, ctx, mode: str = "adapters") -> Row:
     side = 64 if ctx.smoke else 512
 
-    def run(seed: int, lora: str) -> float:
-        return timed(ctx.device, lambda: engine.run([job(seed, side, 4, (LoraRef(lora, 0.8),))]))[0]
+    def run(seed: int, lora: str | None) -> float:
+        loras = (LoraRef(lora, 0.8),) if lora else ()
+        return timed(ctx.device, lambda: engine.run([job(seed, side, 4, loras)]))[0]
 
+    run(0, None)  # the first job after the model's load warms its kernels
+    no_lora = [run(seed, None) for seed in range(1, 4)]
     first_use = [run(0, lora) for lora in LORAS]  # reads each file once
     same = [run(seed, LORAS[0]) for seed in range(1, 6)]  # warm, no switch
     switched = [run(seed, LORAS[seed % 3]) for seed in range(1, 10)]  # a different LoRA every job
     base = statistics.median(same)
     costs = [max(0.0, s - base) for s in switched]
-    # The switch alone (peft's set_adapters), to tell it from what else a switched job does again
-    # (the prompt cache is cleared on a switch, so the text encoders run).
+    # The switch alone (set_adapters, or the merge), to tell it from what else a switched job does
+    # again (the prompt cache is cleared on a switch, so the text encoders run).
     lora_set = engine.models.get(job(0).model).extras["loras"]
     alone = [
         timed(ctx.device, lambda i=i: lora_set.activate((LoraRef(LORAS[i % 3], 0.8),)))[0]
@@ -159,14 +166,15 @@ def _lora_switches(name: str, engine: Engine, job, ctx) -> Row:
     ]
     return Row(
         name,
-        "imagegenx LoRA switch",
+        f"imagegenx LoRA switch ({mode})",
         len(costs),
         statistics.median(costs) * len(costs),  # s/image in the table = the median switch
         costs,
         peak_gib(ctx.device),
         None,
         f"median switch {statistics.median(costs) * 1000:.0f} ms over a {base * 1000:.0f} ms {side}² "
-        f"4-step job, of which set_adapters {statistics.median(alone) * 1000:.0f} ms; "
+        f"4-step job with a LoRA ({statistics.median(no_lora) * 1000:.0f} ms without), of which the "
+        f"switch itself {statistics.median(alone) * 1000:.0f} ms; "
         f"first use (file read) {statistics.median(first_use) - base:.2f} s; "
         f"file reads {sum(engine.models.lora_loads().values())} for {len(LORAS)} LoRAs",
     )

@@ -16,6 +16,7 @@ from imagegenx.models.controlnet import load_controlnet
 from imagegenx.models.instantid import load_identity_adapter
 from imagegenx.models.loader import LoadedModel, load_model
 from imagegenx.models.lora import LoraLibrary, LoraSet
+from imagegenx.models.lora_fused import FusedLoraSet
 from imagegenx.models.sources import ModelSource, resolve
 from imagegenx.models.speed import lora_refusal
 
@@ -43,9 +44,7 @@ class ModelCache:
                 _, evicted = self._resident.popitem(last=False)
                 _release(evicted)
             model = load_model(self.source(ref), self.settings)
-            model.extras["loras"] = LoraSet(
-                model.pipe, self.loras, lora_refusal(model.speedups), compiled="compile" in model.speedups
-            )
+            model.extras["loras"] = lora_set_for(model, self.loras, self.settings)
             self.loads[ref] += 1
             self.load_seconds[ref] += model.load_seconds
             self._resident[ref] = model
@@ -89,3 +88,13 @@ def _empty_device_cache(model: Any) -> None:
 
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def lora_set_for(model: LoadedModel, library: LoraLibrary, settings: ModelSettings) -> LoraSet:
+    """How ``model`` applies LoRAs (``ModelSettings.lora_mode``): merged into its weights when asked
+    for, or by default when it is compiled (adapter layers would make every switch compile again)."""
+    compiled = "compile" in model.speedups
+    refusal = lora_refusal(model.speedups)
+    if settings.lora_mode == "fused" or (settings.lora_mode == "auto" and compiled):
+        return FusedLoraSet(model.pipe, library, refusal)
+    return LoraSet(model.pipe, library, refusal, compiled=compiled)

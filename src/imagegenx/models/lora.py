@@ -1,9 +1,14 @@
 """LoRAs by name: a folder of ``.safetensors`` files, and the adapters loaded into one pipeline.
 
-Each LoRA file is read into a pipeline at most once (``pipe.load_lora_weights``, which also converts
-kohya/A1111 keys); after that a request only switches which adapters are active and at what weight
-(``pipe.set_adapters``). The base weights are never touched or reloaded: an empty set disables every
-LoRA layer, which then returns exactly its base layer's output.
+Two ways to apply them (``ModelSettings.lora_mode``): ``LoraSet`` here keeps every LoRA as PEFT
+adapters and switches which are active (a switch costs milliseconds; every step pays the adapters'
+extra matmuls); ``FusedLoraSet`` (``lora_fused.py``) merges the active set into the base weights
+(a switch costs a merge; steps run at the base model's speed; a compiled model is never recompiled).
+
+As adapters, each LoRA file is read into a pipeline at most once (``pipe.load_lora_weights``, which
+also converts kohya/A1111 keys); after that a request only switches which adapters are active and at
+what weight (``pipe.set_adapters``). The base weights are never touched or reloaded: an empty set
+disables every LoRA layer, which then returns exactly its base layer's output.
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ class LoraSet:
         self.library = library
         self.refusal = refusal  # why this model takes no LoRA (speed.lora_refusal), "" if it does
         # torch.compile guards on the adapter layers' names and scales: every new set or weight is
-        # compiled again (in-place hot-swap under compile is not built yet). Said once per model.
+        # compiled again (FusedLoraSet, lora_fused.py, avoids that). Said once per model.
         self.compiled = compiled
         self._warned = False
         self.loads = 0  # LoRA files read into this pipeline, each at most once
@@ -124,6 +129,10 @@ class LoraSet:
             raise UserError(self.refusal)
         if loras == self._active:
             return False
+        self._switch(loras)
+        return True
+
+    def _switch(self, loras: tuple[LoraRef, ...]) -> None:
         try:
             for ref in loras:
                 self._ensure_loaded(ref.name)
@@ -132,13 +141,12 @@ class LoraSet:
             self._apply(self._active or ())
             raise
         self._apply(loras)
-        return True
 
     def _apply(self, loras: tuple[LoraRef, ...]) -> None:
         if self.compiled and not self._warned:
             log.warning(
                 "LoRAs on a compiled model: each new LoRA set or weight compiles the UNet again "
-                "(seconds to minutes, then cached); serve LoRA traffic from a model without compile"
+                "(seconds to minutes, then cached); IMAGEGENX_MODELS__LORA_MODE=fused switches without it"
             )
             self._warned = True
         self._active = None
@@ -155,9 +163,14 @@ class LoraSet:
     def _ensure_loaded(self, name: str) -> None:
         if name in self._adapters:
             return
+        self._adapters[name] = self._load_adapter(name, str(self.library.path_for(name)))
+        self.loads += 1
+
+    def _load_adapter(self, name: str, source: str | dict, taken: set[str] | None = None) -> str:
+        """Load LoRA ``name`` (its file, or its tensors) as a new PEFT adapter; returns the adapter's
+        name, or raises ``UserError`` saying why it does not fit, with nothing of it left behind."""
         if not hasattr(self.pipe, "load_lora_weights"):
             raise UserError(f"{type(self.pipe).__name__} does not support LoRAs")
-        path = self.library.path_for(name)
         info = self.library.describe(name)
         missing = [t for t in info["targets"] if getattr(self.pipe, t, None) is None]
         if not info["targets"] or missing:
@@ -166,13 +179,13 @@ class LoraSet:
                 f"{', '.join(info['targets']) or 'no known component'}"
                 + (f"; the model has no {', '.join(missing)}" if missing else "")
             )
-        adapter = _adapter_name(name, set(self._adapters.values()))
+        adapter = _adapter_name(name, set(self._adapters.values()) if taken is None else taken)
         try:
             with warnings.catch_warnings():  # several adapters per model is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 # use_safetensors=True: never fall back to unpickling a .bin next to it.
-                self.pipe.load_lora_weights(str(path), adapter_name=adapter, use_safetensors=True)
+                self.pipe.load_lora_weights(source, adapter_name=adapter, use_safetensors=True)
         except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
             self._forget(adapter)
             raise UserError(
@@ -180,8 +193,7 @@ class LoraSet:
             ) from None
         if not any(adapter in names for names in self.pipe.get_list_adapters().values()):
             raise UserError(f"LoRA {name!r} matched no layer of this model (made for another family?)")
-        self._adapters[name] = adapter
-        self.loads += 1
+        return adapter
 
     def _forget(self, adapter: str) -> None:
         """Remove what a failed load may have left behind (say, the UNet half of a LoRA)."""
