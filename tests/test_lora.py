@@ -26,7 +26,6 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from imagegenx.models import lora_fused
 from imagegenx.models.lora import LoraLibrary, LoraSet
 from imagegenx.models.lora_files import write_kohya_lora, write_peft_lora
 from imagegenx.models.lora_fused import FusedLoraSet
@@ -229,15 +228,11 @@ def test_switching_loads_each_file_once_and_never_reloads_the_base(sd, monkeypat
 
     for cls in (StableDiffusionPipeline, UNet2DConditionModel, CLIPTextModel):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(forbidden))
-    reads = []  # the files read: by the adapters' loader, or by the fused set itself
+    reads = []
     real_load = pipe.load_lora_weights
     monkeypatch.setattr(
-        pipe,
-        "load_lora_weights",
-        lambda source, **kw: (isinstance(source, str) and reads.append(source)) or real_load(source, **kw),
+        pipe, "load_lora_weights", lambda path, **kw: reads.append(path) or real_load(path, **kw)
     )
-    real_read = lora_fused.load_file
-    monkeypatch.setattr(lora_fused, "load_file", lambda path: reads.append(str(path)) or real_read(path))
 
     a, b = refs(("style", 1.0)), refs(("kohya_film", 0.8))
     outputs = {}
