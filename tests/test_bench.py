@@ -46,6 +46,7 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
     assert "single file" in cold[first]["note"]
     for switch in switches:
         assert "file reads 3 for 3 LoRAs" in cold[switch]["note"] and "ms without" in cold[switch]["note"]
+    assert "originals kept" in cold[switches[1]]["note"]
     assert cold[mixed]["images"] == 40 and "reloads 0, LoRA file reads 0, failed 0" in cold[mixed]["note"]
     assert "sdxl-1024-30" in result.output  # the table
 

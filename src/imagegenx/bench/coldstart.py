@@ -117,6 +117,8 @@ def cold_start(name: str, ctx) -> list[Row]:
             rows = [first, _lora_switches(name, engine, job, ctx), _mixed(name, engine, job, ctx, settings)]
         # The same switches with the LoRAs merged into the weights (what a compiled model uses).
         fused = settings.models.model_copy(update={"lora_mode": "fused"})
+        free_device()
+        reset_peak(device)  # the row's peak: one model, its LoRAs and the saved originals
         with Engine(settings.model_copy(update={"models": fused})) as engine:
             rows.insert(2, _lora_switches(name, engine, job, ctx, "fused"))
     return rows
@@ -176,7 +178,8 @@ def _lora_switches(name: str, engine: Engine, job, ctx, mode: str = "adapters") 
         f"4-step job with a LoRA ({statistics.median(no_lora) * 1000:.0f} ms without), of which the "
         f"switch itself {statistics.median(alone) * 1000:.0f} ms; "
         f"first use (file read) {statistics.median(first_use) - base:.2f} s; "
-        f"file reads {sum(engine.models.lora_loads().values())} for {len(LORAS)} LoRAs",
+        f"file reads {sum(engine.models.lora_loads().values())} for {len(LORAS)} LoRAs"
+        + (f"; originals kept {lora_set.original_bytes() / 2**30:.2f} GiB" if mode == "fused" else ""),
     )
 
 
