@@ -59,7 +59,10 @@ def main(out: Path) -> None:
         for name in WORK:
             engine.run(jobs(name, 0)[:32])  # load and warm up
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            # Shapes name the kernels: which tensor a long elementwise or layout kernel worked on.
+            with profile(
+                activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+            ) as prof:
                 started = time.perf_counter()
                 engine.run(jobs(name, 1000))
                 torch.cuda.synchronize()
@@ -75,6 +78,13 @@ def main(out: Path) -> None:
                 averages.table(sort_by="self_cpu_time_total", row_limit=25),
                 "Top by device time:",
                 averages.table(sort_by="self_device_time_total", row_limit=25),
+                "Top operators by device time, by input shapes:",
+                prof.key_averages(group_by_input_shape=True).table(
+                    sort_by="device_time_total",
+                    row_limit=30,
+                    max_name_column_width=40,
+                    max_shapes_column_width=90,
+                ),
             ]
             (out / f"profile-{name}.txt").write_text("\n".join(text))
             print(text[0], flush=True)

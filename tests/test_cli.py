@@ -147,3 +147,47 @@ def test_watermark_check_reads_back_through_jpeg(tmp_path):
     assert found.exit_code == 0 and json.loads(found.stdout)["id"] == f"{42:016x}"
     missing = CliRunner().invoke(app, ["watermark-check", str(plain)])
     assert missing.exit_code == 1 and json.loads(missing.stdout)["found"] is False
+
+
+def test_worker_per_gpu_starts_that_many_children_per_gpu_and_stops_them(monkeypatch):
+    """`worker --gpus 0,1 --per-gpu 2`: four children, each seeing one GPU, with its own lease owner
+    and metrics port; SIGTERM reaches every child and the supervisor returns once all have stopped."""
+    import signal
+    import threading
+
+    from imagegenx import cli_roles
+
+    started = []
+
+    class FakeChild:
+        def __init__(self, cmd, env):
+            self.cmd, self.env, self.returncode = cmd, env, None
+            started.append(self)
+
+        def poll(self):
+            return self.returncode
+
+        def send_signal(self, signum):
+            self.returncode = 0
+
+    monkeypatch.setenv("IMAGEGENX_SERVICE__METRICS_PORT", "9100")
+    monkeypatch.setattr(cli_roles.subprocess, "Popen", FakeChild)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert cli_roles.supervise(["0", "1"], ["--grace", "5"], per_gpu=2) == 0
+    finally:
+        timer.cancel()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in started] == ["0", "0", "1", "1"]
+    owners = [c.cmd[c.cmd.index("--owner") + 1].split("/")[-1] for c in started]
+    assert owners == ["gpu0.0", "gpu0.1", "gpu1.0", "gpu1.1"]
+    assert [c.env["IMAGEGENX_SERVICE__METRICS_PORT"] for c in started] == ["9100", "9101", "9102", "9103"]
+    assert all(c.cmd[-2:] == ["--grace", "5"] for c in started)
+
+
+def test_worker_per_gpu_without_gpus_is_a_clear_error():
+    result = CliRunner().invoke(app, ["worker", "--per-gpu", "2"])
+    assert result.exit_code != 0 and "--per-gpu needs --gpus" in result.output

@@ -343,6 +343,9 @@ def test_a_lora_that_does_not_fit_is_refused_and_leaves_the_pipeline_as_it_was(s
         loras.activate(refs(("half_fit", 1.0)))  # loads into the UNet, then fails in the text encoder
     assert "half_fit" not in str(pipe.get_list_adapters())  # the UNet half was removed again
     assert torch.equal(unet_out(pipe), detail[0]) and torch.equal(text_out(pipe), detail[1])
+    if isinstance(loras, FusedLoraSet):  # nothing of the failed loads stays in the module tree
+        assert not any("lora" in name for name, _ in pipe.unet.named_modules())
+        assert not any("lora" in name for name, _ in pipe.text_encoder.named_modules())
     loras.activate(())
     assert loras.activate(refs(("style", 1.0))) is True  # the pipeline still works
 

@@ -5,6 +5,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from support.server import Server, wait_for
 
 
@@ -105,18 +107,27 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_serve_with_a_worker_process_runs_tasks_and_restarts_a_dead_worker(tmp_path):
-    server = Server(tmp_path, args=("--worker-process",)).start()
+@pytest.mark.parametrize("args", [("--worker-process",), ("--worker-processes", "2")])
+def test_serve_with_worker_processes_runs_tasks_and_restarts_a_dead_worker(tmp_path, args):
+    server = Server(tmp_path, args=args).start()
+    count = int(args[-1]) if len(args) == 2 else 1
     try:
         with server.client(server.key()) as client:
-            first = wait_for(client, _submit(client, {"text": "one", "width": 64, "height": 64, "steps": 2}))
-            assert first["status"] == "succeeded"
-            (worker,) = _children(server.proc.pid)
-            os.kill(worker, signal.SIGKILL)  # the engine's process dies: the API stays, a new worker comes
+            first = [
+                _submit(client, {"text": f"one {i}", "width": 64, "height": 64, "steps": 2}) for i in range(3)
+            ]
+            assert all(wait_for(client, t)["status"] == "succeeded" for t in first)
+            workers = _children(server.proc.pid)
+            assert len(workers) == count
+            os.kill(workers[0], signal.SIGKILL)  # an engine's process dies: the API stays, a new one comes
             second = _submit(client, {"text": "two", "width": 64, "height": 64, "steps": 2})
             assert wait_for(client, second, timeout=180)["status"] == "succeeded"
-            (restarted,) = _children(server.proc.pid)
-            assert restarted != worker
+            deadline = time.monotonic() + 60
+            while len(_children(server.proc.pid)) < count and time.monotonic() < deadline:
+                time.sleep(0.2)
+            now = _children(server.proc.pid)
+            assert len(now) == count and workers[0] not in now and set(workers[1:]) <= set(now)
+            restarted = next(pid for pid in now if pid not in workers)
     finally:
         server.stop()
     deadline = time.monotonic() + 60  # the worker stops with the server (it drains first)

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import event
@@ -338,13 +339,42 @@ def test_an_idle_lease_takes_no_write_lock_and_load_is_one_read(tmp_path):
     event.listen(service.store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
     assert service.queue.lease("w1", 8, 30) == []
     assert not any("IMMEDIATE" in s for s in statements), statements
-    assert service.store.load(USER.key_id) == (0, 0)
+    assert service.store.load(USER.key_id) == (0, 0, None)
     (record,) = service.submit(USER, [TaskInput(dict(PARAMS))])
     other = ApiKey("k2", "other", Tier.PAID, rate_limit_per_s=0, queue_quota=10, created_at=0)
     service.submit(other, [TaskInput(dict(PARAMS))])
-    assert service.store.load(USER.key_id) == (2, 1)
+    assert service.store.load(USER.key_id)[:2] == (2, 1)
+    assert service.store.load(USER.key_id).oldest_queued_at == record.created_at
     statements.clear()
     (lease,) = service.queue.lease("w1", 1, 30)  # work is there: the lease takes the lock and the job
     assert lease.task_id == record.task_id and any("IMMEDIATE" in s for s in statements)
     service.store.start(record.task_id, 1)
-    assert service.store.load(USER.key_id) == (1, 1)  # processing still counts against the quota
+    assert service.store.load(USER.key_id)[:2] == (1, 1)  # processing still counts against the quota
+
+
+def test_new_tasks_are_refused_while_the_queue_is_further_behind_than_the_limit(tmp_path, monkeypatch):
+    """max_queue_wait_s: a 503 with the reason while the oldest queued task has waited longer; the
+    tasks already accepted stay queued, and work is taken again once the queue catches up."""
+    from imagegenx.engine import service as service_module
+    from imagegenx.engine.service import ServiceBusy
+
+    service = _service(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path))
+    limits = service.settings.service.model_copy(update={"max_queue_wait_s": 2.0})
+    service.settings = service.settings.model_copy(update={"service": limits})
+    now = [1_000_000.0]
+    monkeypatch.setattr(service_module.time, "time", lambda: now[0])
+    (first,) = service.submit(USER, [TaskInput(dict(PARAMS))])
+    now[0] += 1.5  # the oldest has waited 1.5 s: still accepted
+    (second,) = service.submit(USER, [TaskInput(dict(PARAMS))])
+    now[0] += 1.0  # 2.5 s behind
+    with pytest.raises(ServiceBusy, match=r"the queue is 2\.5 s behind \(the limit is 2 s\)"):
+        service.submit(USER, [TaskInput(dict(PARAMS))])
+    assert service.store.load(USER.key_id)[:2] == (2, 2)  # nothing accepted was lost
+    (lease,) = service.queue.lease("w1", 1, 30)  # a worker takes the oldest: the queue catches up
+    assert lease.task_id == first.task_id and service.store.start(first.task_id, 1)
+    service.submit(USER, [TaskInput(dict(PARAMS))])  # accepted: the oldest queued has waited 1.0 s
+    assert service.store.load(USER.key_id).oldest_queued_at == second.created_at
+    limits = limits.model_copy(update={"max_queue_wait_s": 0.0})  # off: only the TTL bounds a wait
+    service.settings = service.settings.model_copy(update={"service": limits})
+    now[0] += 100
+    service.submit(USER, [TaskInput(dict(PARAMS))])

@@ -67,6 +67,15 @@ def worker(
     owner: Annotated[
         str | None, typer.Option(hidden=True, help="Lease owner id (set for child workers).")
     ] = None,
+    per_gpu: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=8,
+            help="Worker processes per GPU, each with its own copy of the model: two fill the time one "
+            "host-bound worker leaves its GPU idle (small images, few steps).",
+        ),
+    ] = 1,
 ) -> None:
     """Start a worker: lease jobs from the queue, generate, store results; no HTTP. SIGTERM stops it
     gracefully (running jobs finish, or their leases are given back)."""
@@ -77,9 +86,11 @@ def worker(
         devices = parse_gpus(gpus)
     except UserError as exc:
         raise _fail(str(exc)) from None
-    if devices is not None and len(devices) > 1:
+    if per_gpu > 1 and devices is None:
+        raise _fail("--per-gpu needs --gpus (for one process per CPU worker, start several workers)")
+    if devices is not None and (len(devices) > 1 or per_gpu > 1):
         args = ["--grace", str(grace)] + (["--model", model] if model else [])
-        raise typer.Exit(supervise(devices, args))
+        raise typer.Exit(supervise(devices, args, per_gpu))
     if devices:  # exactly one GPU: this process, before anything imports torch
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
         owner = owner or f"worker@{socket.gethostname()[:40]}/gpu{devices[0]}"
@@ -118,20 +129,22 @@ def visible_gpus() -> list[str]:
     return named[:count] if named else [str(i) for i in range(count)]
 
 
-def supervise(devices: list[str], args: list[str]) -> int:
-    """One child worker per GPU, each seeing only its GPU; SIGTERM/SIGINT reach every child, and a
-    child that dies on its own (a crash, the OOM killer) starts again. Returns when all have stopped."""
+def supervise(devices: list[str], args: list[str], per_gpu: int = 1) -> int:
+    """``per_gpu`` child workers per GPU, each seeing only its GPU; SIGTERM/SIGINT reach every child,
+    and a child that dies on its own (a crash, the OOM killer) starts again. Returns when all have
+    stopped."""
     stopping = threading.Event()
     host = socket.gethostname()[:40]
-
     metrics_port = Settings().service.metrics_port
+    slots = [(device, k) for device in devices for k in range(per_gpu)]
 
-    def spawn(device: str) -> subprocess.Popen:
-        owner = f"worker@{host}/gpu{device}"
+    def spawn(slot: int) -> subprocess.Popen:
+        device, k = slots[slot]
+        owner = f"worker@{host}/gpu{device}" + (f".{k}" if per_gpu > 1 else "")
         cmd = [sys.executable, "-m", "imagegenx.cli", "worker", "--owner", owner, *args]
         env = os.environ | {"CUDA_VISIBLE_DEVICES": device, "IMAGEGENX_MODELS__DEVICE": "cuda"}
-        if metrics_port:  # the i-th GPU's worker serves /metrics on metrics_port + i
-            env["IMAGEGENX_SERVICE__METRICS_PORT"] = str(metrics_port + devices.index(device))
+        if metrics_port:  # the i-th child serves /metrics on metrics_port + i
+            env["IMAGEGENX_SERVICE__METRICS_PORT"] = str(metrics_port + slot)
         return subprocess.Popen(cmd, env=env)
 
     def forward(signum: int, _frame: object) -> None:
@@ -140,37 +153,41 @@ def supervise(devices: list[str], args: list[str]) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    children = {device: spawn(device) for device in devices}
+    children = {slot: spawn(slot) for slot in range(len(slots))}
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while True:
-        for device, child in list(children.items()):
+        for slot, child in list(children.items()):
             code = child.poll()
             if code is not None and not stopping.is_set():
+                device = slots[slot][0]
                 print(f"worker on GPU {device} exited with {code}; starting it again", file=sys.stderr)
                 time.sleep(RESTART_DELAY_S)
-                children[device] = spawn(device)
+                children[slot] = spawn(slot)
         if stopping.is_set() and all(child.poll() is not None for child in children.values()):
             return max(child.returncode for child in children.values())
         time.sleep(0.5)
 
 
 @contextlib.contextmanager
-def child_worker(args: list[str]) -> Iterator[None]:
-    """``imagegenx worker ARGS`` in a child process while the block runs (``serve --worker-process``):
-    started again if it dies on its own, stopped gracefully (SIGTERM: it drains) when the block ends."""
+def child_workers(args: list[str], count: int = 1) -> Iterator[None]:
+    """``count`` child ``imagegenx worker ARGS`` processes while the block runs (``serve
+    --worker-processes``): each started again if it dies on its own, all stopped gracefully (SIGTERM:
+    they drain) when the block ends. Several on one GPU fill the time one leaves it idle while its
+    host side (prompts, results, the database) runs: each has its own interpreter lock."""
     stopping = threading.Event()
     cmd = [sys.executable, "-m", "imagegenx.cli", "worker", *args]
-    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+    children = [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(count)]
 
     def watch() -> None:
-        nonlocal child
         while not stopping.wait(0.5):
-            if child.poll() is not None:
-                print(f"worker exited with {child.returncode}; starting it again", file=sys.stderr)
-                if not stopping.wait(RESTART_DELAY_S):  # not when the server is stopping meanwhile
+            for i, child in enumerate(children):
+                if child.poll() is not None:
+                    print(f"worker exited with {child.returncode}; starting it again", file=sys.stderr)
+                    if stopping.wait(RESTART_DELAY_S):  # not when the server is stopping meanwhile
+                        return
                     # Its parent-death signal follows this thread, which lives until the server stops.
-                    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+                    children[i] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
 
     watcher = threading.Thread(target=watch, name="imagegenx-worker-watch", daemon=True)
     watcher.start()
@@ -179,12 +196,14 @@ def child_worker(args: list[str]) -> Iterator[None]:
     finally:
         stopping.set()
         watcher.join()
-        if child.poll() is None:
-            child.terminate()
-        try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def _die_with_parent() -> None:

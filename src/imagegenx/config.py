@@ -111,6 +111,9 @@ class ServiceSettings(BaseModel):
     public_url: str = ""  # base for result URLs; empty: derived from each request
     queued_task_ttl_s: float = 300.0  # queued longer than this: expired (seed 003: 5 minutes)
     max_queued_tasks: int = 10_000  # beyond this new tasks get 503: memory stays bounded
+    # New tasks get 503 while the oldest queued task has waited longer than this (the workers are
+    # behind): under overload the tasks accepted keep a bounded wait. 0: off (wait up to the TTL).
+    max_queue_wait_s: float = 0.0
     lease_s: float = 30.0  # a worker's hold on a job before another may take it
     max_deliveries: int = 3  # a job leased this often without finishing fails with the reason
     max_upload_bytes: int = 20 * 1024 * 1024

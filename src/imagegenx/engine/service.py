@@ -110,11 +110,12 @@ class Service:
         self, user: ApiKey, inputs: list[TaskInput], *, batch_id: str | None = None
     ) -> list[TaskRecord]:
         """Validate everything first, then write inputs, rows and queue entries."""
-        # 1. Limits: queue capacity, the key's quota, the key's tier.
-        queued, active = self.store.load(user.key_id)
-        if queued + len(inputs) > self.settings.service.max_queued_tasks:
+        # 1. Limits: queue capacity and wait, the key's quota, the key's tier.
+        load = self.store.load(user.key_id)
+        if load.queued + len(inputs) > self.settings.service.max_queued_tasks:
             raise ServiceBusy("the queue is full; try again shortly")
-        if active + len(inputs) > user.queue_quota:
+        self._check_queue_wait(load.oldest_queued_at)
+        if load.active + len(inputs) > user.queue_quota:
             raise QuotaExceeded(f"this key may have at most {user.queue_quota} tasks queued or running")
         records, jobs = [], []
         now = time.time()
@@ -192,6 +193,21 @@ class Service:
         for task_id in ids:
             self.queue.ack(owner, task_id)
         return done
+
+    def _check_queue_wait(self, oldest_queued_at: float | None) -> None:
+        """Refuse new work while the oldest queued task has waited longer than ``max_queue_wait_s``:
+        the workers are not keeping up, and a task accepted now would wait at least as long. Under
+        overload the service then accepts what it can finish in time and says so for the rest,
+        instead of letting every task's wait grow until it expires."""
+        limit = self.settings.service.max_queue_wait_s
+        if limit <= 0 or oldest_queued_at is None:
+            return
+        behind = time.time() - oldest_queued_at
+        if behind > limit:
+            raise ServiceBusy(
+                f"the queue is {behind:.1f} s behind (the limit is {limit:g} s): the workers are at "
+                "capacity; try again shortly"
+            )
 
     def _check_tier(self, user: ApiKey, job: JobSpec, params: dict) -> None:
         side = TIER_MAX_SIDE[user.tier]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -48,6 +48,12 @@ if TYPE_CHECKING:
 
 # StorageUnavailable is re-exported: engine/worker.py imports it from here.
 __all__ = ["Completion", "StorageUnavailable", "TaskExists", "TaskStore"]
+
+
+class QueueLoad(NamedTuple):
+    queued: int  # queued tasks of every key
+    active: int  # the asking key's queued and running tasks
+    oldest_queued_at: float | None  # creation time of the oldest queued task (None: none queued)
 
 
 class TaskExists(ValueError):
@@ -199,12 +205,16 @@ class TaskStore(ApiKeyStore):
         with self._tx(read_only=True) as conn:
             return conn.execute(stmt).scalar_one()
 
-    def load(self, user_id: str) -> tuple[int, int]:
-        """``(queued_total(), active_count(user_id))`` read in one transaction (each request asks)."""
-        queued = sa.select(sa.func.count()).where(_t.status == TaskStatus.QUEUED.value)
+    def load(self, user_id: str) -> QueueLoad:
+        """The queue's load and ``user_id``'s unfinished tasks, read in one transaction (each request
+        asks; the oldest queued task's creation time is one step of the (status, created_at) index)."""
+        queued = sa.select(sa.func.count(), sa.func.min(_t.created_at)).where(
+            _t.status == TaskStatus.QUEUED.value
+        )
         active = sa.select(sa.func.count()).where(_t.user_id == user_id, _t.status.in_(ACTIVE))
         with self._tx(read_only=True) as conn:
-            return conn.execute(queued).scalar_one(), conn.execute(active).scalar_one()
+            count, oldest = conn.execute(queued).one()
+            return QueueLoad(count, conn.execute(active).scalar_one(), oldest)
 
     def start(self, task_id: str, attempt: int) -> bool:
         """queued/processing → processing for ``attempt`` (progress restarts at 0; a redelivery takes
