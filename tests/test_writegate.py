@@ -113,3 +113,40 @@ def test_only_writes_take_the_gate(tmp_path, read_only):
             assert done.wait(0.3) is read_only
         thread.join()
         assert done.is_set()
+
+
+HOG = textwrap.dedent(
+    """
+    import sys, time
+    from imagegenx.storage import writegate
+    gate = writegate.gate_for(sys.argv[1])
+    print("writing", flush=True)
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:  # back-to-back writes of 2 ms, as an API's group commits under load
+        with gate.hold():
+            time.sleep(0.002)
+    """
+)
+
+
+def test_a_process_writing_back_to_back_does_not_starve_another(tmp_path):
+    """The turnstile: a writer that leaves must queue behind the process already waiting, so two
+    processes alternate instead of the one that just left winning the race again and again."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOG, str(tmp_path / "db.sqlite"), "4"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(0.2)
+        gate = writegate.gate_for(str(tmp_path / "db.sqlite"))
+        waits = []
+        for _ in range(40):
+            started = time.monotonic()
+            with gate.hold():
+                waits.append(time.monotonic() - started)
+            time.sleep(0.005)  # a worker's own work between its writes
+        assert proc.poll() is None  # the other process was writing all along
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert max(waits) < 0.25, sorted(waits)[-5:]  # one or two of its writes, not seconds

@@ -8,9 +8,12 @@ and the service completed 6-11 tasks/s of the 100 offered while the GPU idled.
 
 The gate queues writers before they ask SQLite: the threads of a process on a lock, which wakes the
 next waiter as the holder leaves; processes (``serve --worker-process``, API nodes and workers on one
-SQLite file) on an ``flock`` of a file beside the database, polled every millisecond. It only orders
-writers: after ``WAIT_S`` a writer goes ahead without it, and SQLite's own locking stays what keeps
-the data consistent.
+SQLite file) on an ``flock`` of a file beside the database, polled every millisecond. A process takes
+that lock only after a second one, the turnstile, which it keeps until it is in: the process already
+waiting holds the turnstile, so the one that just left cannot win the race again (without it, an API
+committing back to back at 150 requests/s starved a worker process's writes for seconds, and the
+service completed almost nothing until the requests stopped). It only orders writers: after
+``WAIT_S`` a writer goes ahead without it, and SQLite's own locking keeps the data consistent.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ class WriteGate:
 
     def __init__(self, lock_path: Path) -> None:
         self.lock_path = lock_path
+        self.turn_path = lock_path.with_name(lock_path.name + "-turn")
         self._threads = threading.RLock()
         self._depth = 0  # nested holds by the thread inside (a queue write within a store write)
         self._fd: int | None = None
+        self._turn_fd: int | None = None
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -62,16 +67,15 @@ class WriteGate:
 
         try:
             if self._fd is None:
+                self._turn_fd = os.open(self.turn_path, os.O_RDWR | os.O_CREAT, 0o644)
                 self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             deadline = time.monotonic() + WAIT_S
-            while True:
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return True
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        return False
-                    time.sleep(POLL_S)
+            if not _poll_flock(self._turn_fd, deadline):  # next in line once we hold the turnstile
+                return False
+            try:
+                return _poll_flock(self._fd, deadline)
+            finally:
+                fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
         except OSError:  # a read-only folder: order the threads only
             return False
 
@@ -80,6 +84,20 @@ class WriteGate:
 
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _poll_flock(fd: int, deadline: float) -> bool:
+    """Take ``fd``'s exclusive flock, polling until ``deadline``; False if it stayed taken."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
 
 
 def gate_for(database: str | None) -> WriteGate | None:
