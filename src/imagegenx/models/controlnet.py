@@ -38,6 +38,10 @@ def load_controlnet(ref: str, base: LoadedModel, settings: ModelSettings) -> Any
     net = net.to(base.device, base.dtype).eval().requires_grad_(False)
     if net.config.cross_attention_dim != base.pipe.unet.config.cross_attention_dim:
         raise UserError(f"ControlNet {ref!r} was made for another model family than {base.source.name!r}")
+    if "compile" in base.speedups:
+        # Compiled as the UNet it feeds: every row of the padded batch bucket runs through it
+        # (pipelines/control.py), so the same few static shapes reach it.
+        net.forward = torch.compile(net.forward, mode=base.speedups["compile"], dynamic=False)
     return net
 
 

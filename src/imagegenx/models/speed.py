@@ -6,11 +6,12 @@
   channels_last on an H200 (benchmarks/2026-11-29b-vae-layout-h200.json).
 - ``fuse_qkv``: one projection for attention's q, k and v (diffusers' ``fuse_qkv_projections``).
   Off by default: LoRAs target ``to_q``/``to_k``/``to_v`` and a fused model cannot take them.
-- ``compile``: ``torch.compile`` of the UNet (``default``, ``reduce-overhead`` for CUDA graphs, or
-  ``max-autotune``). Static shapes: the engine pads each UNet batch to a bucket (1, 2, 4, 8, ... rows)
-  so a handful of graphs serve every batch size; compiled kernels persist in Inductor's on-disk
-  cache (``TORCHINDUCTOR_CACHE_DIR``, by default ``ModelSettings.compile_cache_dir`` under the data
-  folder), so a restart does not compile again from scratch.
+- ``compile``: ``torch.compile`` of the UNet and, as they load, its ControlNets (``default``,
+  ``reduce-overhead`` for CUDA graphs, or ``max-autotune``). Static shapes: the engine pads each
+  UNet batch to a bucket (1, 2, 4, 8, ... rows) so a handful of graphs serve every batch size;
+  compiled kernels persist in Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default
+  ``ModelSettings.compile_cache_dir`` under the data folder), so a restart does not compile again
+  from scratch.
 - ``compile_vae``: with ``compile`` on, the VAE decode is compiled too, its batch padded to the same
   buckets (it is 40% of an SDXL 1024² LCM-4 image on an H200, and runs at 15% of the matmul peak
   eager: GroupNorm and SiLU between the convolutions are memory-bound, which fusion helps).
