@@ -13,9 +13,7 @@ same components, as the lower bound.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import os
-import pstats
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from imagegenx.bench.hostprofile import profile_engine_thread
 from imagegenx.config import EngineSettings, ModelSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.pipelines.samplers import make_scheduler
@@ -105,25 +104,6 @@ class ModelClock:
         return timed
 
 
-def profile_one_run(engine: Engine, work: Work, top: int) -> None:
-    """cProfile of the engine's own thread (enable and disable must run on the profiled thread)."""
-    profiler = cProfile.Profile()
-    run_batch = engine._run_batch
-
-    def profiled(batch: list[JobSpec]) -> None:
-        profiler.enable()
-        try:
-            run_batch(batch)
-        finally:
-            profiler.disable()
-
-    engine._run_batch = profiled  # type: ignore[method-assign]
-    engine.run(make_jobs(work, 1000))
-    stats = pstats.Stats(profiler).strip_dirs().sort_stats("tottime")
-    stats.print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", choices=sorted(WORK), default="turbo")
@@ -139,7 +119,7 @@ def main() -> None:
         engine.run(make_jobs(work, 0)[: work.batch])  # load and warm up
         run_diffusers(engine, work, work.batch)
         if args.profile:
-            profile_one_run(engine, work, args.top)
+            print(profile_engine_thread(engine, make_jobs(work, 1000), args.top))
             return
         # Wall time swings with whatever else the machine runs; the time outside the UNet and VAE
         # calls (the same modules on both sides) is the overhead this script is about.

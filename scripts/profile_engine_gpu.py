@@ -1,8 +1,9 @@
 """Where the engine's time goes on a GPU: torch.profiler over the turbo-512-1 and sdxl-1024-lcm4 work.
 
 Run on a CUDA machine:  python scripts/profile_engine_gpu.py OUT_DIR
-Writes OUT_DIR/profile-<scenario>.txt: wall time, the share of it the GPU was busy with kernels, and
-the top operations by host (CPU) time and by device time. A GPU busy well under 100% means the
+Writes OUT_DIR/profile-<scenario>.txt: wall time, the share of it the GPU was busy with kernels, the
+top operations by host (CPU) time and by device time (and by input shapes), and a cProfile of the
+engine thread over the same work. A GPU busy well under 100% means the
 engine's Python work between kernels, not the kernels, sets the pace.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from imagegenx.bench.hostprofile import profile_engine_thread
 from imagegenx.config import EngineSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.types import JobSpec, SchedulerName
@@ -85,6 +87,11 @@ def main(out: Path) -> None:
                     max_name_column_width=40,
                     max_shapes_column_width=90,
                 ),
+            ]
+            # Then the engine thread's Python, which the GPU waits for while it runs.
+            text += [
+                "Engine thread, cProfile of the same work:",
+                profile_engine_thread(engine, jobs(name, 2000)),
             ]
             (out / f"profile-{name}.txt").write_text("\n".join(text))
             print(text[0], flush=True)
