@@ -221,3 +221,45 @@ def test_close_cancels_jobs_that_never_started(tmp_path):
     engine.close()
     with pytest.raises(CancelledError):
         future.result(timeout=10)
+
+
+def test_overlapped_decode_delivers_every_image_after_the_next_step_is_queued(settings):
+    """On a GPU a finished sample's image reaches its job only after the next step is queued (the
+    device decodes while the engine thread works). Forced here on the CPU: the same images as without
+    it, each job delivered once, after the step that follows its last one; none left behind."""
+    jobs = [job(seed=s, steps=steps) for s, steps in [(1, 2), (2, 4), (3, 6), (4, 3)]]
+    results = {}
+    for overlap in (False, True):
+        with Engine(settings) as engine:
+            batches = engine._batches
+            batches.overlap_decode = overlap
+            events: list[tuple[str, str]] = []
+            engine.subscribe(
+                lambda e, events=events: (
+                    e.status is JobStatus.RUNNING and events.append(("progress", e.job_id))
+                )
+            )
+            real_deliver, real_step = batches._deliver, batches._step
+
+            def deliver(job_spec, *args, events=events, real=real_deliver):
+                events.append(("image", job_spec.job_id))
+                real(job_spec, *args)
+
+            def step(runner, samples, events=events, real=real_step):
+                events.append(("step", ""))
+                return real(runner, samples)
+
+            batches._deliver, batches._step = deliver, step
+            futures = [engine.submit(replace(j, job_id=f"j{i}")) for i, j in enumerate(jobs)]
+            results[overlap] = [pixels(f.result(timeout=120)) for f in futures]
+        images = [name for kind, name in events if kind == "image"]
+        assert sorted(images) == ["j0", "j1", "j2", "j3"]  # each once
+        last_step = max(i for i, e in enumerate(events) if e[0] == "step")
+        checked = [name for name in images if events.index(("image", name)) < last_step]
+        assert checked  # some job finished while others still ran
+        for name in checked:  # (one finished at the last step is handed over as the loop ends)
+            last_progress = max(i for i, e in enumerate(events) if e == ("progress", name))
+            between = events[last_progress : events.index(("image", name))]
+            assert (("step", "") in between) is overlap, (name, overlap, between)
+    for a, b in zip(results[False], results[True], strict=True):
+        assert np.array_equal(a, b)

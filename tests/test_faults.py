@@ -16,6 +16,7 @@ import torch
 from conftest import make_settings
 from imagegenx.api.webhooks import new_secret
 from imagegenx.engine.engine import Engine, JobFailed
+from imagegenx.pipelines.hostcopy import HostCopy
 from imagegenx.types import JobSpec
 from support.server import Server, wait_for
 from support.services import create_database, drop_database
@@ -42,14 +43,16 @@ def test_nan_output_is_retried_with_a_new_seed(tmp_path):
     with Engine(make_settings(tmp_path, nan_policy="retry", nan_retries=2)) as engine:
         engine.submit(_job(seed=1)).result(timeout=120)  # loads the model and its runner
         runner = engine.models.get(MODEL).extras["runner"]
-        real_decode, seen = runner.decode, []
+        real_decode, seen = runner.start_decode, []
 
         def first_decode_overflows(samples):  # as a fp16 VAE overflowing on one unlucky seed
             seen.extend(s.job.seed for s in samples)
-            images = real_decode(samples)
-            return [None] * len(images) if len(seen) == 1 else images
+            pending = real_decode(samples)
+            if len(seen) == 1:
+                pending.finite = HostCopy(torch.zeros(len(samples), dtype=torch.bool))
+            return pending
 
-        runner.decode = first_decode_overflows
+        runner.start_decode = first_decode_overflows
         result = engine.submit(_job(job_id="n1", seed=7)).result(timeout=120)
     assert result.job.job_id == "n1" and len(seen) == 2
     assert seen[0] == 7 and result.job.seed == seen[1] != 7  # the image says which seed made it

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Container
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from imagegenx.engine.scheduler import BatchScheduler
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.loader import LoadedModel
 from imagegenx.pipelines.flow import FlowRunner
+from imagegenx.pipelines.hostcopy import PendingImages
 from imagegenx.pipelines.preview import PendingPreviews, preview_due
 from imagegenx.pipelines.sample import Sample
 from imagegenx.pipelines.sd import SDRunner
@@ -44,8 +46,22 @@ Fail = Callable[[str, str], None]  # (job id, reason)
 Deliver = Callable[[JobSpec, Any, LoadedModel, int, dict, int], None]
 
 
+@dataclass
+class _Decoding:
+    """Finished samples whose images are on their way from the device."""
+
+    samples: list[Sample]
+    model: LoadedModel
+    pending: list[PendingImages]
+    batch_size: int
+    queue_s: float  # seconds spent queuing the decode
+
+
 class BatchRunner:
     """Denoises the engine's batches; shares the engine's scheduler, metrics and lock."""
+
+    # Deliver a step's finished images only after the next step is queued: None = on a GPU only.
+    overlap_decode: bool | None = None
 
     def __init__(
         self,
@@ -109,32 +125,36 @@ class BatchRunner:
         running: list[Sample] = []
         joining = batch
         previews = PendingPreviews()  # the loop's own: whatever is pending goes with the batch
-        while joining or running:
-            running += self._prepare(runner, joining)
-            running = [s for s in running if not self._drop_if_canceled(s.job.job_id)]
-            if not running:
-                break
-            started = time.perf_counter()
-            running = self._step(runner, running)
-            elapsed = time.perf_counter() - started
-            self.metrics.step_seconds.observe(elapsed)
-            ready = previews.ready()  # started at earlier steps, their copies done by now
-            for sample in running:
-                sample.times["denoise_s"] = sample.times.get("denoise_s", 0.0) + elapsed
-                job_id, step, total = sample.job.job_id, sample.index, sample.total_steps
-                self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total, preview=ready.get(job_id)))
-                if preview_due(step, total):
-                    self._preview(previews, model, sample)
-            finished = [s for s in running if s.done]
-            running = [s for s in running if not s.done]
-            for sample in finished:
-                previews.drop(sample.job.job_id)  # still on its way: the image follows instead
-            if finished:
-                self._finish(runner, model, finished, batch_size=len(finished) + len(running))
-            with self._lock:
-                free = self.scheduler.max_batch_size(key) - len(running)
-                joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
-                self.metrics.waiting.set(len(self.scheduler))
+        # Finished samples' images on their way to the host. On a GPU they are handed over only after
+        # the next step is queued, so the device decodes and steps while this thread delivers.
+        decoding: list[_Decoding] = []
+        overlap = self.overlap_decode if self.overlap_decode is not None else runner.device.type == "cuda"
+        try:
+            while joining or running:
+                running += self._prepare(runner, joining)
+                running = [s for s in running if not self._drop_if_canceled(s.job.job_id)]
+                if not running:
+                    break
+                started = time.perf_counter()
+                running = self._step(runner, running)
+                elapsed = time.perf_counter() - started
+                self.metrics.step_seconds.observe(elapsed)
+                self._deliver_decoded(decoding)  # the last step's images: this step is queued behind
+                self._report_step(running, elapsed, previews, model)
+                finished = [s for s in running if s.done]
+                running = [s for s in running if not s.done]
+                for sample in finished:
+                    previews.drop(sample.job.job_id)  # still on its way: the image follows instead
+                if finished:
+                    decoding.append(self._start_decode(runner, model, finished, len(finished) + len(running)))
+                    if not overlap:
+                        self._deliver_decoded(decoding)
+                with self._lock:
+                    free = self.scheduler.max_batch_size(key) - len(running)
+                    joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
+                    self.metrics.waiting.set(len(self.scheduler))
+        finally:
+            self._deliver_decoded(decoding)
 
     def runner(self, model: LoadedModel) -> SDRunner | FlowRunner:
         """One runner per resident model, kept with it (evicting the model drops its runner too)."""
@@ -149,6 +169,18 @@ class BatchRunner:
                 runner.before_unet = functools.partial(_simulated_oom, rows)
             model.extras["runner"] = runner
         return runner
+
+    def _report_step(
+        self, running: list[Sample], elapsed: float, previews: PendingPreviews, model: LoadedModel
+    ) -> None:
+        """Each sample's progress event after a step, with a preview where one is ready or due."""
+        ready = previews.ready()  # started at earlier steps, their copies done by now
+        for sample in running:
+            sample.times["denoise_s"] = sample.times.get("denoise_s", 0.0) + elapsed
+            job_id, step, total = sample.job.job_id, sample.index, sample.total_steps
+            self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total, preview=ready.get(job_id)))
+            if preview_due(step, total):
+                self._preview(previews, model, sample)
 
     def _preview(self, previews: PendingPreviews, model: LoadedModel, sample: Sample) -> None:
         """Start a latent-to-RGB JPEG, for one of the job's next progress events (never waiting for
@@ -209,17 +241,30 @@ class BatchRunner:
                 survivors += self._step(runner, chunk)
         return survivors
 
-    def _finish(self, runner: SDRunner, model: LoadedModel, samples: list[Sample], batch_size: int) -> None:
+    def _start_decode(
+        self, runner: SDRunner, model: LoadedModel, samples: list[Sample], batch_size: int
+    ) -> _Decoding:
         started = time.perf_counter()
         try:
-            images = runner.decode(samples)
+            pending = [runner.start_decode(samples)]
         except torch.OutOfMemoryError:
             _empty_cache(runner.device)
-            images = [img for s in samples for img in runner.decode([s])]
-        decode_s = (time.perf_counter() - started) / len(samples)
-        for sample, image in zip(samples, images, strict=True):
-            sample.times["decode_s"] = decode_s
-            self._deliver(sample.job, image, model, batch_size, sample.times, sample.total_steps)
+            pending = [runner.start_decode([s]) for s in samples]  # one at a time, in stream order
+        return _Decoding(samples, model, pending, batch_size, time.perf_counter() - started)
+
+    def _deliver_decoded(self, decoding: list[_Decoding]) -> None:
+        """Hand every decoded batch's images to their jobs (waiting for their copies to the host)."""
+        while decoding:
+            batch = decoding.pop(0)
+            started = time.perf_counter()
+            images = [image for pending in batch.pending for image in pending.result()]
+            # The decode's own time: queuing it, and waiting for what the device had not done yet.
+            decode_s = (batch.queue_s + time.perf_counter() - started) / len(batch.samples)
+            for sample, image in zip(batch.samples, images, strict=True):
+                sample.times["decode_s"] = decode_s
+                self._deliver(
+                    sample.job, image, batch.model, batch.batch_size, sample.times, sample.total_steps
+                )
 
     def _run_flow(self, runner: FlowRunner, model: LoadedModel, batch: list[JobSpec]) -> None:
         def step_done(job_ids: list[str], step: int, total: int) -> bool:

@@ -6,9 +6,8 @@ with ComfyUI's latent previews (``comfy/latent_formats.py``, "latent_rgb_factors
 latents the UNet sees; early steps are mostly noise, the picture settles as the steps go on.
 
 ``PendingPreviews`` makes them without stalling the device: the projection is queued on the device
-with a non-blocking copy into pinned host memory and a CUDA event, and the JPEG is made once the
-event has completed, for a later progress event of the same job. A blocking ``.cpu()`` would wait
-for every kernel queued so far, leaving the GPU idle while Python launches the next step.
+with a ``HostCopy`` (hostcopy.py), and the JPEG is made once the copy has completed, for a later
+progress event of the same job.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ import logging
 
 import torch
 from PIL import Image
+
+from imagegenx.pipelines.hostcopy import HostCopy
 
 _SD15 = [
     [0.3512, 0.2297, 0.3227],
@@ -62,7 +63,7 @@ class PendingPreviews:
     """
 
     def __init__(self) -> None:
-        self._pending: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._pending: dict[str, HostCopy] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -70,28 +71,18 @@ class PendingPreviews:
     @torch.no_grad()
     def start(self, job_id: str, latents: torch.Tensor, family: str) -> None:
         pixels = _project(latents, family)
-        if pixels is None:
-            return
-        event = None
-        if pixels.is_cuda:
-            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-            host.copy_(pixels, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(pixels.device))
-            pixels = host  # the device tensor may go: the stream reuses its memory only after the copy
-        else:
-            pixels = pixels.cpu()  # CPU: computed already (another device: a plain copy)
-        self._pending[job_id] = (pixels, event)
+        if pixels is not None:
+            self._pending[job_id] = HostCopy(pixels)
 
     def ready(self) -> dict[str, bytes]:
         """The previews whose copies have completed, by job id; they leave the pending map."""
         done: dict[str, bytes] = {}
-        for job_id, (pixels, event) in list(self._pending.items()):
-            if event is not None and not event.query():
+        for job_id, copy in list(self._pending.items()):
+            if not copy.done():
                 continue
             del self._pending[job_id]
             try:
-                done[job_id] = _jpeg(pixels)
+                done[job_id] = _jpeg(copy.wait())
             except Exception:  # costs the preview, never the job
                 log.exception("step preview of %s failed", job_id)
         return done

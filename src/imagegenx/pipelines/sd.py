@@ -6,7 +6,8 @@ One ``SDRunner`` per loaded model. The engine calls, in order:
    (text-to-image, img2img and inpaint all start here, from the same loaded components);
 2. ``step(samples)``: one UNet call for every sample in the batch, each at its own timestep, then
    each sample's own scheduler step;
-3. ``decode(samples)``: VAE decode of finished samples, NaN check, [0, 1] float images.
+3. ``decode(samples)``: VAE decode of finished samples, NaN check, [0, 1] float images
+   (``start_decode``: the same, brought to the host while the engine queues the next step).
 
 It reproduces diffusers' pipelines (same seed and parameters, same image within tolerance), which
 the tests check; what it adds is that samples with different prompts, seeds, guidance scales,
@@ -30,6 +31,7 @@ from imagegenx.models.speed import batch_bucket
 from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, step_run
 from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
+from imagegenx.pipelines.hostcopy import HostCopy, PendingImages
 from imagegenx.pipelines.prompts import PromptEncoder
 from imagegenx.pipelines.sample import Sample, decode_input_image
 from imagegenx.pipelines.samplers import config_key, make_timed_scheduler, step_kwargs_supported
@@ -340,18 +342,21 @@ class SDRunner:
 
     # 3. Decode ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def decode(self, samples: list[Sample]) -> list[np.ndarray | None]:
         """HxWx3 images, [0, 1] floats (uint8 when ``uint8_output`` is set); ``None`` for a sample
         whose output is not finite."""
+        return self.start_decode(samples).result()
+
+    @torch.inference_mode()
+    def start_decode(self, samples: list[Sample]) -> PendingImages:
+        """``decode``, queued: the images come to the host while the caller queues more work."""
         latents = torch.cat([s.latents for s in samples]).to(self.vae.dtype)
         pixels = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        finite = torch.isfinite(pixels).flatten(1).all(dim=1).tolist()
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
         images = (pixels.float() / 2 + 0.5).clamp(0, 1)
         if self.uint8_output:  # rounded as diffusers' numpy_to_pil does, on the device
             images = (images * 255).round().to(torch.uint8)
-        images = images.permute(0, 2, 3, 1).cpu().numpy()
-        return [image if ok else None for image, ok in zip(images, finite, strict=True)]
+        return PendingImages(HostCopy(images.permute(0, 2, 3, 1)), HostCopy(finite))
 
 
 def _strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
