@@ -68,8 +68,11 @@ print(f'fsync of 4 KiB in /tmp: median {statistics.median(t) * 1000:.2f} ms, max
 profile)
     run python3 scripts/profile_engine_gpu.py "$OUT"
     ;;
+cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8 on Hopper)
+    run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py -k "cuda or hopper"
+    ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|profile" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|profile|cudatests" >&2
     exit 2
     ;;
 esac

@@ -5,6 +5,7 @@ ride a later event of the job, once the device has finished them (PendingPreview
 import io
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -139,8 +140,21 @@ def test_cuda_previews_wait_for_the_device_without_blocking_the_host():
     assert previews.ready() == {"warm": expected}  # the same bytes as the blocking projection
     torch.cuda._sleep(2_000_000_000)  # keep the GPU busy for a while (about a second)
     previews.start("j", latents, "sdxl")
-    host, event = previews._pending["j"]
-    assert host.device.type == "cpu" and host.is_pinned() and event is not None
+    copy = previews._pending["j"]
+    assert copy._host.device.type == "cpu" and copy._host.is_pinned() and not copy.done()
     assert previews.ready() == {}  # the copy waits behind the sleep; the host did not
     torch.cuda.synchronize()
     assert previews.ready() == {"j": expected} and len(previews) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned memory and events")
+def test_cuda_decoded_images_come_to_the_host_without_blocking_it():
+    from imagegenx.pipelines.hostcopy import HostCopy, PendingImages
+
+    images = torch.randint(0, 255, (2, 64, 64, 3), device="cuda", dtype=torch.uint8)
+    finite = torch.tensor([True, False], device="cuda")
+    torch.cuda._sleep(2_000_000_000)  # the device busy for a while: the copies queue behind it
+    pending = PendingImages(HostCopy(images), HostCopy(finite))
+    assert not pending.images.done()  # queued, and the host went on
+    first, second = pending.result()  # waits for the copies
+    assert np.array_equal(first, images[0].cpu().numpy()) and second is None
