@@ -178,6 +178,9 @@ def generate(
     upscale: Annotated[int, typer.Option(help="Real-ESRGAN upscale: 1 (off), 2 or 4.")] = 1,
     watermark: Annotated[str | None, typer.Option(help="Visible text watermark.")] = None,
     invisible_watermark: Annotated[bool, typer.Option(help="Embed an invisible watermark.")] = False,
+    tiny_decoder: Annotated[
+        str | None, typer.Option(help="Decode with a tiny decoder: an AutoencoderTiny folder, or random.")
+    ] = None,
 ) -> None:
     """Generate images and write them, with a .json metadata record each, to --out."""
     _quiet_libraries()
@@ -218,6 +221,11 @@ def generate(
         from imagegenx.models.sources import resolve
 
         source = resolve(model_ref, settings.models)
+        if tiny_decoder:
+            decoders = settings.models.tiny_decoders | {source.family: tiny_decoder}
+            settings = settings.model_copy(
+                update={"models": settings.models.model_copy(update={"tiny_decoders": decoders})}
+            )
         flow = source.family in {"sd3", "flux"}
         sampler = parse_sampler(scheduler or ("euler" if flow else "dpmpp_2m_karras"))
         default_size = 64 if model_ref.startswith("random:tiny-") else _DEFAULT_SIZE.get(source.family, 1024)
@@ -242,6 +250,7 @@ def generate(
                 controls=controls,
                 priority=Priority(priority),
                 job_id=f"image-{n}",
+                decoder="tiny" if tiny_decoder else "full",
             )
             for n, (text, i) in enumerate((text, i) for text in prompts for i in range(num_images))
         ]

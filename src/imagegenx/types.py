@@ -140,6 +140,9 @@ class JobSpec:
     job_id: str = ""
     controls: tuple[ControlRef, ...] = ()
     identity: IdentityRef | None = None
+    # "full": the model's VAE; "tiny": its family's tiny decoder (ModelSettings.tiny_decoders). Not part
+    # of the batch key: the UNet batch is shared, only the last call differs.
+    decoder: str = "full"
 
     @property
     def batch_key(self) -> BatchKey:

@@ -84,6 +84,11 @@ class GenerateParams(BaseModel):
     invisible_watermark: bool = Field(False, description="Embed an invisible watermark carrying the task id")
     postprocess: PostprocessParams | None = Field(None, description="The post-processing chain")
     embed_metadata: bool = Field(True, description="Embed the generation parameters in the image file")
+    decoder: Literal["full", "tiny"] = Field(
+        "full",
+        description="tiny: the model family's tiny latent decoder (TAESD's kind, if the server has one): "
+        "much faster, a little less fine detail",
+    )
 
     @property
     def size(self) -> tuple[int, int]:

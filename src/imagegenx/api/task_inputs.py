@@ -63,6 +63,10 @@ def build_task_input(
         params["postprocess"] = post
     if not p.embed_metadata:
         params["embed_metadata"] = False
+    if p.decoder != "full":
+        if not ctx.settings.models.tiny_decoders:
+            raise UserError("this server has no tiny decoder (IMAGEGENX_MODELS__TINY_DECODERS): use full")
+        params["decoder"] = p.decoder
     return TaskInput(params, p.priority, p.callback_url, p.style, output_format=p.format.lower(), **images)
 
 

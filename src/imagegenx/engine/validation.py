@@ -7,8 +7,9 @@ import math
 from imagegenx.config import EngineSettings
 from imagegenx.types import JobSpec, Task, UserError
 
-TINY_SIZE_RANGE = (32, 1024)
-MAX_CONTROLS = 4  # random:tiny-* models exist for tests; real models use the settings' range
+TINY_SIZE_RANGE = (32, 1024)  # random:tiny-* models exist for tests; real models use the settings' range
+MAX_CONTROLS = 4
+DECODERS = ("full", "tiny")
 
 
 def validate_job(job: JobSpec, settings: EngineSettings) -> None:
@@ -29,6 +30,8 @@ def validate_job(job: JobSpec, settings: EngineSettings) -> None:
         raise UserError(f"clip skip {job.clip_skip} is outside 1-12")
     if not 0 <= job.seed < 2**64:
         raise UserError(f"seed {job.seed} is outside 0-2^64")
+    if job.decoder not in DECODERS:
+        raise UserError(f"decoder {job.decoder!r} is not one of {', '.join(DECODERS)}")
     if job.task is not Task.TEXT2IMG:
         if job.init_image is None:
             raise UserError(f"{job.task} needs an input image")

@@ -28,6 +28,7 @@ from imagegenx.models.sources import (
     is_sd2,
 )
 from imagegenx.models.speed import apply_speedups
+from imagegenx.models.tiny_decoder import load_tiny_decoder
 from imagegenx.models.tokenizers import tokenizer_for
 from imagegenx.types import UserError
 
@@ -54,6 +55,8 @@ class LoadedModel:
     speedups: dict[str, Any] = field(default_factory=dict)  # what models/speed.py applied
     # Which loader read the weights ("fast" or "diffusers") and, for the fast one, where the time went.
     load_split: dict[str, Any] = field(default_factory=dict)
+    # The family's tiny decoder when ModelSettings.tiny_decoders names one (models/tiny_decoder.py).
+    tiny_decoder: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -110,8 +113,11 @@ def load_model(source: ModelSource, settings: ModelSettings) -> LoadedModel:
     encoder = getattr(pipe, "text_encoder", None)
     if family == "sd15" and is_sd2(dict(pipe.unet.config), encoder.config.to_dict() if encoder else {}):
         family = "sd21"
+    tiny = load_tiny_decoder(pipe, family, settings)
     seconds = time.perf_counter() - started
-    return LoadedModel(source, pipe, family, device, dtype, seconds, speedups=speedups, load_split=split)
+    return LoadedModel(
+        source, pipe, family, device, dtype, seconds, speedups=speedups, load_split=split, tiny_decoder=tiny
+    )
 
 
 def _pipeline_class(name: str):

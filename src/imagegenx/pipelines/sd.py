@@ -138,6 +138,11 @@ class SDRunner:
         started = time.perf_counter()
         if self.nine_channel and job.task is not Task.INPAINT:
             raise UserError(f"model {job.model!r} is an inpainting model: it only does inpaint tasks")
+        if job.decoder == "tiny" and self.model.tiny_decoder is None:
+            raise UserError(
+                f"model {job.model!r} ({self.family}) has no tiny decoder: the server names none for "
+                f"{self.family} in IMAGEGENX_MODELS__TINY_DECODERS"
+            )
         generator = torch.Generator("cpu").manual_seed(job.seed)
 
         # 1a. Prompt embeddings (cached per prompt); guidance needs the negative prompt too.
@@ -350,13 +355,28 @@ class SDRunner:
     @torch.inference_mode()
     def start_decode(self, samples: list[Sample]) -> PendingImages:
         """``decode``, queued: the images come to the host while the caller queues more work."""
-        latents = torch.cat([s.latents for s in samples]).to(self.vae.dtype)
-        pixels = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        # One decoder call per decoder the samples asked for (``JobSpec.decoder``), back in their order.
+        order: list[int] = []
+        parts: list[torch.Tensor] = []
+        for name, decoder in (("full", self.vae), ("tiny", self.model.tiny_decoder)):
+            picked = [i for i, s in enumerate(samples) if s.job.decoder == name]
+            if picked:
+                latents = torch.cat([samples[i].latents for i in picked]).to(decoder.dtype)
+                parts.append(decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0])
+                order += picked
+        pixels = parts[0] if len(parts) == 1 else _in_order(torch.cat([p.float() for p in parts]), order)
         finite = torch.isfinite(pixels).flatten(1).all(dim=1)
         images = (pixels.float() / 2 + 0.5).clamp(0, 1)
         if self.uint8_output:  # rounded as diffusers' numpy_to_pil does, on the device
             images = (images * 255).round().to(torch.uint8)
         return PendingImages(HostCopy(images.permute(0, 2, 3, 1)), HostCopy(finite))
+
+
+def _in_order(pixels: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``pixels`` (row k belongs to sample ``order[k]``) back in the samples' order."""
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return pixels[inverse.to(pixels.device)]
 
 
 def _strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:

@@ -147,6 +147,8 @@ def image_metadata(image: GeneratedImage) -> dict[str, Any]:
         record["strength"] = job.strength
     if job.controls:
         record["controls"] = [{"model": c.model, "strength": c.strength} for c in job.controls]
+    if job.decoder != "full":
+        record["decoder"] = job.decoder
     record["batch_size"] = image.batch_size
     record["timings"] = {
         "queued_s": round(timings.queued_s, 3),

@@ -1,0 +1,152 @@
+"""Tiny latent decoders (models/tiny_decoder.py): loaded beside the model from random weights or a
+user's folder, chosen per image, and decoded in the same batch as full-VAE images without mixing up
+whose image is whose."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+
+from conftest import make_settings
+from imagegenx.config import Settings
+from imagegenx.engine.engine import Engine, JobFailed
+from imagegenx.engine.service import job_from_params
+from imagegenx.engine.validation import validate_job
+from imagegenx.models import tiny_decoder
+from imagegenx.models.loader import load_model
+from imagegenx.models.sources import resolve
+from imagegenx.models.tiny_decoder import load_tiny_decoder
+from imagegenx.pipelines.sd import SDRunner
+from imagegenx.types import JobSpec, UserError
+
+MODEL = "random:tiny-sd21"
+
+
+def tiny_settings(tmp_path, decoders: dict[str, str] | None = None, **models) -> Settings:
+    base = make_settings(tmp_path)
+    update = {"tiny_decoders": {"sd21": "random"} if decoders is None else decoders, **models}
+    return base.model_copy(update={"models": base.models.model_copy(update=update)})
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> SDRunner:
+    settings = tiny_settings(tmp_path_factory.mktemp("tiny"))
+    return SDRunner(load_model(resolve(MODEL, settings.models), settings.models))
+
+
+def job(seed: int, decoder: str = "full", model: str = MODEL) -> JobSpec:
+    return JobSpec(
+        "a lighthouse", model, width=64, height=64, steps=2, guidance_scale=1.0, seed=seed, decoder=decoder
+    )
+
+
+def test_the_tiny_decoder_decodes_the_same_latents_to_the_full_size(runner):
+    full, tiny = runner.prepare([job(1), job(1, "tiny")])
+    tiny.latents = full.latents.clone()
+    full_image, tiny_image = runner.decode([full, tiny])
+    assert full_image.shape == tiny_image.shape == (64, 64, 3)
+    # It is the tiny decoder's output (its scaling factor is 1: TAESD takes the scaled latents)...
+    decoder = runner.model.tiny_decoder
+    assert isinstance(decoder, AutoencoderTiny) and decoder.config.scaling_factor == 1.0
+    with torch.no_grad():
+        direct = (decoder.decode(full.latents, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+    assert np.allclose(tiny_image, direct[0].permute(1, 2, 0).numpy(), atol=1e-6)
+    # ... not the VAE's: another network, another image.
+    assert np.abs(full_image - tiny_image).mean() > 0.01
+
+
+def test_a_batch_mixing_decoders_gives_each_image_its_own_decode(runner):
+    decoders = ["full", "tiny", "full", "tiny", "tiny"]
+    samples = runner.prepare([job(seed, name) for seed, name in enumerate(decoders)])
+    mixed = runner.decode(samples)
+    for sample, image in zip(samples, mixed, strict=True):
+        (alone,) = runner.decode([sample])
+        assert np.allclose(image, alone, atol=1e-5), sample.job.decoder
+
+
+def test_a_model_without_a_tiny_decoder_refuses_tiny_jobs_and_takes_full_ones(tmp_path):
+    settings = tiny_settings(tmp_path, {"sdxl": "random"})  # none for SD 2.x
+    with Engine(settings) as engine:
+        with pytest.raises(JobFailed, match="has no tiny decoder"):
+            engine.submit(job(1, "tiny")).result(timeout=120)
+        assert engine.submit(job(1)).result(timeout=120).width == 64
+
+
+def test_the_engine_runs_tiny_and_full_jobs_side_by_side(tmp_path):
+    with Engine(tiny_settings(tmp_path)) as engine:
+        futures = [engine.submit(job(7, name)) for name in ("full", "tiny", "full")]
+        full, tiny, full_again = [f.result(timeout=120) for f in futures]
+    assert full.job.decoder == "full" and tiny.job.decoder == "tiny"
+    assert full.rgb == full_again.rgb  # same seed, same decoder
+    assert full.rgb != tiny.rgb
+
+
+def test_sd15s_tiny_decoder_serves_sd2_and_a_folder_is_read_not_random(tmp_path):
+    saved = AutoencoderTiny(**tiny_decoder._random_config(8, 4))  # torch's default init: not seed 0's
+    saved.save_pretrained(tmp_path / "taesd", safe_serialization=True)
+    settings = tiny_settings(tmp_path, {"sd15": str(tmp_path / "taesd")})
+    model = load_model(resolve("random:sd21", settings.models), settings.models)
+    assert model.family == "sd21"  # found under sd15: the same latents
+    loaded = model.tiny_decoder.state_dict()
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda path: path.mkdir(), "not a diffusers AutoencoderTiny folder"),
+        # Full-size TAESD (1/8) for a tiny test model whose VAE downscales by 8 too but with
+        # 16-channel latents: the wrong family's decoder.
+        (
+            lambda path: AutoencoderTiny(**tiny_decoder._random_config(8, 16)).save_pretrained(path),
+            "16-channel latents",
+        ),
+    ],
+)
+def test_a_wrong_tiny_decoder_is_a_clear_error(tmp_path, make, words):
+    make(tmp_path / "decoder")
+    settings = tiny_settings(tmp_path, {"sd21": str(tmp_path / "decoder")})
+    with pytest.raises(UserError, match=words):
+        load_model(resolve(MODEL, settings.models), settings.models)
+
+
+def test_flux_gets_no_tiny_decoder(tmp_path):
+    settings = tiny_settings(tmp_path, {"flux": "random"})
+    pipe = type("Pipe", (), {"vae": None})()
+    with pytest.raises(UserError, match="UNet families"):
+        load_tiny_decoder(pipe, "flux", settings.models)
+
+
+def test_with_compile_on_the_tiny_decoder_is_compiled_and_padded_to_the_buckets(tmp_path, monkeypatch):
+    """torch.compile is recorded and left out: the wiring is checked, not Inductor."""
+    compiled, rows = [], []
+
+    def record(fn, mode=None, dynamic=None, **_):
+        owner = getattr(fn, "__self__", None)
+        compiled.append((owner, mode, dynamic))
+
+        def counted(first, *args, **kwargs):
+            rows.append((type(owner).__name__, first.shape[0]))
+            return fn(first, *args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", record)
+    settings = tiny_settings(tmp_path, compile="default")
+    model = load_model(resolve(MODEL, settings.models), settings.models)
+    assert (model.tiny_decoder, "default", False) in compiled
+    runner = SDRunner(model)
+    images = runner.decode(runner.prepare([job(seed, "tiny") for seed in range(3)]))
+    assert len(images) == 3 and all(image.shape == (64, 64, 3) for image in images)
+    assert [n for name, n in rows if name == "AutoencoderTiny"] == [4]  # 3 rows padded to the bucket of 4
+
+
+def test_requests_name_the_decoder():
+    params = {"prompt": "x", "model": MODEL, "width": 64, "height": 64, "decoder": "tiny"}
+    assert job_from_params("t", params, None, None).decoder == "tiny"
+    assert job_from_params("t", params | {"decoder": "full"}, None, None).decoder == "full"
+    with pytest.raises(UserError, match="decoder 'vae' is not one of full, tiny"):
+        validate_job(job_from_params("t", params | {"decoder": "vae"}, None, None), Settings().engine)
