@@ -23,9 +23,10 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
     scenarios = report["scenarios"]
     assert set(scenarios) == {
         "sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "esrgan-x4-1024", "vae-decode-1024",
-        "portrait-100", "cold-start", "flux-dev-1024-28",
+        "portrait-100", "cold-start", "flux-dev-1024-28", "turbo-512-1-tiny", "sdxl-1024-lcm4-tiny",
     }  # fmt: skip
-    for name in ("sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "flux-dev-1024-28"):
+    generation = ("sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "flux-dev-1024-28")
+    for name in (*generation, "turbo-512-1-tiny", "sdxl-1024-lcm4-tiny"):
         rows = scenarios[name]["rows"]
         assert [row["runner"] for row in rows] == ["imagegenx", "diffusers", "diffusers-fast"]
         for row in rows:

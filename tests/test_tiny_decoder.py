@@ -4,6 +4,9 @@ whose image is whose."""
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +145,31 @@ def test_with_compile_on_the_tiny_decoder_is_compiled_and_padded_to_the_buckets(
     images = runner.decode(runner.prepare([job(seed, "tiny") for seed in range(3)]))
     assert len(images) == 3 and all(image.shape == (64, 64, 3) for image in images)
     assert [n for name, n in rows if name == "AutoencoderTiny"] == [4]  # 3 rows padded to the bucket of 4
+
+
+@pytest.mark.parametrize(("arch", "side", "full_tflop"), [("sd21", 512, 2.51), ("sdxl", 1024, 10.47)])
+def test_at_full_size_the_random_tiny_decoder_is_taesds_architecture_and_a_18th_of_the_work(
+    arch, side, full_tflop
+):
+    """Counted on the meta device (no memory, no time): the full VAE decode against TAESD's."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = json.loads(
+        (resources.files("imagegenx.models") / "archs" / arch / "vae" / "config.json").read_text()
+    )
+    tflop = {}
+    with torch.device("meta"):
+        full = AutoencoderKL.from_config(config)
+        tiny = AutoencoderTiny(**tiny_decoder._random_config(8, 4, max(config["block_out_channels"])))
+        latents = torch.empty(1, 4, side // 8, side // 8)
+        for name, vae in (("full", full), ("tiny", tiny)):
+            with FlopCounterMode(display=False) as counter:
+                vae.decode(latents)
+            tflop[name] = counter.get_total_flops() / 1e12
+    assert sum(p.numel() for p in tiny.decoder.parameters()) == 1_222_531  # TAESD's decoder
+    assert tflop["full"] == pytest.approx(full_tflop, rel=0.01)
+    assert tflop["full"] / tflop["tiny"] > 17
 
 
 def test_requests_name_the_decoder():

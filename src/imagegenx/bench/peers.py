@@ -58,17 +58,22 @@ class Peer:
         ).images
 
 
-def load_peer(name: str, ref: str, base: ModelSettings, compile_mode: str = "max-autotune") -> Peer:
-    """A peer pipeline for model ``ref`` configured as ``name`` says (see the module docstring)."""
+def load_peer(
+    name: str, ref: str, base: ModelSettings, compile_mode: str = "max-autotune", decoder: str = "full"
+) -> Peer:
+    """A peer pipeline for model ``ref`` configured as ``name`` says (see the module docstring);
+    ``decoder="tiny"``: with the model's tiny decoder as its VAE, as diffusers' docs use TAESD."""
     cuda = torch.cuda.is_available() and base.device in ("auto", "cuda")
     plain = base.model_copy(update={"channels_last": False, "fuse_qkv": False, "compile": "off"})
     if name == "diffusers":
         settings = plain.model_copy(update={"dtype": "float16" if cuda else "float32"})
-        return Peer(name, load_model(resolve(ref, settings), settings), "fp16, SDPA, eager")
+        return Peer(
+            name, _with_decoder(load_model(resolve(ref, settings), settings), decoder), "fp16, SDPA, eager"
+        )
     if name != "diffusers-fast":
         raise ValueError(f"unknown peer {name!r}; peers: {', '.join(PEERS)}")
     settings = plain.model_copy(update={"dtype": "bfloat16" if cuda else "float32"})
-    model = load_model(resolve(ref, settings), settings)
+    model = _with_decoder(load_model(resolve(ref, settings), settings), decoder)
     pipe = model.pipe
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     denoiser.to(memory_format=torch.channels_last)
@@ -93,3 +98,9 @@ def load_peer(name: str, ref: str, base: ModelSettings, compile_mode: str = "max
     denoiser.forward = torch.compile(denoiser.forward, mode=compile_mode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
     return Peer(name, model, note, saved)
+
+
+def _with_decoder(model: LoadedModel, decoder: str) -> LoadedModel:
+    if decoder == "tiny":
+        model.pipe.vae = model.tiny_decoder  # loaded with the model: ModelSettings.tiny_decoders
+    return model

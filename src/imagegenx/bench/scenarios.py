@@ -15,10 +15,11 @@ from imagegenx.bench.coldstart import cold_start
 from imagegenx.bench.measure import Row, count_tflop, free_device, peak_gib, reset_peak, timed
 from imagegenx.bench.peers import Peer, load_peer
 from imagegenx.bench.portrait import portrait_100
-from imagegenx.config import Settings
+from imagegenx.config import ModelSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.loader import LoadedModel
+from imagegenx.models.tiny_decoder import TINY_DECODER_FAMILIES
 from imagegenx.pipelines.samplers import make_scheduler
 from imagegenx.postprocess.encode import ImageFormat, encode_image, encode_pil
 from imagegenx.types import JobSpec, SchedulerName
@@ -69,6 +70,7 @@ class Workload:
     scheduler: SchedulerName
     jobs: int  # requests in a latency run, images in a throughput run
     peer_batch: int  # images per pipeline call for the peers
+    decoder: str = "full"  # "tiny": a random TAESD-kind decoder, for us and the peers (pipe.vae)
 
     def job(self, seed: int) -> JobSpec:
         return JobSpec(
@@ -80,6 +82,7 @@ class Workload:
             guidance_scale=self.cfg,
             scheduler=self.scheduler,
             seed=seed,
+            decoder=self.decoder,
         )
 
 
@@ -104,22 +107,32 @@ def image_tflop(model: LoadedModel, work: Workload) -> float | None:
     t = torch.full((rows,), 500.0, device=device)
     # The class's forward, not the instance's: a compiled forward hides its operations from the counter.
     step = count_tflop(lambda: type(unet).forward(unet, x, t, encoder_hidden_states=hidden, **kwargs))
-    latents = torch.randn(1, pipe.vae.config.latent_channels, side, side, device=device, dtype=pipe.vae.dtype)
-    decode = count_tflop(lambda: pipe.vae.decode(latents))
+    vae = model.tiny_decoder if work.decoder == "tiny" else pipe.vae
+    latents = torch.randn(1, vae.config.latent_channels, side, side, device=device, dtype=vae.dtype)
+    decode = count_tflop(lambda: vae.decode(latents))
     return work.steps * step + decode
 
 
-def _engine_settings(ctx: BenchContext) -> Settings:
-    """Batches as large as the peers': 32 images of 512², 16 of 1024² in one UNet batch."""
+def _engine_settings(ctx: BenchContext, work: Workload | None = None) -> Settings:
+    """Batches as large as the peers': 32 images of 512², 16 of 1024² in one UNet batch; and the
+    random tiny decoders a tiny workload decodes with."""
     limits = {"max_batch": 32, "max_pixels_per_batch": 16 * 1024 * 1024}
     engine = ctx.settings.engine.model_copy(update=limits)
-    return ctx.settings.model_copy(update={"engine": engine})
+    return ctx.settings.model_copy(update={"engine": engine, "models": _model_settings(ctx, work)})
+
+
+def _model_settings(ctx: BenchContext, work: Workload | None) -> ModelSettings:
+    models = ctx.settings.models
+    if work is None or work.decoder != "tiny":
+        return models
+    random = {family: "random" for family in TINY_DECODER_FAMILIES}
+    return models.model_copy(update={"tiny_decoders": random | models.tiny_decoders})
 
 
 def _run_peers(ctx: BenchContext, name: str, work: Workload, measure: Callable[[Peer], Row]) -> list[Row]:
     rows = []
     for peer_name in ctx.peers:
-        peer = load_peer(peer_name, work.model, ctx.settings.models, ctx.peer_compile)
+        peer = load_peer(peer_name, work.model, _model_settings(ctx, work), ctx.peer_compile, work.decoder)
         # The UNet families take the job's sampler; SD 3.5 and Flux keep their flow-matching Euler.
         if work.scheduler is not SchedulerName.DPMPP_2M_KARRAS and hasattr(peer.pipe, "unet"):
             peer.pipe.scheduler = make_scheduler(work.scheduler, peer.pipe.scheduler.config)
@@ -138,7 +151,7 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
     device = ctx.device
 
     def ours() -> Row:
-        with Engine(_engine_settings(ctx)) as engine:
+        with Engine(_engine_settings(ctx, work)) as engine:
             tflop = image_tflop(engine.models.get(work.model), work)
             encode_image(engine.run([work.job(0)])[0], ImageFormat.WEBP)  # warm-up (and compile)
             reset_peak(device)
@@ -170,7 +183,7 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
     device = ctx.device
 
     def ours() -> Row:
-        with Engine(_engine_settings(ctx)) as engine:
+        with Engine(_engine_settings(ctx, work)) as engine:
             tflop = image_tflop(engine.models.get(work.model), work)
             engine.run([work.job(seed) for seed in range(work.peer_batch)])  # warm-up at full batch
             reset_peak(device)
@@ -262,13 +275,17 @@ def _workloads(smoke: bool) -> dict[str, Workload]:
         return {
             "sdxl-1024-30": Workload("random:tiny-sdxl", 64, 2, 7.0, SchedulerName.DPMPP_2M_KARRAS, 2, 1),
             "sdxl-1024-lcm4": Workload("random:tiny-sdxl", 64, 4, 1.0, SchedulerName.LCM, 4, 2),
+            "sdxl-1024-lcm4-tiny": Workload("random:tiny-sdxl", 64, 4, 1.0, SchedulerName.LCM, 4, 2, "tiny"),
             "turbo-512-1": Workload("random:tiny-sd21", 64, 1, 0.0, SchedulerName.EULER, 4, 2),
+            "turbo-512-1-tiny": Workload("random:tiny-sd21", 64, 1, 0.0, SchedulerName.EULER, 4, 2, "tiny"),
             "flux-dev-1024-28": Workload("random:tiny-flux", 64, 2, 3.5, SchedulerName.EULER, 2, 1),
         }
     return {
         "sdxl-1024-30": Workload("random:sdxl", 1024, 30, 7.0, SchedulerName.DPMPP_2M_KARRAS, 5, 1),
         "sdxl-1024-lcm4": Workload("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 64, 16),
         "turbo-512-1": Workload("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 256, 32),
+        "turbo-512-1-tiny": Workload("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 256, 32, "tiny"),
+        "sdxl-1024-lcm4-tiny": Workload("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 64, 16, "tiny"),
         "flux-dev-1024-28": Workload("random:flux-dev", 1024, 28, 3.5, SchedulerName.EULER, 3, 1),
     }
 
@@ -292,6 +309,16 @@ SCENARIOS: dict[str, Scenario] = {
         "turbo-512-1",
         "SD 2.1 architecture 512², 1 step, 256 jobs at once",
         _generation("turbo-512-1", throughput),
+    ),
+    "turbo-512-1-tiny": Scenario(
+        "turbo-512-1-tiny",
+        "turbo-512-1 decoded by a tiny decoder (TAESD's architecture, random weights), the peers too",
+        _generation("turbo-512-1-tiny", throughput),
+    ),
+    "sdxl-1024-lcm4-tiny": Scenario(
+        "sdxl-1024-lcm4-tiny",
+        "sdxl-1024-lcm4 decoded by a tiny decoder (TAESDXL's architecture, random weights), the peers too",
+        _generation("sdxl-1024-lcm4-tiny", throughput),
     ),
     "esrgan-x4-1024": Scenario(
         "esrgan-x4-1024", "Real-ESRGAN x4 of 1024² images", lambda ctx: esrgan("esrgan-x4-1024", ctx)
