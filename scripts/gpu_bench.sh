@@ -53,7 +53,7 @@ http)
     # turbo-512-1 through the HTTP API: `imagegenx serve` with batches of 32, open-loop Poisson load;
     # a part cut by LIMIT still writes the load generator's report (it stops on SIGINT). First the
     # disk's fsync time, which bounds SQLite's commits (HTTP_ARGS: more loadgen options; by default
-    # the engine runs in its own process, `serve --worker-process`).
+    # the engine runs in its own process, `serve --worker-process`; DECODER=tiny: a random tiny decoder).
     python3 -c "import os, statistics, time; f = os.open('/tmp/fsync.probe', os.O_WRONLY | os.O_CREAT)
 t = []
 for _ in range(50):
@@ -62,8 +62,9 @@ print(f'fsync of 4 KiB in /tmp: median {statistics.median(t) * 1000:.2f} ms, max
         tee -a "$OUT/log.txt"
     # shellcheck disable=SC2086 # HTTP_ARGS is a list
     run python3 scripts/loadgen.py ${HTTP_ARGS---server-arg=--worker-process} --start-server random:sd21 --server-env IMAGEGENX_ENGINE__MAX_BATCH=32 \
-        --server-env IMAGEGENX_MODELS__DEVICE=cuda --width 512 --height 512 --steps 1 --cfg 0 --sampler euler \
-        --rate "${RATE:-40}" --duration "${DURATION:-40}" --warmup 10 --json "$OUT/http-turbo-512-1-${RATE:-40}.json"
+        --server-env IMAGEGENX_MODELS__DEVICE=cuda --server-env 'IMAGEGENX_MODELS__TINY_DECODERS={"sd21":"random"}' \
+        --decoder "${DECODER:-full}" --width 512 --height 512 --steps 1 --cfg 0 --sampler euler \
+        --rate "${RATE:-40}" --duration "${DURATION:-40}" --warmup 10 --json "$OUT/http-turbo-512-1-${RATE:-40}${DECODER:+-$DECODER}.json"
     ;;
 profile)
     run python3 scripts/profile_engine_gpu.py "$OUT"

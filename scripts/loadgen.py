@@ -161,6 +161,7 @@ def task_body(a: argparse.Namespace, index: int) -> dict:
         "seed": a.seed * 1_000_003 + index + 1,
         "priority": a.priority,
         **({"model": a.model} if a.model else {}),
+        **({"decoder": a.decoder} if a.decoder != "full" else {}),
     }
 
 
@@ -534,6 +535,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     job.add_argument("--priority", type=int, default=2)
     job.add_argument("--model", help="Model per request (default: the server's)")
     job.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    job.add_argument(
+        "--decoder", choices=("full", "tiny"), default="full", help="tiny: the server's tiny decoder [full]"
+    )
     client = p.add_argument_group("client")
     client.add_argument("--poll-interval", type=float, default=0.05, help="Seconds between polls [0.05]")
     client.add_argument(
