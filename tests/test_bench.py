@@ -24,6 +24,7 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
     assert set(scenarios) == {
         "sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "esrgan-x4-1024", "vae-decode-1024",
         "portrait-100", "cold-start", "flux-dev-1024-28", "turbo-512-1-tiny", "sdxl-1024-lcm4-tiny",
+        "portrait-100-tiny",
     }  # fmt: skip
     generation = ("sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "flux-dev-1024-28")
     for name in (*generation, "turbo-512-1-tiny", "sdxl-1024-lcm4-tiny"):
@@ -38,8 +39,9 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
     assert all(len(row["latencies"]) == 2 and row["p50_s"] <= row["p99_s"] for row in latency_rows)
     assert len(scenarios["esrgan-x4-1024"]["rows"]) == 2
     assert len(scenarios["vae-decode-1024"]["rows"]) == 4
-    [portrait] = scenarios["portrait-100"]["rows"]
-    assert portrait["images"] == 8 and "drafts" in portrait["note"] and "qc" in portrait["note"]
+    for name in ("portrait-100", "portrait-100-tiny"):
+        [portrait] = scenarios[name]["rows"]
+        assert portrait["images"] == 8 and "drafts" in portrait["note"] and "qc" in portrait["note"]
     cold = {row["runner"]: row for row in scenarios["cold-start"]["rows"]}
     first, mixed = "imagegenx file → first image", "imagegenx 40 mixed requests"
     switches = ["imagegenx LoRA switch (adapters)", "imagegenx LoRA switch (fused)"]

@@ -126,6 +126,12 @@ def test_bad_requests_get_clear_errors(client):
         ("/api/v1/image/generate", {"text": "x", **SMALL, "style": "nope"}, 400, "style"),
         ("/api/v1/image/generate", {"text": "x", **SMALL, "decoder": "tiny"}, 400, "no tiny decoder"),
         ("/api/v1/image/generate", {"text": "x", **SMALL, "decoder": "vae"}, 422, "decoder"),
+        (
+            "/api/v1/portrait",
+            {"prompt": "x", "selfies": [base64.b64encode(_png()).decode()], "draft_decoder": "tiny"},
+            400,
+            "no tiny decoder",
+        ),
         ("/api/v1/image/img2img", {"text": "x", **SMALL}, 400, "image is required"),
         ("/api/v1/image/img2img", {"text": "x", **SMALL, "image": "%%%"}, 400, "base64"),
         ("/api/v1/image/img2img", {"text": "x", **SMALL, "image_url": "http://169.254.169.254/x"}, 400, ""),

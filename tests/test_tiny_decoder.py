@@ -4,6 +4,7 @@ whose image is whose."""
 
 from __future__ import annotations
 
+import io
 import json
 from importlib import resources
 
@@ -178,3 +179,36 @@ def test_requests_name_the_decoder():
     assert job_from_params("t", params | {"decoder": "full"}, None, None).decoder == "full"
     with pytest.raises(UserError, match="decoder 'vae' is not one of full, tiny"):
         validate_job(job_from_params("t", params | {"decoder": "vae"}, None, None), Settings().engine)
+
+
+def test_portrait_drafts_decoded_tiny_and_the_refined_ones_made_again(tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    from imagegenx.engine.portrait import PortraitSpec, run_portrait
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, "PNG")
+    spec = PortraitSpec(
+        "a portrait photo of a woman", n=3, model="random:tiny-sdxl", seed=3, shortlist=2, refine_top=1,
+        refiner_steps=2, upscale=1, draft_decoder="tiny",
+    )  # fmt: skip
+    with Engine(tiny_settings(tmp_path, {"sdxl": "random"})) as engine:
+        result = run_portrait(engine, [("astronaut.png", buffer.getvalue())], spec)
+    refined, kept = result.finals
+    assert kept.job.decoder == "tiny"  # a shortlisted draft beyond refine_top, as drafted
+    assert refined.job.decoder == "full" and "refine" in refined.post  # made again at low strength
+    with pytest.raises(UserError, match="draft decoder"):
+        PortraitSpec("x", draft_decoder="vae")
+
+
+def test_quality_passes_decode_with_the_full_vae():
+    """Hires, refine and fix passes make the image again for quality: whatever the first pass used."""
+    from PIL import Image
+
+    from imagegenx.postprocess.hires import img2img_job
+
+    image = Image.new("RGB", (64, 64))
+    again = img2img_job(job(1, "tiny"), image, suffix="refine", strength=0.3, steps_run=2)
+    assert again.decoder == "full" and again.init_image
+    assert img2img_job(job(1), image, suffix="x", strength=0.3, steps_run=2, decoder="tiny").decoder == "tiny"

@@ -221,11 +221,7 @@ def generate(
         from imagegenx.models.sources import resolve
 
         source = resolve(model_ref, settings.models)
-        if tiny_decoder:
-            decoders = settings.models.tiny_decoders | {source.family: tiny_decoder}
-            settings = settings.model_copy(
-                update={"models": settings.models.model_copy(update={"tiny_decoders": decoders})}
-            )
+        settings = with_tiny_decoder(settings, model_ref, tiny_decoder)
         flow = source.family in {"sd3", "flux"}
         sampler = parse_sampler(scheduler or ("euler" if flow else "dpmpp_2m_karras"))
         default_size = 64 if model_ref.startswith("random:tiny-") else _DEFAULT_SIZE.get(source.family, 1024)
@@ -276,6 +272,19 @@ def generate(
         raise _fail(str(exc)) from None
     if failed:
         raise typer.Exit(1)
+
+
+def with_tiny_decoder(settings: Settings, model_ref: str, location: str | None) -> Settings:
+    """``settings`` with ``location`` (a folder, or random) as the tiny decoder of ``model_ref``'s
+    family: what ``--tiny-decoder`` sets."""
+    if not location:
+        return settings
+    from imagegenx.models.sources import resolve
+
+    decoders = settings.models.tiny_decoders | {resolve(model_ref, settings.models).family: location}
+    return settings.model_copy(
+        update={"models": settings.models.model_copy(update={"tiny_decoders": decoders})}
+    )
 
 
 @app.command()

@@ -59,12 +59,16 @@ def portrait(
     arcface: Annotated[
         Path | None, typer.Option(help="InsightFace-format ArcFace .onnx: InstantID's face embedding.")
     ] = None,
+    tiny_decoder: Annotated[
+        str | None,
+        typer.Option(help="Decode the drafts with a tiny decoder: an AutoencoderTiny folder, or random."),
+    ] = None,
 ) -> None:
     """Make portraits of the person in the selfies: N drafts, the best 15 by identity and quality,
     refined, face-fixed and upscaled, with report.json and a contact sheet of every draft."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from imagegenx.cli import _fail, _quiet_libraries, err
+    from imagegenx.cli import _fail, _quiet_libraries, err, with_tiny_decoder
     from imagegenx.config import Settings
     from imagegenx.types import LoraRef, UserError
 
@@ -109,6 +113,7 @@ def portrait(
             identitynet=identitynet,
             identity_scale=identity_scale,
             arcface=str(arcface) if arcface else None,
+            draft_decoder="tiny" if tiny_decoder else "full",
         )
         from imagegenx.engine.engine import Engine
 
@@ -120,7 +125,9 @@ def portrait(
             console=err,
             disable=not err.is_terminal,
         )
-        with Engine(Settings()) as engine, bars:
+        settings = Settings()
+        settings = with_tiny_decoder(settings, model or settings.models.default_model, tiny_decoder)
+        with Engine(settings) as engine, bars:
             bar = bars.add_task("selfies", total=len(data))
 
             def show(stage: str, done: int, total: int) -> None:

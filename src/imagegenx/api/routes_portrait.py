@@ -9,6 +9,7 @@ and ``contact_sheet``.
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
@@ -17,7 +18,7 @@ from pydantic import BaseModel, Field
 from imagegenx.api.app import ErrorBody, error_responses
 from imagegenx.api.deps import ContextDep, KeyDep
 from imagegenx.api.schemas import MAX_PROMPT_CHARS, Envelope, Submitted, decode_base64_image
-from imagegenx.api.task_inputs import model_file, submitted_envelope
+from imagegenx.api.task_inputs import check_tiny_decoder, model_file, submitted_envelope
 from imagegenx.engine.portrait_task import submit_portrait
 from imagegenx.vision.selfie import RANDOM_ARCFACE
 
@@ -50,6 +51,9 @@ class PortraitParams(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$",
         description="ArcFace .onnx (InsightFace format) by name in the server's model folder",
     )
+    draft_decoder: Literal["full", "tiny"] = Field(
+        "full", description="tiny: drafts decoded by the server's tiny decoder (faster, a little less detail)"
+    )
     priority: int = Field(2, ge=0, le=3)
 
 
@@ -69,5 +73,7 @@ async def portrait(body: PortraitParams, key: KeyDep, ctx: ContextDep) -> Envelo
         params["arcface"] = str(model_file(ctx, body.arcface, ".onnx", "ArcFace model"))
     if ctx.prompt_filter is not None:
         ctx.prompt_filter.enforce(body.prompt)
+    if body.draft_decoder != "full":
+        check_tiny_decoder(ctx)
     record = await run_in_threadpool(submit_portrait, ctx.service, key, selfies, params, body.priority)
     return submitted_envelope([record])

@@ -64,10 +64,16 @@ def build_task_input(
     if not p.embed_metadata:
         params["embed_metadata"] = False
     if p.decoder != "full":
-        if not ctx.settings.models.tiny_decoders:
-            raise UserError("this server has no tiny decoder (IMAGEGENX_MODELS__TINY_DECODERS): use full")
+        check_tiny_decoder(ctx)
         params["decoder"] = p.decoder
     return TaskInput(params, p.priority, p.callback_url, p.style, output_format=p.format.lower(), **images)
+
+
+def check_tiny_decoder(ctx: AppContext) -> None:
+    """A request for the tiny decoder is refused now where the server has none at all (a model
+    family without one fails the task with the reason)."""
+    if not ctx.settings.models.tiny_decoders:
+        raise UserError("this server has no tiny decoder (IMAGEGENX_MODELS__TINY_DECODERS): use full")
 
 
 def model_file(ctx: AppContext, name: str, suffix: str, what: str) -> Path:

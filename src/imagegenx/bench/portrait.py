@@ -28,7 +28,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def portrait_100(name: str, ctx, engine_settings) -> list[Row]:
+def portrait_100(name: str, ctx, engine_settings, draft_decoder: str = "full") -> list[Row]:
     photo = Image.fromarray(data.astronaut())
     selfies = [("astronaut.png", _png(photo)), ("crop.png", _png(photo.crop((90, 0, 346, 256))))]
     n = 8 if ctx.smoke else 100
@@ -41,6 +41,7 @@ def portrait_100(name: str, ctx, engine_settings) -> list[Row]:
         instantid=RANDOM_INSTANTID,
         identitynet=RANDOM_CONTROLNET,
         arcface=RANDOM_ARCFACE,
+        draft_decoder=draft_decoder,
     )
     device = ctx.device
     with Engine(engine_settings) as engine:

@@ -113,17 +113,17 @@ def image_tflop(model: LoadedModel, work: Workload) -> float | None:
     return work.steps * step + decode
 
 
-def _engine_settings(ctx: BenchContext, work: Workload | None = None) -> Settings:
+def _engine_settings(ctx: BenchContext, tiny: bool = False) -> Settings:
     """Batches as large as the peers': 32 images of 512², 16 of 1024² in one UNet batch; and the
     random tiny decoders a tiny workload decodes with."""
     limits = {"max_batch": 32, "max_pixels_per_batch": 16 * 1024 * 1024}
     engine = ctx.settings.engine.model_copy(update=limits)
-    return ctx.settings.model_copy(update={"engine": engine, "models": _model_settings(ctx, work)})
+    return ctx.settings.model_copy(update={"engine": engine, "models": _model_settings(ctx, tiny)})
 
 
-def _model_settings(ctx: BenchContext, work: Workload | None) -> ModelSettings:
+def _model_settings(ctx: BenchContext, tiny: bool) -> ModelSettings:
     models = ctx.settings.models
-    if work is None or work.decoder != "tiny":
+    if not tiny:
         return models
     random = {family: "random" for family in TINY_DECODER_FAMILIES}
     return models.model_copy(update={"tiny_decoders": random | models.tiny_decoders})
@@ -132,7 +132,13 @@ def _model_settings(ctx: BenchContext, work: Workload | None) -> ModelSettings:
 def _run_peers(ctx: BenchContext, name: str, work: Workload, measure: Callable[[Peer], Row]) -> list[Row]:
     rows = []
     for peer_name in ctx.peers:
-        peer = load_peer(peer_name, work.model, _model_settings(ctx, work), ctx.peer_compile, work.decoder)
+        peer = load_peer(
+            peer_name,
+            work.model,
+            _model_settings(ctx, work.decoder == "tiny"),
+            ctx.peer_compile,
+            work.decoder,
+        )
         # The UNet families take the job's sampler; SD 3.5 and Flux keep their flow-matching Euler.
         if work.scheduler is not SchedulerName.DPMPP_2M_KARRAS and hasattr(peer.pipe, "unet"):
             peer.pipe.scheduler = make_scheduler(work.scheduler, peer.pipe.scheduler.config)
@@ -151,7 +157,7 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
     device = ctx.device
 
     def ours() -> Row:
-        with Engine(_engine_settings(ctx, work)) as engine:
+        with Engine(_engine_settings(ctx, work.decoder == "tiny")) as engine:
             tflop = image_tflop(engine.models.get(work.model), work)
             encode_image(engine.run([work.job(0)])[0], ImageFormat.WEBP)  # warm-up (and compile)
             reset_peak(device)
@@ -183,7 +189,7 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
     device = ctx.device
 
     def ours() -> Row:
-        with Engine(_engine_settings(ctx, work)) as engine:
+        with Engine(_engine_settings(ctx, work.decoder == "tiny")) as engine:
             tflop = image_tflop(engine.models.get(work.model), work)
             engine.run([work.job(seed) for seed in range(work.peer_batch)])  # warm-up at full batch
             reset_peak(device)
@@ -330,6 +336,11 @@ SCENARIOS: dict[str, Scenario] = {
         "portrait-100",
         "seed 000: 100 InstantID drafts, QC, shortlist 15, refine 10, face fix, x4",
         lambda ctx: portrait_100("portrait-100", ctx, _engine_settings(ctx)),
+    ),
+    "portrait-100-tiny": Scenario(
+        "portrait-100-tiny",
+        "portrait-100 with the drafts decoded by a tiny decoder (TAESDXL's architecture, random weights)",
+        lambda ctx: portrait_100("portrait-100-tiny", ctx, _engine_settings(ctx, tiny=True), "tiny"),
     ),
     "cold-start": Scenario(
         "cold-start",

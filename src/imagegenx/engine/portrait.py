@@ -96,6 +96,9 @@ class PortraitSpec:
     identitynet: str | None = None  # IdentityNet ControlNet
     identity_scale: float = 1.0  # identity attention scale and IdentityNet strength
     arcface: str | None = None  # InsightFace-format ONNX: InstantID's 512-d embedding (never downloaded)
+    # "tiny": the drafts decoded by the family's tiny decoder (an 18th of the VAE's work); the refined
+    # ones are made again by the refine pass, shortlisted drafts beyond refine_top keep its detail
+    draft_decoder: str = "full"
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -114,6 +117,8 @@ class PortraitSpec:
                 "InsightFace-format recognition model; none is downloaded); dlib's 128-d one does not fit"
             )
         ImageFormat.parse(self.image_format)
+        if self.draft_decoder not in ("full", "tiny"):
+            raise UserError(f"draft decoder must be full or tiny, not {self.draft_decoder!r}")
 
     @property
     def draft_steps(self) -> int:
@@ -195,6 +200,7 @@ def run_portrait(
             seed=spec.seed + i,
             loras=spec.loras,
             job_id=f"portrait-{run_id}-{i:04d}",
+            decoder=spec.draft_decoder,
             **identity,
         )
         for i in range(spec.n)
@@ -261,7 +267,12 @@ def run_portrait(
     lap("fix")
     upscale = PostprocessSpec(upscale=spec.upscale, network_strength=0.35, unsharp=True)
     finals = _stage("upscale", finals, upscale, engine, tell, on=spec.upscale > 1)
-    finals = [replace(f, job=results[i].job) for f, i in zip(finals, shortlist, strict=True)]
+    # The metadata describes the draft each final came from; the refined ones were decoded anew by
+    # the full VAE (the refine pass's own job).
+    finals = [
+        replace(f, job=replace(results[i].job, decoder="full") if n < top else results[i].job)
+        for n, (f, i) in enumerate(zip(finals, shortlist, strict=True))
+    ]
     lap("upscale")
 
     # 5. Encode the finals with their metadata, the contact sheet and the report.

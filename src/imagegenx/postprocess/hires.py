@@ -36,7 +36,9 @@ def png_bytes(image: Image.Image) -> bytes:
 def img2img_job(
     job: JobSpec, pil: Image.Image, *, suffix: str, strength: float, steps_run: int, **changes
 ) -> JobSpec:
-    """``job`` turned into an img2img pass over ``pil`` that runs about ``steps_run`` steps."""
+    """``job`` turned into an img2img pass over ``pil`` that runs about ``steps_run`` steps. The pass
+    decodes with the full VAE: hires, refine and fix passes exist for quality, while a tiny decoder
+    (``JobSpec.decoder``) only sped up the image they start from."""
     return replace(
         job,
         task=Task.IMG2IMG,
@@ -47,7 +49,7 @@ def img2img_job(
         init_image=png_bytes(pil),
         mask_image=None,
         job_id=f"{job.job_id}:{suffix}" if job.job_id else "",
-        **changes,
+        **({"decoder": "full"} | changes),
     )
 
 
