@@ -38,7 +38,8 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
     latency_rows = scenarios["sdxl-1024-30"]["rows"]
     assert all(len(row["latencies"]) == 2 and row["p50_s"] <= row["p99_s"] for row in latency_rows)
     assert len(scenarios["esrgan-x4-1024"]["rows"]) == 2
-    assert len(scenarios["vae-decode-1024"]["rows"]) == 4
+    decodes = scenarios["vae-decode-1024"]["rows"]
+    assert len(decodes) == 6 and [row["runner"].split()[1] for row in decodes] == ["vae"] * 4 + ["tiny"] * 2
     for name in ("portrait-100", "portrait-100-tiny"):
         [portrait] = scenarios[name]["rows"]
         assert portrait["images"] == 8 and "drafts" in portrait["note"] and "qc" in portrait["note"]

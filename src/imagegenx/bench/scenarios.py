@@ -264,11 +264,20 @@ def vae_decode(name: str, ctx: BenchContext) -> list[Row]:
         label = f"imagegenx vae {str(dtype).removeprefix('torch.')} batch {batch}"
         return Row(name, label, batch, best, [], peak_gib(device), tflop, "best of 3")
 
-    vae = ModelCache(ctx.settings.models).get(ref).pipe.vae
+    model = ModelCache(_model_settings(ctx, tiny=True)).get(ref)
+    vae, tiny = model.pipe.vae, model.tiny_decoder
     rows = [
         measure(vae.to(dtype), dtype, batch) for dtype in (torch.float32, torch.bfloat16) for batch in (1, 4)
     ]
-    del vae
+    # The tiny decoder (TAESDXL's architecture) in the dtype the engine gives it, the model's.
+    rows += [
+        replace(
+            measure(tiny, tiny.dtype, batch),
+            runner=f"imagegenx tiny decoder {str(tiny.dtype).removeprefix('torch.')} batch {batch}",
+        )
+        for batch in (1, 4)
+    ]
+    del vae, tiny, model
     free_device()
     return rows
 
