@@ -129,3 +129,14 @@ def test_compile_keeps_its_kernels_under_the_data_folder_unless_told_otherwise(t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")  # the operator's choice stays
     apply_speedups(SimpleNamespace(unet=torch.nn.Linear(4, 4), vae=None), torch.device("cpu"), settings)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+
+
+def test_cudnn_benchmark_is_asked_for_and_only_on_cuda(monkeypatch):
+    from imagegenx.models.speed import use_cudnn_benchmark
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    cuda = torch.device("cuda")  # only compared: nothing runs on it
+    assert not use_cudnn_benchmark(ModelSettings(), cuda) and not torch.backends.cudnn.benchmark  # default
+    assert not use_cudnn_benchmark(ModelSettings(cudnn_benchmark=True), torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark
+    assert use_cudnn_benchmark(ModelSettings(cudnn_benchmark=True), cuda) and torch.backends.cudnn.benchmark

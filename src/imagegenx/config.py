@@ -45,6 +45,10 @@ class ModelSettings(BaseModel):
     # float8 weights and activations for the denoiser's linear layers (torchao, the fp8 extra): needs a
     # GPU of compute capability 8.9+ (Ada, Hopper) and dtype bfloat16; excludes LoRAs
     fp8: bool = False
+    # cuDNN times its convolution algorithms on the first call of each shape and keeps the fastest
+    # (torch.backends.cudnn.benchmark, process-wide; CUDA only): for the VAE, ControlNets and
+    # Real-ESRGAN's fixed tiles. Off by default until measured: each new shape pays the trial once.
+    cudnn_benchmark: bool = False
     # Tiny latent decoders (TAESD's kind, models/tiny_decoder.py) that requests pick with
     # decoder="tiny": model family (sd15, sd21, sdxl, sdxl-refiner; sd15's serves SD 2.x and sdxl's the
     # refiner unless named) -> a diffusers AutoencoderTiny folder, or "random" (noise, for tests and

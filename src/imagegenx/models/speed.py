@@ -15,6 +15,9 @@
 - ``compile_vae``: with ``compile`` on, the VAE decode is compiled too, its batch padded to the same
   buckets (it is 40% of an SDXL 1024² LCM-4 image on an H200, and runs at 15% of the matmul peak
   eager: GroupNorm and SiLU between the convolutions are memory-bound, which fusion helps).
+- ``cudnn_benchmark``: cuDNN tries its convolution algorithms on the first call of each input shape
+  and keeps the fastest, instead of picking one by heuristics (a process-wide flag; CUDA only). The
+  engine's shapes are few (padded batch buckets, fixed upscaler tiles), so the trials are paid once.
 - ``fp8``: the denoiser's linear layers in float8 (torchao's dynamic float8 activations and float8
   weights, one scale per row), applied before ``torch.compile``, which fuses each activation's
   quantization into the kernel before it. Needs float8 matmuls (a CUDA GPU of compute capability
@@ -60,6 +63,8 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         if unet is not None:
             unet.to(memory_format=torch.channels_last)
             applied["channels_last"] = True
+    if use_cudnn_benchmark(settings, device):
+        applied["cudnn_benchmark"] = True
     if settings.fuse_qkv and denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
         denoiser.fuse_qkv_projections()
         applied["fuse_qkv"] = True
@@ -79,6 +84,15 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
             vae.decode = padded_decode(torch.compile(vae.decode, mode=settings.compile, dynamic=False))
             applied["compile_vae"] = True
     return applied
+
+
+def use_cudnn_benchmark(settings: ModelSettings, device: torch.device) -> bool:
+    """Turn cuDNN's per-shape algorithm trials on where the settings ask for them and the device is
+    CUDA; returns whether they are on."""
+    if settings.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        return True
+    return False
 
 
 def lora_refusal(applied: dict[str, Any]) -> str:
