@@ -36,12 +36,17 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _quiet_libraries() -> None:
-    """transformers and diffusers log warnings that mean nothing to a user of the CLI."""
+    """transformers and diffusers log warnings that mean nothing to a user of the CLI; so does
+    torchao (the fp8 extra), which diffusers imports whenever it is installed: its kernels for other
+    GPUs that do not load here, and an enum registration torch deprecates."""
+    import logging
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _parse_lora(text: str) -> LoraRef:
