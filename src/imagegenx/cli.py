@@ -287,9 +287,7 @@ def with_tiny_decoder(settings: Settings, model_ref: str, location: str | None) 
     from imagegenx.models.sources import resolve
 
     decoders = settings.models.tiny_decoders | {resolve(model_ref, settings.models).family: location}
-    return settings.model_copy(
-        update={"models": settings.models.model_copy(update={"tiny_decoders": decoders})}
-    )
+    return _with(settings, models={"tiny_decoders": decoders})
 
 
 @app.command()
