@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from importlib import resources
 
 import numpy as np
@@ -212,3 +213,31 @@ def test_quality_passes_decode_with_the_full_vae():
     again = img2img_job(job(1, "tiny"), image, suffix="refine", strength=0.3, steps_run=2)
     assert again.decoder == "full" and again.init_image
     assert img2img_job(job(1), image, suffix="x", strength=0.3, steps_run=2, decoder="tiny").decoder == "tiny"
+
+
+def test_previews_from_the_tiny_decoder_are_the_picture_at_preview_size(tmp_path):
+    from PIL import Image
+
+    from imagegenx.pipelines.preview import PendingPreviews
+
+    settings = tiny_settings(tmp_path)
+    settings = settings.model_copy(
+        update={"engine": settings.engine.model_copy(update={"preview_decoder": "tiny"})}
+    )
+    events = []
+    with Engine(settings) as engine:
+        engine.subscribe(lambda e: events.append(e) if e.preview else None)
+        engine.submit(replace(job(1), steps=8, job_id="j")).result(timeout=120)
+        decoder = engine.models.get(MODEL).tiny_decoder
+    previews = [Image.open(io.BytesIO(e.preview)) for e in events]
+    assert previews and all(p.size == (64, 64) for p in previews)  # decoded pixels, not 8x8 latents
+    # Larger images shrink to at most 128 pixels a side, on the device, from the decoder's picture.
+    latents = torch.randn(1, 4, 32, 24)
+    pending = PendingPreviews()
+    pending.start("big", latents, "sd21", decoder)
+    big = Image.open(io.BytesIO(pending.ready()["big"])).convert("RGB")
+    assert big.size == (96, 128)
+    with torch.no_grad():
+        full = (decoder.decode(latents, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+    small = torch.nn.functional.interpolate(full, size=(128, 96), mode="area")[0].permute(1, 2, 0) * 255
+    assert np.abs(np.asarray(big, float) - small.numpy()).mean() < 6  # JPEG at quality 75

@@ -78,6 +78,10 @@ class EngineSettings(BaseModel):
     # Progress events carry a small latent-to-RGB JPEG about 8 times per job (a device-to-host copy
     # of one image's latents each time); off: progress numbers only.
     step_previews: bool = True
+    # How previews are made: "latent" (a fixed latent-to-RGB projection, no decode) or "tiny" (the
+    # model family's tiny decoder where ModelSettings.tiny_decoders names one: a real picture at 128
+    # pixels, one small decode per preview; elsewhere the projection)
+    preview_decoder: Literal["latent", "tiny"] = "latent"
     # Fault injection for tests: a UNet call with more rows than this raises CUDA out-of-memory, as a
     # small GPU would, so the batch-split path runs end to end on a CPU (0: off).
     fault_oom_above_rows: int = 0

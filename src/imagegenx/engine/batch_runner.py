@@ -187,8 +187,9 @@ class BatchRunner:
         the device here); a failure costs the preview, never the job."""
         if not self.settings.engine.step_previews:
             return
+        tiny = model.tiny_decoder if self.settings.engine.preview_decoder == "tiny" else None
         try:
-            previews.start(sample.job.job_id, sample.latents, model.family)
+            previews.start(sample.job.job_id, sample.latents, model.family, tiny)
         except Exception:
             log.exception("step preview of %s failed", sample.job.job_id)
 

@@ -5,6 +5,10 @@ The matrices are linear fits of the SD 1.5 (also SD 2.x: the same VAE) and SDXL 
 with ComfyUI's latent previews (``comfy/latent_formats.py``, "latent_rgb_factors"). They read the
 latents the UNet sees; early steps are mostly noise, the picture settles as the steps go on.
 
+With ``preview_decoder="tiny"`` (EngineSettings) and a tiny decoder for the model's family
+(models/tiny_decoder.py), the latents are decoded by it instead, as A1111's TAESD live previews:
+a real picture at preview size for one small decode per preview.
+
 ``PendingPreviews`` makes them without stalling the device: the projection is queued on the device
 with a ``HostCopy`` (hostcopy.py), and the JPEG is made once the copy has completed, for a later
 progress event of the same job.
@@ -15,8 +19,10 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from imagegenx.pipelines.hostcopy import HostCopy
@@ -69,8 +75,9 @@ class PendingPreviews:
         return len(self._pending)
 
     @torch.no_grad()
-    def start(self, job_id: str, latents: torch.Tensor, family: str) -> None:
-        pixels = _project(latents, family)
+    def start(self, job_id: str, latents: torch.Tensor, family: str, decoder: Any = None) -> None:
+        """``decoder``: a tiny decoder to decode the latents with, instead of the RGB factors."""
+        pixels = _project(latents, family) if decoder is None else _decode_small(latents, decoder)
         if pixels is not None:
             self._pending[job_id] = HostCopy(pixels)
 
@@ -98,6 +105,17 @@ def _project(latents: torch.Tensor, family: str) -> torch.Tensor | None:
         return None
     rgb = torch.einsum("chw,cr->hwr", latents[0].float(), _matrix(family, latents.device))
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
+
+
+def _decode_small(latents: torch.Tensor, decoder: Any) -> torch.Tensor:
+    """(h, w, 3) uint8 pixels of the first latent decoded by ``decoder``, shrunk on the device to
+    at most MAX_SIDE a side (a small copy to the host)."""
+    z = latents[:1].to(decoder.dtype) / decoder.config.scaling_factor
+    image = decoder.decode(z, return_dict=False)[0].float()
+    scale = MAX_SIDE / max(image.shape[-2:])
+    if scale < 1:
+        image = F.interpolate(image, scale_factor=scale, mode="area")
+    return ((image[0] + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
 
 
 @functools.cache
