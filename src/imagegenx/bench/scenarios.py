@@ -238,7 +238,10 @@ def esrgan(name: str, ctx: BenchContext) -> list[Row]:
     pixels = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].to(device, next(net.parameters()).dtype)
     tflop = count_tflop(lambda: type(net).forward(net, pixels / 255))
     rows = []
-    step = Upscale(device=device)
+    models = ctx.settings.models
+    mode = models.compile if models.compile_upscaler else "off"  # as the engine's chain would
+    step = Upscale(device=device, compile_mode=mode)
+    compiled = f", compiled {mode}" if mode != "off" else ""
     for runner, params in (
         ("imagegenx x4 + finish", {"scale": 4, "network_strength": 0.35, "unsharp": True}),
         ("imagegenx x4 network only", {"scale": 4, "network_strength": 1.0}),
@@ -246,7 +249,9 @@ def esrgan(name: str, ctx: BenchContext) -> list[Row]:
         step.apply([photo] * 4, params)  # warm-up
         reset_peak(device)
         best = min(timed(device, lambda params=params: step.apply([photo] * 4, params))[0] for _ in range(3))
-        rows.append(Row(name, runner, 4, best, [], peak_gib(device), tflop, "batch of 4, best of 3"))
+        rows.append(
+            Row(name, runner, 4, best, [], peak_gib(device), tflop, f"batch of 4, best of 3{compiled}")
+        )
     return rows
 
 

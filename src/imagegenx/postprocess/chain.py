@@ -216,12 +216,13 @@ def apply_chain(
         run("face restore", restore)
     # 6. Upscale.
     if spec.upscale > 1:
-        from imagegenx.postprocess.upscale import Upscale
+        from imagegenx.postprocess.upscale import Upscale, upscaler_compile
 
         params = {"scale": spec.upscale, "network_strength": spec.network_strength, "unsharp": spec.unsharp}
+        step = Upscale(compile_mode=upscaler_compile(denoiser))
         run(
             f"upscale x{spec.upscale}",
-            lambda alive: _map_pixels(out, alive, lambda pils: Upscale().apply(pils, params)),
+            lambda alive: _map_pixels(out, alive, lambda pils: step.apply(pils, params)),
         )
     # 7. Watermarks: visible first, so the invisible mark is computed on the final pixels.
     if spec.watermark_text or spec.invisible_watermark:

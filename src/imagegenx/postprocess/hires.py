@@ -84,10 +84,11 @@ def hires_fix(
         for p in pils
     ]
     if spec.hires_upscaler == "realesrgan":
-        from imagegenx.postprocess.upscale import Upscale
+        from imagegenx.postprocess.upscale import Upscale, upscaler_compile
 
         factor = 2 if spec.hires_scale <= 2 else 4
-        big = Upscale().apply(pils, {"scale": factor, "network_strength": 1.0})
+        upscale = Upscale(compile_mode=upscaler_compile(denoiser))
+        big = upscale.apply(pils, {"scale": factor, "network_strength": 1.0})
         pils = [b.resize(size, Image.Resampling.LANCZOS) for b, size in zip(big, sizes, strict=True)]
     else:
         pils = [p.resize(size, Image.Resampling.LANCZOS) for p, size in zip(pils, sizes, strict=True)]

@@ -13,7 +13,9 @@ network's output with a plain Lanczos upscale, then an optional unsharp mask; on
 runs there too (``postprocess.finish``), on the CPU in Pillow.
 
 Nothing is loaded at import time: :func:`get_upscaler` loads a model on first use and caches it
-by (name, device, dtype).
+by (name, device, dtype, compile mode). With a compile mode (the chain passes the engine's
+``ModelSettings.compile`` when ``compile_upscaler`` is on) the network is ``torch.compile``d and
+each tile batch padded to a bucket, so a few static shapes serve every call.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 from torch.nn import functional as F
 
+from imagegenx.models.speed import batch_bucket
 from imagegenx.postprocess.ncnn_weights import ConvWeights, NcnnLayer, parse_param, read_convolutions
 from imagegenx.postprocess.steps import device_and_dtype, param
 
@@ -221,7 +224,11 @@ class RealESRGAN:
     """A loaded Real-ESRGAN ×4 network on one device and dtype."""
 
     def __init__(
-        self, model: RRDBNet, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        self,
+        model: RRDBNet,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        compile_mode: str = "off",
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -230,6 +237,11 @@ class RealESRGAN:
         self.net = model.to(device=self.device, dtype=self.dtype, memory_format=self._memory_format)
         self.net.eval().requires_grad_(False)
         self.net_scale = model.scale
+        # Compiled: LeakyReLU, the residual scaling and the dense blocks' concatenations fused around
+        # the convolutions (the eager network runs at 12% of the matmul peak on an H200).
+        self.compiled = compile_mode != "off"
+        if self.compiled:
+            self.net.forward = torch.compile(self.net.forward, mode=compile_mode, dynamic=False)
 
     @classmethod
     def from_package(
@@ -237,16 +249,20 @@ class RealESRGAN:
         name: str = DEFAULT_MODEL,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compile_mode: str = "off",
     ) -> RealESRGAN:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load_rrdbnet(name), device, dtype)
+        return cls(load_rrdbnet(name), device, dtype, compile_mode)
 
     @torch.inference_mode()
     def _run(self, batch: list[torch.Tensor]) -> torch.Tensor:
         """Network output of equally sized CHW 0-1 tiles, as uint8 NHWC on the device (rounded there)."""
+        rows = len(batch)
+        if self.compiled:  # padded to the bucket (copies of the last tile), cut back below
+            batch = batch + batch[-1:] * (batch_bucket(rows) - rows)
         x = torch.stack(batch).to(device=self.device, dtype=self.dtype, memory_format=self._memory_format)
-        y = self.net(x).float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+        y = self.net(x)[:rows].float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
         return y.permute(0, 2, 3, 1)
 
     def network_upscale(
@@ -361,37 +377,43 @@ _CACHE_LOCK = threading.Lock()
 
 
 def get_upscaler(
-    name: str = DEFAULT_MODEL, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    name: str = DEFAULT_MODEL,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    compile_mode: str = "off",
 ) -> RealESRGAN:
-    """The cached :class:`RealESRGAN` for (name, device, dtype), loaded on first use."""
+    """The cached :class:`RealESRGAN` for (name, device, dtype, compile mode), loaded on first use."""
     dev, dt = device_and_dtype(device, dtype)
-    key = (name, str(dev), dt)
+    key = (name, str(dev), dt, compile_mode)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = RealESRGAN.from_package(name, dev, dt)
+            _CACHE[key] = RealESRGAN.from_package(name, dev, dt, compile_mode)
         return _CACHE[key]
 
 
 class Upscale:
     """Postprocess step: ``apply(images, params)`` with params ``scale`` (2 or 4, default 4),
     ``network_strength`` (default 1.0), ``unsharp`` (bool, default False), optional ``tile``,
-    ``overlap`` and ``batch_size``. A mapping or an object with those attributes."""
+    ``overlap`` and ``batch_size``. A mapping or an object with those attributes. ``compile_mode``:
+    ``torch.compile`` the network (``upscaler_compile`` says the engine's choice)."""
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compile_mode: str = "off",
     ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.compile_mode = compile_mode
 
     def apply(self, images: Sequence[Image.Image], params: Any = None) -> list[Image.Image]:
         images = list(images)
         if not images:
             return []
-        upscaler = get_upscaler(self.model, self.device, self.dtype)
+        upscaler = get_upscaler(self.model, self.device, self.dtype, self.compile_mode)
         return upscaler.upscale(
             images,
             int(param(params, "scale", 4)),
@@ -401,3 +423,10 @@ class Upscale:
             batch_size=int(param(params, "batch_size", 4)),
             sharpen=bool(param(params, "unsharp", False)),
         )
+
+
+def upscaler_compile(denoiser: Any) -> str:
+    """The compile mode for the upscaler of a chain run by ``denoiser``: the engine's
+    ``ModelSettings.compile`` when ``compile_upscaler`` is on; ``off`` for a denoiser without settings."""
+    models = getattr(getattr(denoiser, "settings", None), "models", None)
+    return models.compile if models is not None and models.compile_upscaler else "off"
