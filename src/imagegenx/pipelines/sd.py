@@ -355,28 +355,37 @@ class SDRunner:
     @torch.inference_mode()
     def start_decode(self, samples: list[Sample]) -> PendingImages:
         """``decode``, queued: the images come to the host while the caller queues more work."""
-        # One decoder call per decoder the samples asked for (``JobSpec.decoder``), back in their order.
+        # One decoder call per decoder the samples asked for (``JobSpec.decoder``), back in their
+        # order. Each part becomes new tensors at once: under CUDA graphs a decoder's output memory is
+        # the graph's own, and the next graph to run (the other decoder's) may write over it.
         order: list[int] = []
-        parts: list[torch.Tensor] = []
+        images: list[torch.Tensor] = []
+        finite: list[torch.Tensor] = []
         for name, decoder in (("full", self.vae), ("tiny", self.model.tiny_decoder)):
             picked = [i for i, s in enumerate(samples) if s.job.decoder == name]
             if picked:
                 latents = torch.cat([samples[i].latents for i in picked]).to(decoder.dtype)
-                parts.append(decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0])
+                pixels = decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0]
+                finite.append(torch.isfinite(pixels).flatten(1).all(dim=1))
+                images.append(self._output_pixels(pixels))
                 order += picked
-        pixels = parts[0] if len(parts) == 1 else _in_order(torch.cat([p.float() for p in parts]), order)
-        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+        if len(images) > 1:
+            images, finite = [_in_order(torch.cat(images), order)], [_in_order(torch.cat(finite), order)]
+        return PendingImages(HostCopy(images[0]), HostCopy(finite[0]))
+
+    def _output_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """NHWC images in [0, 1] (uint8 when ``uint8_output`` is set) from the decoder's NCHW [-1, 1]."""
         images = (pixels.float() / 2 + 0.5).clamp(0, 1)
         if self.uint8_output:  # rounded as diffusers' numpy_to_pil does, on the device
             images = (images * 255).round().to(torch.uint8)
-        return PendingImages(HostCopy(images.permute(0, 2, 3, 1)), HostCopy(finite))
+        return images.permute(0, 2, 3, 1)
 
 
-def _in_order(pixels: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """``pixels`` (row k belongs to sample ``order[k]``) back in the samples' order."""
+def _in_order(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``rows`` (row k belongs to sample ``order[k]``) back in the samples' order."""
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    return pixels[inverse.to(pixels.device)]
+    return rows[inverse.to(rows.device)]
 
 
 def _strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
