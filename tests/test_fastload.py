@@ -78,13 +78,38 @@ def test_cast_to_half_matches_diffusers(checkpoints, tmp_path) -> None:
     assert split["read_text_vae"] > 0 and split["read_unet"] > 0
 
 
-def test_warm_up_runs_and_changes_nothing(checkpoints, tmp_path) -> None:
+def test_warm_up_runs_and_changes_nothing(checkpoints, tmp_path, monkeypatch) -> None:
+    calls = []
+    real = fastload.example_unet_inputs
+
+    def recorded(unet, rows, side, family):
+        calls.append((rows, side, family, unet.conv_in.weight.dtype))
+        return real(unet, rows, side, family)
+
+    monkeypatch.setattr(fastload, "example_unet_inputs", recorded)
     source = resolve(f"{checkpoints['tiny-sd15']}#arch=tiny-sd15", _settings(tmp_path))
     pipe, split = fastload.load_single_file(
         Path(source.location), "sd15", arch_dir("tiny-sd15"), CPU, torch.float32, warm=True
     )
     assert split["warm"] > 0
+    # A stand-in UNet ran at SD 1.5's native 512² (64² latents), without and with guidance.
+    assert calls == [(1, 64, "sd15", torch.float32), (2, 64, "sd15", torch.float32)]
     _assert_identical(_from_single_file(source, torch.float32), pipe)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl", "sdxl-refiner"])
+def test_example_unet_inputs_fit_every_unet_family(family) -> None:
+    """The warm-up's (and the bench's FLOP count's) inputs run each family's UNet: SDXL's pooled
+    text and six size ids, the refiner's five (its aesthetic score), an LCM guidance embedding."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(arch_dir(f"tiny-{family}") / "unet"))
+    for lcm in (None, 16):
+        unet = UNet2DConditionModel.from_config(config | {"time_cond_proj_dim": lcm})
+        args, kwargs = fastload.example_unet_inputs(unet, 2, 8, family)
+        with torch.no_grad():
+            out = unet(*args, **kwargs).sample
+        assert out.shape == (2, config.get("out_channels", 4), 8, 8)
 
 
 def test_reader_keeps_every_dtype_and_shape(tmp_path) -> None:

@@ -27,7 +27,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="imagegenx: g
 err = Console(stderr=True)
 
 # Default size by family when the user gives none (tiny random archs exist for tests: 64 px).
-_DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "sdxl-refiner": 1024, "sd3": 1024, "flux": 1024}
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -223,13 +222,13 @@ def generate(
             raise UserError("--mask needs --image")
         init_image, mask_image = _read_bytes(image, "--image"), _read_bytes(mask, "--mask")
         model_ref = model or settings.models.default_model
-        from imagegenx.models.sources import resolve
+        from imagegenx.models.sources import NATIVE_SIZE, resolve
 
         source = resolve(model_ref, settings.models)
         settings = with_tiny_decoder(settings, model_ref, tiny_decoder)
         flow = source.family in {"sd3", "flux"}
         sampler = parse_sampler(scheduler or ("euler" if flow else "dpmpp_2m_karras"))
-        default_size = 64 if model_ref.startswith("random:tiny-") else _DEFAULT_SIZE.get(source.family, 1024)
+        default_size = 64 if model_ref.startswith("random:tiny-") else NATIVE_SIZE.get(source.family, 1024)
         first_seed = random.randrange(2**32) if seed is None else seed
         jobs = [
             JobSpec(

@@ -18,6 +18,7 @@ from imagegenx.bench.portrait import portrait_100
 from imagegenx.config import ModelSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.models.cache import ModelCache
+from imagegenx.models.fastload import example_unet_inputs
 from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import use_cudnn_benchmark
 from imagegenx.models.tiny_decoder import TINY_DECODER_FAMILIES
@@ -96,18 +97,9 @@ def image_tflop(model: LoadedModel, work: Workload) -> float | None:
         return None
     rows = 2 if work.cfg > 1 and unet.config.time_cond_proj_dim is None else 1
     side = work.size // model.vae_scale_factor
-    x = torch.randn(rows, unet.config.in_channels, side, side, device=device, dtype=unet.dtype)
-    hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
-    kwargs = {}
-    if unet.config.addition_embed_type == "text_time":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(rows, pooled, device=device, dtype=unet.dtype),
-            "time_ids": torch.randn(rows, 6, device=device, dtype=unet.dtype),
-        }
-    t = torch.full((rows,), 500.0, device=device)
+    args, kwargs = example_unet_inputs(unet, rows, side, model.family)
     # The class's forward, not the instance's: a compiled forward hides its operations from the counter.
-    step = count_tflop(lambda: type(unet).forward(unet, x, t, encoder_hidden_states=hidden, **kwargs))
+    step = count_tflop(lambda: type(unet).forward(unet, *args, **kwargs))
     vae = model.tiny_decoder if work.decoder == "tiny" else pipe.vae
     latents = torch.randn(1, vae.config.latent_channels, side, side, device=device, dtype=vae.dtype)
     decode = count_tflop(lambda: vae.decode(latents))

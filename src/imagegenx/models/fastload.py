@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from imagegenx.models.fastread import READ_THREADS, FastLoadUnsupported, Staging, read_tensors, tensor_table
+from imagegenx.models.sources import NATIVE_SIZE
 from imagegenx.models.tokenizers import tokenizer_for
 
 __all__ = ["FAMILIES", "FastLoadUnsupported", "load_folder_models", "load_single_file"]
@@ -288,8 +289,9 @@ def _empty_weights():
 
 @torch.inference_mode()
 def _warm(components: dict[str, Any], family: str, device: torch.device, dtype: torch.dtype) -> None:
-    """One call of each text encoder on a dummy prompt and one small VAE decode: the first real
-    image then finds cuBLAS and cuDNN loaded and their first heuristics done."""
+    """One call of each text encoder on a dummy prompt, one small VAE decode and one call of a
+    stand-in UNet: the first real image then finds the kernels loaded and cuBLAS's and cuDNN's
+    choices made."""
     for slot, name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
         encoder = components.get(name)
         if encoder is not None:
@@ -298,5 +300,51 @@ def _warm(components: dict[str, Any], family: str, device: torch.device, dtype: 
     vae = components["vae"]
     latents = torch.zeros(1, vae.config.latent_channels, 64, 64, device=device, dtype=dtype)
     vae.decode(latents)
+    unet, config = components["_unet"]
+    _warm_unet(type(unet), config, _bytes(unet, dtype), family, device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _warm_unet(
+    unet_class: Any, config: dict, nbytes: int, family: str, device: torch.device, dtype: torch.dtype
+) -> None:
+    """A UNet of the same config with uninitialised weights, run once at the family's native size
+    for one and two rows (without and with guidance), then dropped: its kernels load and cuDNN and
+    cuBLAS settle their plans for these shapes while the real weights are still on their way from
+    disk, so the first real image does not pay for them. Skipped where the device has no room for
+    a second UNet beside the first."""
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 3 * nbytes:
+        return
+    with torch.device(device), _no_init_weights():  # no initialisation: the values do not matter
+        unet = unet_class.from_config(config).to(dtype)
+    side = NATIVE_SIZE.get(family, 1024) // 8
+    for rows in (1, 2):
+        args, kwargs = example_unet_inputs(unet, rows, side, family)
+        unet(*args, **kwargs)
+    del unet
+
+
+def example_unet_inputs(unet: Any, rows: int, side: int, family: str) -> tuple[tuple, dict[str, Any]]:
+    """Random inputs for one call of ``unet`` on ``rows`` latents of ``side``² (its device and dtype):
+    the positional (latents, timesteps) and the keyword arguments its config asks for."""
+    config, device, dtype = unet.config, unet.device, unet.dtype
+    x = torch.randn(rows, config.in_channels, side, side, device=device, dtype=dtype)
+    kwargs: dict[str, Any] = {
+        "encoder_hidden_states": torch.randn(rows, 77, config.cross_attention_dim, device=device, dtype=dtype)
+    }
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text and the size/crop (or score) ids
+        ids = 5 if family == "sdxl-refiner" else 6
+        pooled = config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(rows, pooled, device=device, dtype=dtype),
+            "time_ids": torch.randn(rows, ids, device=device, dtype=dtype),
+        }
+    if config.time_cond_proj_dim is not None:  # LCM-distilled: the guidance embedding
+        kwargs["timestep_cond"] = torch.randn(rows, config.time_cond_proj_dim, device=device, dtype=dtype)
+    return (x, torch.full((rows,), 500.0, device=device)), kwargs
+
+
+def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """The size of ``module``'s parameters in ``dtype`` (meta ones included)."""
+    return sum(p.numel() for p in module.parameters()) * torch.empty(0, dtype=dtype).element_size()

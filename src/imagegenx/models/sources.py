@@ -43,6 +43,8 @@ _FAMILY_BY_PIPELINE = {
 
 # The shipped architecture config used to read a single-file checkpoint of each family.
 ARCH_FOR_FAMILY = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
+# The size each family was trained at: the default image size, and the shape warmed up at load.
+NATIVE_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "sdxl-refiner": 1024, "sd3": 1024, "flux": 1024}
 
 
 @dataclass(frozen=True)
