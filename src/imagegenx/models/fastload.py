@@ -297,17 +297,23 @@ def _warm(components: dict[str, Any], family: str, device: torch.device, dtype: 
         if encoder is not None:
             ids = tokenizer_for(family, slot)("", padding="max_length", max_length=77, return_tensors="pt")
             encoder(ids.input_ids.to(device), output_hidden_states=True)
+    side = NATIVE_SIZE.get(family, 1024) // 8  # latents of the family's native image size
     vae = components["vae"]
-    latents = torch.zeros(1, vae.config.latent_channels, 64, 64, device=device, dtype=dtype)
-    vae.decode(latents)
+    vae.decode(torch.zeros(1, vae.config.latent_channels, side, side, device=device, dtype=dtype))
     unet, config = components["_unet"]
-    _warm_unet(type(unet), config, _bytes(unet, dtype), family, device, dtype)
+    _warm_unet(type(unet), config, _bytes(unet, dtype), family, side, device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _warm_unet(
-    unet_class: Any, config: dict, nbytes: int, family: str, device: torch.device, dtype: torch.dtype
+    unet_class: Any,
+    config: dict,
+    nbytes: int,
+    family: str,
+    side: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> None:
     """A UNet of the same config with uninitialised weights, run once at the family's native size
     for one and two rows (without and with guidance), then dropped: its kernels load and cuDNN and
@@ -316,9 +322,11 @@ def _warm_unet(
     a second UNet beside the first."""
     if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 3 * nbytes:
         return
-    with torch.device(device), _no_init_weights():  # no initialisation: the values do not matter
-        unet = unet_class.from_config(config).to(dtype)
-    side = NATIVE_SIZE.get(family, 1024) // 8
+    with _empty_weights():  # built on the meta device, then given memory in its dtype, never filled
+        unet = unet_class.from_config(config)
+    unet = unet.to(dtype).to_empty(device=device)
+    if device.type == "cuda":  # the layout the engine runs it in there (models/speed.py's default)
+        unet.to(memory_format=torch.channels_last)
     for rows in (1, 2):
         args, kwargs = example_unet_inputs(unet, rows, side, family)
         unet(*args, **kwargs)
