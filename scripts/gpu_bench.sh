@@ -11,8 +11,11 @@
 set -uo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 OUT=${OUT:-out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) # absolute: parts run from the snapshot folder
 LIMIT=${LIMIT:-540}
-mkdir -p "$OUT"
+# Compiled artifacts (models/compile_artifacts.py) come back in $OUT; carried in .gpu5 to a later
+# call or session (setup copies them into $OUT), they spare its compiles on the same GPU and torch.
+export IMAGEGENX_MODELS__COMPILE_ARTIFACTS=${IMAGEGENX_MODELS__COMPILE_ARTIFACTS:-$OUT/compile-artifacts.zip}
 run() { echo "+ $*"; timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/log.txt"; }
 bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} "$@"; } # BENCH_ARGS=--smoke: a dry run on the CPU
 case "${1:-}" in
@@ -22,6 +25,7 @@ setup)
             --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
         [ -d "$dir/site" ] && cp -r "$dir"/site/. /tmp/site/
     done
+    [ -f .gpu5/compile-artifacts.zip ] && cp .gpu5/compile-artifacts.zip "$OUT/"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, diffusers; print(torch.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
     ;;

@@ -40,6 +40,10 @@ class ModelSettings(BaseModel):
     # TORCHINDUCTOR_CACHE_DIR is set: here it outlives reboots and /tmp cleaners, so a restarted
     # service finds its graphs compiled (an SDXL UNet and VAE take minutes from scratch).
     compile_cache_dir: Path = Field(default_factory=lambda: _data_home() / "compile-cache")
+    # One portable file of compiled artifacts (models/compile_artifacts.py): loaded before the first
+    # compile, written after the warm-up and at shutdown; copy it to machines with the same GPU,
+    # torch and Triton and they skip the compiles. None: off.
+    compile_artifacts: Path | None = None
     # How LoRAs apply (models/lora.py): adapters (PEFT layers, switch in ms, every step slower),
     # fused (merged into the weights on a switch: steps at full speed, no recompile under compile);
     # auto: fused when compile is on, else adapters

@@ -201,6 +201,7 @@ def warm_up_engine(engine: Any, settings: Settings) -> bool:
     except Exception as exc:  # a broken default model must not stop the service answering
         log.error("warm-up of %s failed: %s", model, exc)
         return False
+    engine.save_compile_artifacts()  # the warm-up's compiles, for the next machine, even if this one dies
     return True
 
 

@@ -27,6 +27,7 @@ from imagegenx.engine.metrics import EngineMetrics, failure_reason
 from imagegenx.engine.scheduler import BatchScheduler, SchedulerConfig
 from imagegenx.engine.validation import validate_job
 from imagegenx.models.cache import ModelCache
+from imagegenx.models.compile_artifacts import save_compile_artifacts
 from imagegenx.models.loader import LoadedModel
 from imagegenx.pipelines.flow import FlowRunner
 from imagegenx.pipelines.sample import to_uint8
@@ -138,11 +139,19 @@ class Engine:
         return lambda: self._listeners.remove(listener)
 
     def close(self) -> None:
-        """Finish the batch in flight, cancel jobs that have not started, stop the worker."""
+        """Finish the batch in flight, cancel jobs that have not started, stop the worker; keep
+        what was compiled (``save_compile_artifacts``)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=60)
+        self.save_compile_artifacts()
+
+    def save_compile_artifacts(self) -> int:
+        """Write the compiled artifacts to ``ModelSettings.compile_artifacts`` when compile is on;
+        returns the bytes written (0: off, or nothing compiled)."""
+        models = self.settings.models
+        return save_compile_artifacts(models.compile_artifacts) if models.compile != "off" else 0
 
     def __enter__(self) -> Engine:
         return self

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from imagegenx.config import ModelSettings
+from imagegenx.models.compile_artifacts import load_compile_artifacts
 from imagegenx.types import UserError
 
 # Linear layers fed one row per image (timestep, pooled-text and guidance embeddings, the resnets'
@@ -77,6 +78,8 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir))
         # Each bucket and resolution is its own graph: allow more of them than Dynamo's default 8.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if loaded := load_compile_artifacts(settings.compile_artifacts):  # before the first compile
+            applied["compile_artifacts"] = loaded
         denoiser.forward = torch.compile(denoiser.forward, mode=settings.compile, dynamic=False)
         applied["compile"] = settings.compile
         vae = getattr(pipe, "vae", None)
