@@ -26,8 +26,6 @@ from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserEr
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="imagegenx: generate images, fast.")
 err = Console(stderr=True)
 
-# Default size by family when the user gives none (tiny random archs exist for tests: 64 px).
-
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
