@@ -78,9 +78,9 @@ class _Recording(PendingPreviews):
         self.started: list[tuple[int, torch.Tensor]] = []
         type(self).instances.append(self)
 
-    def start(self, job_id, latents, family):
+    def start(self, job_id, latents, family, decoder=None):
         self.started.append((self.events[-1].step, latents.clone()))
-        super().start(job_id, latents, family)
+        super().start(job_id, latents, family, decoder)
 
 
 class _Busy(_Recording):
@@ -91,7 +91,7 @@ class _Busy(_Recording):
 
 
 class _Broken(_Recording):
-    def start(self, job_id, latents, family):
+    def start(self, job_id, latents, family, decoder=None):
         raise RuntimeError("projection failed")
 
 

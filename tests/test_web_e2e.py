@@ -43,7 +43,8 @@ def write_lora(folder) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("web"), model=MODEL)
+    tiny = {"IMAGEGENX_MODELS__TINY_DECODERS": '{"sdxl": "random"}'}  # the "Fast decode" option
+    server = Server(tmp_path_factory.mktemp("web"), model=MODEL, env=tiny)
     lora = threading.Thread(target=write_lora, args=(server.root / "loras",))
     lora.start()  # while the server warms up
     server.start()
@@ -193,6 +194,25 @@ def test_generate_find_in_gallery_and_download(page, server, key, tmp_path):
     assert sorted(archive.namelist()) == [f"{task_id}.json", f"{task_id}.webp"]
     assert Image.open(io.BytesIO(archive.read(f"{task_id}.webp"))).size == (64, 64)
     assert '"seed": 7' in archive.read(f"{task_id}.json").decode()
+
+
+def test_fast_decode_uses_the_servers_tiny_decoder(page, server, key):
+    expect(page.locator("#g-tiny-label")).to_be_visible()  # the server names one for SDXL
+    fill_generate(page, "a quick fox", seed=3)
+    page.select_option("#g-model", MODEL)
+    expect(page.locator("#g-tiny")).to_be_enabled()
+    page.check("#g-tiny")
+    task_id = submit(page)
+    tab(page, "queue")
+    expect(page.locator(f'#q-list [data-task="{task_id}"]')).to_have_attribute("data-status", "succeeded")
+    with server.client(key) as client:
+        view = client.get(f"/api/v1/image/task/{task_id}").json()["data"]
+        models = {m["name"]: m["tiny_decoder"] for m in client.get("/api/v1/models").json()["data"]}
+    assert view["params"]["decoder"] == "tiny" and view["metadata"]["decoder"] == "tiny"
+    assert models[MODEL] and not models["random:tiny-sd15"]
+    tab(page, "generate")
+    page.select_option("#g-model", "random:tiny-sd15")  # no tiny decoder for SD 1.5 here
+    expect(page.locator("#g-tiny")).to_be_disabled()
 
 
 def test_live_progress_and_cancel(page):

@@ -62,6 +62,12 @@ class ModelSettings(BaseModel):
     # IMAGEGENX_MODELS__TINY_DECODERS='{"sdxl": "/models/taesdxl"}'
     tiny_decoders: dict[str, str] = Field(default_factory=dict)
 
+    def tiny_decoder_for(self, family: str) -> str:
+        """Where ``family``'s tiny decoder comes from ("": none). TAESD decodes SD 1.5's and SD 2.x's
+        latents, taesdxl the SDXL base's and its refiner's: sd15's serves sd21, sdxl's the refiner."""
+        same_latents = {"sd21": "sd15", "sdxl-refiner": "sdxl"}.get(family, "")
+        return self.tiny_decoders.get(family) or self.tiny_decoders.get(same_latents, "")
+
 
 class EngineSettings(BaseModel):
     model_config = ConfigDict(frozen=True)

@@ -30,15 +30,13 @@ RANDOM = "random"
 # The engine's own loop decodes these families' latents (4 channels); SD 3.5 and Flux run through
 # diffusers' pipelines and keep their VAE.
 TINY_DECODER_FAMILIES = frozenset({"sd15", "sd21", "sdxl", "sdxl-refiner"})
-# TAESD decodes SD 1.5's and SD 2.x's latents, taesdxl the SDXL base's and its refiner's.
-_SAME_LATENTS = {"sd21": "sd15", "sdxl-refiner": "sdxl"}
 _TAESD_CHANNELS = 64  # the published TAESD decoders' width
 
 
 def load_tiny_decoder(model: Any, family: str, settings: ModelSettings) -> Any | None:
     """The tiny decoder ``settings.tiny_decoders`` names for ``family``, on the model's device, in the
     VAE's dtype and compiled like it; ``None`` when none is named. ``model`` is the loaded pipeline."""
-    location = settings.tiny_decoders.get(family) or settings.tiny_decoders.get(_SAME_LATENTS.get(family, ""))
+    location = settings.tiny_decoder_for(family)
     if not location:
         return None
     if family not in TINY_DECODER_FAMILIES:

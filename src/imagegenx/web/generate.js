@@ -157,6 +157,7 @@ function params() {
     postprocess: post,
   };
   if (mode() !== "text2img") body.strength = number("#g-strength");
+  if ($("#g-tiny").checked && !$("#g-tiny").disabled) body.decoder = "tiny";
   return body;
 }
 
@@ -214,6 +215,8 @@ export function fillForm(p) {
   $("#g-facefix").checked = Boolean(post.face_fix);
   $("#g-qc").checked = Boolean(post.qc);
   set("#g-watermark", post.watermark_text);
+  $("#g-tiny").checked = p.decoder === "tiny";
+  offerTiny();
   $("#g-loras").replaceChildren();
   for (const lora of p.loras || []) addLora(lora.name, lora.weight);
   const m = ["img2img", "inpaint"].includes(p.task) ? p.task : "text2img";
@@ -222,6 +225,13 @@ export function fillForm(p) {
   if (m !== "text2img") set("#g-strength", p.strength);
   $("#g-status").textContent =
     "Settings loaded" + (m === "text2img" ? "." : " — choose the input image again.");
+}
+
+let tinyModels = new Set();
+
+function offerTiny() {
+  const model = $("#g-model").value;
+  $("#g-tiny").disabled = model !== "" && !tinyModels.has(model);
 }
 
 /** Fill the selects the server knows about (styles, models, LoRAs). */
@@ -245,6 +255,10 @@ export async function loadOptions() {
     $("#g-model"),
     models.filter((m) => m.source !== "refused").map((m) => [m.name, `${m.name} (${m.family})`]),
   );
+  // "Fast decode" where the server has a tiny decoder: off for a chosen model whose family has none.
+  tinyModels = new Set(models.filter((m) => m.tiny_decoder).map((m) => m.name));
+  $("#g-tiny-label").hidden = tinyModels.size === 0;
+  offerTiny();
   $("#lora-names").replaceChildren(...loraNames.map((n) => el("option", { value: n })));
 }
 
@@ -252,6 +266,7 @@ export function initGenerate() {
   $("#gen-form").addEventListener("submit", guard(submit));
   $("#gen-form").addEventListener("change", (event) => event.target.name === "mode" && showMode());
   $("#g-image").addEventListener("change", guard(loadSource));
+  $("#g-model").addEventListener("change", offerTiny);
   $("#g-size").addEventListener("change", () => {
     const [w, h] = $("#g-size").value.split("x");
     if (h) [$("#g-width").value, $("#g-height").value] = [w, h];
