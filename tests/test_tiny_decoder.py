@@ -197,6 +197,7 @@ def test_portrait_drafts_decoded_tiny_and_the_refined_ones_made_again(tmp_path):
     with Engine(tiny_settings(tmp_path, {"sdxl": "random"})) as engine:
         result = run_portrait(engine, [("astronaut.png", buffer.getvalue())], spec)
     refined, kept = result.finals
+    assert result.report["draft_decoder"] == "tiny"
     assert kept.job.decoder == "tiny"  # a shortlisted draft beyond refine_top, as drafted
     assert refined.job.decoder == "full" and "refine" in refined.post  # made again at low strength
     with pytest.raises(UserError, match="draft decoder"):

@@ -308,6 +308,7 @@ def test_portrait_stages_shortlist_and_contact_sheet(page, tmp_path):
     for field, value in (("#p-n", "4"), ("#p-shortlist", "2"), ("#p-refine", "1"), ("#p-seed", "1")):
         page.fill(field, value)
     page.select_option("#p-upscale", "1")
+    page.check("#p-tiny")  # fast drafts: the server has a tiny decoder for SDXL (refused if not)
     page.click("#p-submit")
     expect(page.locator("#p-result")).to_be_visible()
     expect(page.locator("#p-stages li.done")).to_have_count(7)

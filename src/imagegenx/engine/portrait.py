@@ -305,6 +305,7 @@ def run_portrait(
         "steps": spec.draft_steps,
         "cfg": spec.draft_cfg,
         "scheduler": scheduler.value,
+        "draft_decoder": spec.draft_decoder,
         "instantid": {
             "adapter": spec.instantid,
             "identitynet": spec.identitynet,

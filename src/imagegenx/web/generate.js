@@ -257,7 +257,7 @@ export async function loadOptions() {
   );
   // "Fast decode" where the server has a tiny decoder: off for a chosen model whose family has none.
   tinyModels = new Set(models.filter((m) => m.tiny_decoder).map((m) => m.name));
-  $("#g-tiny-label").hidden = tinyModels.size === 0;
+  $("#g-tiny-label").hidden = $("#p-tiny-label").hidden = tinyModels.size === 0;
   offerTiny();
   $("#lora-names").replaceChildren(...loraNames.map((n) => el("option", { value: n })));
 }

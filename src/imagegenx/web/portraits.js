@@ -51,6 +51,7 @@ function body() {
     face_fix: $("#p-facefix").checked,
     seed: seed === null ? null : Number(seed),
   };
+  if ($("#p-tiny").checked) out.draft_decoder = "tiny";
   for (const [name, id] of [
     ["model", "#p-model"],
     ["instantid", "#p-instantid"],
