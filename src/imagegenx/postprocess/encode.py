@@ -71,6 +71,9 @@ WEBP_METHOD = 2
 # zlib's effort for PNG (0-9; Pillow's default is 6). The 512² astronaut photo on one core: 68 ms at
 # 6, 27 ms at 3, for a file 8% larger (448 against 414 KiB); still lossless.
 PNG_COMPRESS_LEVEL = 3
+# libavif's speed (0-10; Pillow's default is 6). The same photo at quality 80: 115 ms at the default,
+# 42 ms at 8, for a file 2.5% larger.
+AVIF_SPEED = 8
 _PIL_FORMAT = {
     ImageFormat.WEBP: "WEBP",
     ImageFormat.PNG: "PNG",
@@ -218,6 +221,8 @@ def _save_options(fmt: ImageFormat, quality: int | None) -> dict[str, Any]:
     if fmt is ImageFormat.WEBP:
         options["method"] = WEBP_METHOD
         options["lossless"] = options["quality"] == 100
+    if fmt is ImageFormat.AVIF:
+        options["speed"] = AVIF_SPEED
     return options
 
 
