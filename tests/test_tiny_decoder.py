@@ -103,6 +103,13 @@ def test_sd15s_tiny_decoder_serves_sd2_and_a_folder_is_read_not_random(tmp_path)
     ("make", "words"),
     [
         (lambda path: path.mkdir(), "not a diffusers AutoencoderTiny folder"),
+        # A config without safetensors weights (pickle files are never read).
+        (
+            lambda path: AutoencoderTiny(**tiny_decoder._random_config(8, 4, 16)).save_pretrained(
+                path, safe_serialization=False
+            ),
+            "cannot read",
+        ),
         # Full-size TAESD (1/8) for a tiny test model whose VAE downscales by 8 too but with
         # 16-channel latents: the wrong family's decoder.
         (

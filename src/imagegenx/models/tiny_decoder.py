@@ -56,7 +56,10 @@ def load_tiny_decoder(model: Any, family: str, settings: ModelSettings) -> Any |
         path = Path(location).expanduser()
         if not (path / "config.json").is_file():
             raise UserError(f"tiny decoder for {family}: {path} is not a diffusers AutoencoderTiny folder")
-        decoder = AutoencoderTiny.from_pretrained(path, use_safetensors=True, local_files_only=True)
+        try:
+            decoder = AutoencoderTiny.from_pretrained(path, use_safetensors=True, local_files_only=True)
+        except (OSError, ValueError) as exc:  # no .safetensors weights, or ones that do not fit
+            raise UserError(f"tiny decoder for {family}: cannot read {path}: {exc}".splitlines()[0]) from None
     # 2. It must decode these latents to the full VAE's size.
     ours = 2 ** (len(decoder.config.decoder_block_out_channels) - 1)
     if decoder.config.latent_channels != vae.config.latent_channels or ours != factor:
