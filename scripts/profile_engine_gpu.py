@@ -17,21 +17,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from imagegenx.bench.hostprofile import profile_engine_thread
-from imagegenx.config import EngineSettings, Settings
+from imagegenx.config import EngineSettings, ModelSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.types import JobSpec, SchedulerName
 
-WORK = {
-    "turbo-512-1": ("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 128),
-    "sdxl-1024-lcm4": ("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 32),
+WORK = {  # model, side, steps, CFG, sampler, images, decoder ("tiny": a random TAESD-architecture one)
+    "turbo-512-1": ("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 128, "full"),
+    "sdxl-1024-lcm4": ("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 32, "full"),
+    "turbo-512-1-tiny": ("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 128, "tiny"),
+    "sdxl-1024-lcm4-tiny": ("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 32, "tiny"),
 }
 
 
 def jobs(name: str, first_seed: int) -> list[JobSpec]:
-    model, side, steps, cfg, sampler, count = WORK[name]
+    model, side, steps, cfg, sampler, count, decoder = WORK[name]
     return [
         JobSpec("a red fox in fresh snow", model, width=side, height=side, steps=steps,
-                guidance_scale=cfg, scheduler=sampler, seed=first_seed + i)
+                guidance_scale=cfg, scheduler=sampler, seed=first_seed + i, decoder=decoder)
         for i in range(count)
     ]  # fmt: skip
 
@@ -56,7 +58,10 @@ def device_busy_seconds(prof) -> float:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(engine=EngineSettings(max_batch=32, max_pixels_per_batch=16 * 1024 * 1024))
+    settings = Settings(
+        engine=EngineSettings(max_batch=32, max_pixels_per_batch=16 * 1024 * 1024),
+        models=ModelSettings(tiny_decoders={"sd21": "random", "sdxl": "random"}),
+    )
     with Engine(settings) as engine:
         for name in WORK:
             engine.run(jobs(name, 0)[:32])  # load and warm up
@@ -70,7 +75,7 @@ def main(out: Path) -> None:
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - started
             busy = device_busy_seconds(prof)
-            count = WORK[name][-1]
+            count = WORK[name][5]
             averages = prof.key_averages()
             text = [
                 f"{name}: {count} images in {wall:.3f} s ({count / wall:.1f} images/s); "
