@@ -34,8 +34,8 @@ _TAESD_CHANNELS = 64  # the published TAESD decoders' width
 
 
 def load_tiny_decoder(model: Any, family: str, settings: ModelSettings) -> Any | None:
-    """The tiny decoder ``settings.tiny_decoders`` names for ``family``, on the model's device, in the
-    VAE's dtype and compiled like it; ``None`` when none is named. ``model`` is the loaded pipeline."""
+    """The tiny decoder ``settings.tiny_decoders`` names for ``family``, on the model's device and in
+    its dtype, compiled like the VAE; ``None`` when none is named. ``model`` is the loaded pipeline."""
     location = settings.tiny_decoder_for(family)
     if not location:
         return None
