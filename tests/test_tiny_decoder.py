@@ -22,9 +22,8 @@ from imagegenx.engine.validation import validate_job
 from imagegenx.models import tiny_decoder
 from imagegenx.models.loader import load_model
 from imagegenx.models.sources import resolve
-from imagegenx.models.tiny_decoder import load_tiny_decoder
 from imagegenx.pipelines.sd import SDRunner
-from imagegenx.types import JobSpec, UserError
+from imagegenx.types import JobSpec, SchedulerName, UserError
 
 MODEL = "random:tiny-sd21"
 
@@ -125,11 +124,24 @@ def test_a_wrong_tiny_decoder_is_a_clear_error(tmp_path, make, words):
         load_model(resolve(MODEL, settings.models), settings.models)
 
 
-def test_flux_gets_no_tiny_decoder(tmp_path):
-    settings = tiny_settings(tmp_path, {"flux": "random"})
-    pipe = type("Pipe", (), {"vae": None})()
-    with pytest.raises(UserError, match="UNet families"):
-        load_tiny_decoder(pipe, "flux", settings.models)
+@pytest.mark.parametrize(("model", "family"), [("random:tiny-flux", "flux"), ("random:tiny-sd3", "sd3")])
+def test_flux_and_sd3_decode_their_16_channel_latents_tiny_beside_full(tmp_path, model, family):
+    """Their pipelines stop at the latents when a job asks for the tiny decoder; a full-decoded job of
+    the same batch then matches diffusers' own decode of the same job."""
+    settings = tiny_settings(tmp_path, {family: "random"})
+
+    def flow_job(seed: int, decoder: str = "full") -> JobSpec:
+        return JobSpec("a lighthouse", model, width=64, height=64, steps=2, guidance_scale=3.5,
+                       scheduler=SchedulerName.EULER, seed=seed, decoder=decoder)  # fmt: skip
+
+    with Engine(settings) as engine:
+        assert engine.models.get(model).tiny_decoder.config.latent_channels == 16
+        alone = engine.run([flow_job(1)])[0]  # diffusers decodes (no tiny job in the batch)
+        mixed = engine.run([flow_job(1), flow_job(1, "tiny")])
+    full, tiny = (np.frombuffer(image.rgb, np.uint8).astype(int) for image in mixed)
+    assert np.abs(full - np.frombuffer(alone.rgb, np.uint8).astype(int)).max() <= 2
+    assert np.abs(full - tiny).mean() > 2  # another decoder, another image
+    assert mixed[1].job.decoder == "tiny" and mixed[1].width == 64
 
 
 def test_with_compile_on_the_tiny_decoder_is_compiled_and_padded_to_the_buckets(tmp_path, monkeypatch):

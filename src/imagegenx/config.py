@@ -56,9 +56,9 @@ class ModelSettings(BaseModel):
     # Real-ESRGAN's fixed tiles. Off by default until measured: each new shape pays the trial once.
     cudnn_benchmark: bool = False
     # Tiny latent decoders (TAESD's kind, models/tiny_decoder.py) that requests pick with
-    # decoder="tiny": model family (sd15, sd21, sdxl, sdxl-refiner; sd15's serves SD 2.x and sdxl's the
-    # refiner unless named) -> a diffusers AutoencoderTiny folder, or "random" (noise, for tests and
-    # speed measurements). E.g.
+    # decoder="tiny": model family (sd15, sd21, sdxl, sdxl-refiner, sd3, flux; sd15's serves SD 2.x
+    # and sdxl's the refiner unless named) -> a diffusers AutoencoderTiny folder, or "random" (noise,
+    # for tests and speed measurements). E.g.
     # IMAGEGENX_MODELS__TINY_DECODERS='{"sdxl": "/models/taesdxl"}'
     tiny_decoders: dict[str, str] = Field(default_factory=dict)
 

@@ -9,8 +9,9 @@ QC) uses. Requests choose it per image (``decoder: "tiny"``); the full VAE stays
 
 Weights are the user's, like the model's (none can be installed here): ``ModelSettings.tiny_decoders``
 maps a model family to a diffusers ``AutoencoderTiny`` folder (madebyollin's ``taesd`` for SD 1.5 and
-2.x, ``taesdxl`` for SDXL), or to ``random`` (random weights: noise images, for tests and speed
-measurements, as the ``random:*`` models). It is loaded with the model and stays resident with it.
+2.x, ``taesdxl`` for SDXL, ``taesd3`` for SD 3.5, ``taef1`` for Flux), or to ``random`` (random
+weights: noise images, for tests and speed measurements, as the ``random:*`` models). It is loaded
+with the model and stays resident with it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from imagegenx.types import UserError
 __all__ = ["RANDOM", "TINY_DECODER_FAMILIES", "load_tiny_decoder"]
 
 RANDOM = "random"
-# The engine's own loop decodes these families' latents (4 channels); SD 3.5 and Flux run through
-# diffusers' pipelines and keep their VAE.
-TINY_DECODER_FAMILIES = frozenset({"sd15", "sd21", "sdxl", "sdxl-refiner"})
+# Every family: the UNet ones' 4-channel latents (taesd, taesdxl), SD 3.5's and Flux's 16-channel ones
+# (taesd3, taef1: the same architecture with 16 latent channels).
+TINY_DECODER_FAMILIES = frozenset({"sd15", "sd21", "sdxl", "sdxl-refiner", "sd3", "flux"})
 _TAESD_CHANNELS = 64  # the published TAESD decoders' width
 
 
@@ -41,7 +42,7 @@ def load_tiny_decoder(model: Any, family: str, settings: ModelSettings) -> Any |
         return None
     if family not in TINY_DECODER_FAMILIES:
         families = ", ".join(sorted(TINY_DECODER_FAMILIES))
-        raise UserError(f"tiny decoders are for the UNet families ({families}), not {family}")
+        raise UserError(f"tiny decoders are for the families {families}, not {family}")
     from diffusers import AutoencoderTiny
 
     vae = model.vae
@@ -66,7 +67,8 @@ def load_tiny_decoder(model: Any, family: str, settings: ModelSettings) -> Any |
         raise UserError(
             f"tiny decoder for {family} takes {decoder.config.latent_channels}-channel latents at 1/{ours} "
             f"of the image, the model's VAE {vae.config.latent_channels} at 1/{factor}: "
-            "use the tiny decoder made for this family (taesd for SD 1.5/2.x, taesdxl for SDXL)"
+            "use the tiny decoder made for this family (taesd for SD 1.5/2.x, taesdxl for SDXL, "
+            "taesd3 for SD 3.5, taef1 for Flux)"
         )
     # 3. The model's device and dtype (TAESD does not overflow in fp16, unlike the SD VAEs).
     decoder.to(vae.device, vae.dtype).eval().requires_grad_(False)

@@ -34,6 +34,11 @@ class FlowRunner:
                     f"{self.model.family} models sample with their own flow-matching Euler scheduler; "
                     f"use scheduler 'euler' (got {job.scheduler.value!r})"
                 )
+            if job.decoder == "tiny" and self.model.tiny_decoder is None:
+                raise UserError(
+                    f"model {job.model!r} ({self.model.family}) has no tiny decoder: the server names none "
+                    f"for {self.model.family} in IMAGEGENX_MODELS__TINY_DECODERS"
+                )
         results: dict[str, np.ndarray | None] = {}
 
         def group_key(job: JobSpec):
@@ -58,6 +63,9 @@ class FlowRunner:
         kwargs = {}
         if self.model.family == "sd3":
             kwargs["negative_prompt"] = [job.effective_negative_prompt for job in jobs]
+        # With a tiny decoder among the jobs the pipeline stops at the latents and each decoder takes
+        # its own; otherwise diffusers decodes as usual.
+        tiny = any(job.decoder == "tiny" for job in jobs)
         out = self.pipe(
             prompt=[job.prompt for job in jobs],
             height=first.height,
@@ -65,9 +73,28 @@ class FlowRunner:
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
-            output_type="np",
+            output_type="latent" if tiny else "np",
             callback_on_step_end=on_step,
             **kwargs,
         )
-        images = out.images
+        images = self._decode(out.images, jobs) if tiny else out.images
         return [img if np.isfinite(img).all() else None for img in images]
+
+    def _decode(self, latents: torch.Tensor, jobs: list[JobSpec]) -> list[np.ndarray]:
+        """HxWx3 [0, 1] images of the pipeline's latents, each by its job's decoder, as diffusers'
+        own decode does it (Flux's packed latents unpacked, then scaled and shifted)."""
+        first = jobs[0]
+        if self.model.family == "flux":
+            factor = self.pipe.vae_scale_factor
+            latents = self.pipe._unpack_latents(latents, first.height, first.width, factor)
+        images: list[np.ndarray] = [np.empty(0)] * len(jobs)
+        for name, decoder in (("full", self.pipe.vae), ("tiny", self.model.tiny_decoder)):
+            picked = [i for i, job in enumerate(jobs) if job.decoder == name]
+            if not picked:
+                continue
+            config = decoder.config
+            z = latents[picked].to(decoder.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+            pixels = (decoder.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+            for i, image in zip(picked, pixels.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
+                images[i] = image
+        return images
