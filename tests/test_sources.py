@@ -346,13 +346,18 @@ def test_cli_models_json(tmp_path, random_models):
 
     settings = _models(tmp_path)
     _fill_model_dir(settings, random_models)
-    result = CliRunner().invoke(
-        app, ["models", "--json"], env={"IMAGEGENX_MODELS__MODEL_DIR": str(settings.model_dir)}
-    )
+    env = {
+        "IMAGEGENX_MODELS__MODEL_DIR": str(settings.model_dir),
+        "IMAGEGENX_MODELS__TINY_DECODERS": '{"sdxl": "random"}',
+    }
+    result = CliRunner().invoke(app, ["models", "--json"], env=env)
     assert result.exit_code == 0, result.output
     entries = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     listed = {e["name"]: (e["source"], e["family"]) for e in entries}
     assert listed == _expected(settings)
+    # SDXL's tiny decoder also serves its refiner; SD 1.5 has none here.
+    tiny = {e["family"] for e in entries if e["tiny_decoder"]}
+    assert tiny == {"sdxl", "sdxl-refiner"}
     [refused] = [e for e in entries if e["name"] == "old.ckpt"]
     assert PICKLE_WARNING in refused["note"]
     assert not (tmp_path / "unpickled").exists()

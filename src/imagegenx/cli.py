@@ -302,7 +302,8 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         "name", "source", "family", "location", "note", title=f"models (folder: {settings.models.model_dir})"
     )
     for info in found:
-        table.add_row(info.name, info.source, info.family, info.location, info.note)
+        note = f"{info.note}; tiny decoder" if info.tiny_decoder else info.note
+        table.add_row(info.name, info.source, info.family, info.location, note)
     Console().print(table)
 
 

@@ -204,6 +204,7 @@ class ModelInfo:
     family: str  # sd15, sd21, sdxl, sdxl-refiner, sd3, flux
     location: str
     note: str = ""
+    tiny_decoder: bool = False  # the server names a tiny decoder for its family (decoder "tiny" works)
 
 
 class TaskStatus(enum.StrEnum):

@@ -22,14 +22,7 @@ router = APIRouter(prefix="/api/v1", tags=["imagegenx v1"], responses=error_resp
 def models(key: KeyDep, ctx: ContextDep) -> Envelope[list[dict]]:
     from imagegenx.models.sources import list_models
 
-    settings = ctx.settings.models
-    # tiny_decoder: whether requests for this model may ask for decoder "tiny"
-    return Envelope(
-        data=[
-            info.__dict__ | {"tiny_decoder": bool(settings.tiny_decoder_for(info.family))}
-            for info in list_models(settings)
-        ]
-    )
+    return Envelope(data=[info.__dict__ for info in list_models(ctx.settings.models)])
 
 
 @router.get("/loras", summary="LoRAs in the LoRA folder", response_model=Envelope[list[str]])

@@ -220,7 +220,8 @@ def _local_source(ref: str, path: Path) -> ModelSource:
 
 
 def list_models(settings: ModelSettings) -> list[ModelInfo]:
-    """Everything ``imagegenx models`` shows: shipped random architectures, then the model folder."""
+    """Everything ``imagegenx models`` shows: shipped random architectures, then the model folder;
+    each says whether requests for it may ask for the tiny decoder."""
     found = [
         ModelInfo(f"random:{arch}", "random", arch_family(arch), f"shipped config {arch}", "random weights")
         for arch in list_archs()
@@ -231,7 +232,7 @@ def list_models(settings: ModelSettings) -> list[ModelInfo]:
                 found.append(_local_source(entry.name, entry).info())
             except UserError as exc:
                 found.append(ModelInfo(entry.name, "refused", "-", str(entry), str(exc).split(": ", 1)[-1]))
-    return found
+    return [replace(info, tiny_decoder=bool(settings.tiny_decoder_for(info.family))) for info in found]
 
 
 def hub_offline() -> bool:
