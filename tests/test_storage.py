@@ -146,6 +146,26 @@ def test_the_alembic_command_line_takes_plain_postgresql_urls(request):
         engine.dispose()
 
 
+def test_a_migration_waits_for_the_write_lock_longer_than_a_request_would(tmp_path):
+    """Another process holds SQLite's write lock past the 5 s a request waits (its own migration on a
+    big database, or threads queued behind one): a starting migration waits for it, not fails."""
+    import sqlite3
+
+    path = tmp_path / "db.sqlite"
+    migrate.upgrade(f"sqlite:///{path}")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(6.0, holder.execute, args=("COMMIT",))
+    release.start()
+    started = time.monotonic()
+    try:
+        migrate.upgrade(f"sqlite:///{path}")  # needs the write lock too, then finds the schema at head
+    finally:
+        release.join()
+        holder.close()
+    assert time.monotonic() - started >= 5.5
+
+
 def test_concurrent_first_upgrades_serialize(tmp_path, request):
     """Processes starting at once on an empty database all succeed and the schema is made once; threads
     migrating different databases at once do not trip over Alembic's module-level state either.

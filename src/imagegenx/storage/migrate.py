@@ -24,6 +24,7 @@ _PG_LOCK_KEY = 0x6967782D6D696772
 # Alembic keeps the running environment in module globals (alembic.context, alembic.op): one migration
 # at a time per process, even for different databases.
 _ALEMBIC_LOCK = threading.Lock()
+MIGRATION_WAIT_MS = 120_000  # how long a migration waits for SQLite's write lock
 
 
 def script_location() -> str:
@@ -66,8 +67,14 @@ def upgrade(database_url: str) -> None:
 
     engine = make_engine(database_url, pooled=False)
     try:
-        with storage_errors(), engine.begin() as connection:
-            upgrade_connection(connection)
+        with storage_errors(), engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # Waiting for another process's (or thread's) migration may take longer than the
+                # 5 s a request waits for the write lock; set on the driver's connection, outside
+                # any transaction, before BEGIN IMMEDIATE asks for the lock.
+                connection.connection.driver_connection.execute(f"PRAGMA busy_timeout = {MIGRATION_WAIT_MS}")
+            with connection.begin():
+                upgrade_connection(connection)
     finally:
         engine.dispose()
 
