@@ -62,6 +62,11 @@ class ModelSettings(BaseModel):
     # IMAGEGENX_MODELS__TINY_DECODERS='{"sdxl": "/models/taesdxl"}'
     tiny_decoders: dict[str, str] = Field(default_factory=dict)
 
+    @property
+    def upscaler_compile(self) -> str:
+        """The compile mode of Real-ESRGAN: ``compile`` when ``compile_upscaler`` is on, else off."""
+        return self.compile if self.compile_upscaler else "off"
+
     def tiny_decoder_for(self, family: str) -> str:
         """Where ``family``'s tiny decoder comes from ("": none). TAESD decodes SD 1.5's and SD 2.x's
         latents, taesdxl the SDXL base's and its refiner's: sd15's serves sd21, sdxl's the refiner."""

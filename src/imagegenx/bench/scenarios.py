@@ -230,8 +230,7 @@ def esrgan(name: str, ctx: BenchContext) -> list[Row]:
     pixels = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].to(device, next(net.parameters()).dtype)
     tflop = count_tflop(lambda: type(net).forward(net, pixels / 255))
     rows = []
-    models = ctx.settings.models
-    mode = models.compile if models.compile_upscaler else "off"  # as the engine's chain would
+    mode = ctx.settings.models.upscaler_compile  # as the engine's chain would
     step = Upscale(device=device, compile_mode=mode)
     compiled = f", compiled {mode}" if mode != "off" else ""
     for runner, params in (

@@ -355,4 +355,4 @@ def example_unet_inputs(unet: Any, rows: int, side: int, family: str) -> tuple[t
 
 def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     """The size of ``module``'s parameters in ``dtype`` (meta ones included)."""
-    return sum(p.numel() for p in module.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    return sum(p.numel() for p in module.parameters()) * dtype.itemsize

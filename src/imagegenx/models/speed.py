@@ -84,7 +84,7 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         applied["compile"] = settings.compile
         vae = getattr(pipe, "vae", None)
         if settings.compile_vae and vae is not None:
-            vae.decode = padded_decode(torch.compile(vae.decode, mode=settings.compile, dynamic=False))
+            compile_decode(vae, settings)
             applied["compile_vae"] = True
     return applied
 
@@ -157,6 +157,12 @@ def quantize_fp8(denoiser: torch.nn.Module) -> int:
         filter_fn=is_fp8_linear,
     )
     return len(picked)
+
+
+def compile_decode(decoder: Any, settings: ModelSettings) -> None:
+    """Compile ``decoder.decode`` (a VAE or a tiny decoder) in the settings' mode, its batch padded
+    to the UNet's buckets so a few static shapes serve every batch."""
+    decoder.decode = padded_decode(torch.compile(decoder.decode, mode=settings.compile, dynamic=False))
 
 
 def padded_decode(decode: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from imagegenx.config import ModelSettings
-from imagegenx.models.speed import padded_decode
+from imagegenx.models.speed import compile_decode
 from imagegenx.types import UserError
 
 __all__ = ["RANDOM", "TINY_DECODER_FAMILIES", "load_tiny_decoder"]
@@ -73,7 +73,7 @@ def load_tiny_decoder(model: Any, family: str, settings: ModelSettings) -> Any |
     # 3. The model's device and dtype (TAESD does not overflow in fp16, unlike the SD VAEs).
     decoder.to(vae.device, vae.dtype).eval().requires_grad_(False)
     if settings.compile != "off" and settings.compile_vae:
-        decoder.decode = padded_decode(torch.compile(decoder.decode, mode=settings.compile, dynamic=False))
+        compile_decode(decoder, settings)
     return decoder
 
 

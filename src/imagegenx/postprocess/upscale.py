@@ -429,4 +429,4 @@ def upscaler_compile(denoiser: Any) -> str:
     """The compile mode for the upscaler of a chain run by ``denoiser``: the engine's
     ``ModelSettings.compile`` when ``compile_upscaler`` is on; ``off`` for a denoiser without settings."""
     models = getattr(getattr(denoiser, "settings", None), "models", None)
-    return models.compile if models is not None and models.compile_upscaler else "off"
+    return models.upscaler_compile if models is not None else "off"
