@@ -16,7 +16,12 @@ LIMIT=${LIMIT:-540}
 # Compiled artifacts (models/compile_artifacts.py) come back in $OUT; carried in .gpu5 to a later
 # call or session (setup copies them into $OUT), they spare its compiles on the same GPU and torch.
 export IMAGEGENX_MODELS__COMPILE_ARTIFACTS=${IMAGEGENX_MODELS__COMPILE_ARTIFACTS:-$OUT/compile-artifacts.zip}
-run() { echo "+ $*"; timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/log.txt"; }
+export PYTHONFAULTHANDLER=1 # a crash in native code (a CUDA graph, a compiled kernel) leaves its stack in the log
+run() { # the exit status goes into the log too: a part that dies without a traceback still says how
+    echo "+ $*"
+    timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/log.txt"
+    echo "exit status ${PIPESTATUS[0]}: $*" | tee -a "$OUT/log.txt"
+}
 bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} "$@"; } # BENCH_ARGS=--smoke: a dry run on the CPU
 case "${1:-}" in
 setup)

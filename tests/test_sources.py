@@ -137,6 +137,21 @@ def test_diffusers_folder_by_name_and_by_path(tmp_path, random_models, no_networ
     assert not no_network
 
 
+def test_a_resident_model_is_not_looked_up_again(tmp_path, random_models):
+    """Every job names its model: once it is resident, its source comes from memory, so a folder
+    moved away under a running service keeps serving what was loaded, and a model that is not
+    resident is still checked on disk."""
+    settings = _models(tmp_path)
+    folder = settings.model_dir / "resident"
+    random_models["tiny-sd15"].pipe.save_pretrained(folder)
+    cache = ModelCache(settings)
+    loaded = cache.get("resident")
+    folder.rename(settings.model_dir / "moved")
+    assert cache.source("resident") is loaded.source
+    with pytest.raises(UserError, match="not found"):
+        cache.source("moved-elsewhere")
+
+
 def test_diffusers_folder_with_pickle_weights_is_refused(tmp_path, random_models):
     settings = _models(tmp_path)
     folder = settings.model_dir / "binfolder"

@@ -35,7 +35,6 @@ class ModelSettings(BaseModel):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     compile_vae: bool = True  # with compile on, the VAE decode too (padded to the same buckets)
     compile_upscaler: bool = True  # with compile on, Real-ESRGAN too (its tile batches padded likewise)
-    compile_upscaler: bool = True  # with compile on, Real-ESRGAN too (its tile batches padded likewise)
     # Inductor's on-disk cache (compiled kernels, autotuning) when compile is on, unless
     # TORCHINDUCTOR_CACHE_DIR is set: here it outlives reboots and /tmp cleaners, so a restarted
     # service finds its graphs compiled (an SDXL UNet and VAE take minutes from scratch).

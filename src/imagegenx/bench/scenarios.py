@@ -158,7 +158,10 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
                 timed(device, lambda seed=seed: encode_image(engine.submit(work.job(seed)).result()))[0]
                 for seed in range(1, work.jobs + 1)
             ]
-        return Row(name, "imagegenx", len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
+            # Kept before the engine closes: a fault while it stops must not lose the measurement.
+            return ctx.emit(
+                Row(name, "imagegenx", len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
+            )
 
     def peer_row(peer: Peer, tflop: float) -> Row:
         def one(seed: int) -> bytes:
@@ -172,7 +175,7 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         seconds = [timed(device, lambda seed=seed: one(seed))[0] for seed in range(1, work.jobs + 1)]
         return Row(name, peer.name, len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
 
-    row = ctx.emit(ours())
+    row = ours()
     free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
 
@@ -187,7 +190,8 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
             engine.run([work.job(seed) for seed in range(work.peer_batch)])  # warm-up at full batch
             reset_peak(device)
             seconds, _ = timed(device, lambda: engine.run([work.job(seed) for seed in range(work.jobs)]))
-        return Row(name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop)
+            # Kept before the engine closes: a fault while it stops must not lose the measurement.
+            return ctx.emit(Row(name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop))
 
     def peer_row(peer: Peer, tflop: float) -> Row:
         calls = max(1, work.jobs // work.peer_batch)
@@ -201,7 +205,7 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         seconds, _ = timed(device, lambda: [call(seed) for seed in range(1, calls + 1)])
         return Row(name, peer.name, calls * work.peer_batch, seconds, [], peak_gib(device), tflop)
 
-    row = ctx.emit(ours())
+    row = ours()
     free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
 

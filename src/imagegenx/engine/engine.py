@@ -149,9 +149,15 @@ class Engine:
 
     def save_compile_artifacts(self) -> int:
         """Write the compiled artifacts to ``ModelSettings.compile_artifacts`` when compile is on;
-        returns the bytes written (0: off, or nothing compiled)."""
+        returns the bytes written (0: off, or nothing compiled).
+
+        Not with CUDA graphs (``reduce-overhead``): on the H200 with torch 2.11 the process died of a
+        segmentation fault right after ``save_cache_artifacts`` once CUDA-graphed SDXL batches had
+        run (BENCHMARKS.md, fifth session); Inductor's disk cache still spares a restart there."""
         models = self.settings.models
-        return save_compile_artifacts(models.compile_artifacts) if models.compile != "off" else 0
+        if models.compile in ("off", "reduce-overhead"):
+            return 0
+        return save_compile_artifacts(models.compile_artifacts)
 
     def __enter__(self) -> Engine:
         return self

@@ -31,7 +31,10 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def source(self, ref: str) -> ModelSource:
-        return resolve(ref, self.settings)
+        """Where ``ref`` comes from: a resident model's own source (every job asks: no disk reads
+        for it), else resolved now (a missing file or an unknown name raises ``UserError``)."""
+        model = self._resident.get(ref)
+        return model.source if model is not None else resolve(ref, self.settings)
 
     def get(self, ref: str) -> LoadedModel:
         """The resident model for ``ref``, loading it (and evicting the LRU one) if needed."""
