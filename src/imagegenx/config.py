@@ -6,10 +6,11 @@ hand each room only its slice.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -101,6 +102,23 @@ class EngineSettings(BaseModel):
     # Fault injection for tests: a UNet call with more rows than this raises CUDA out-of-memory, as a
     # small GPU would, so the batch-split path runs end to end on a CPU (0: off).
     fault_oom_above_rows: int = 0
+    # Resolutions whose every batch shape the service builds before it says ready (engine/warmup.py):
+    # with compile on, each padded batch size is a compile, better paid at startup than by a request.
+    # E.g. IMAGEGENX_ENGINE__WARMUP_SIZES='["1024x1024", "512x512"]'; empty: one small image only.
+    warmup_sizes: list[str] = Field(default_factory=list)
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_are_width_x_height(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", size):
+                raise ValueError(f"warm-up size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+        return sizes
+
+    @property
+    def warmup_dims(self) -> list[tuple[int, int]]:
+        """``warmup_sizes`` as (width, height) pairs."""
+        return [(int(w), int(h)) for w, h in (size.split("x") for size in self.warmup_sizes)]
 
 
 class StorageSettings(BaseModel):

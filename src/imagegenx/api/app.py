@@ -190,8 +190,10 @@ def _warm_up(ctx: AppContext) -> None:
 
 
 def warm_up_engine(engine: Any, settings: Settings) -> bool:
-    """One tiny image of the default model; False (logged) when that model is broken."""
+    """One tiny image of the default model, then every batch shape of ``EngineSettings.warmup_sizes``;
+    False (logged) when that model is broken."""
     from imagegenx.engine.validation import TINY_SIZE_RANGE
+    from imagegenx.engine.warmup import warm_up_sizes
     from imagegenx.types import JobSpec
 
     model = settings.models.default_model
@@ -201,6 +203,10 @@ def warm_up_engine(engine: Any, settings: Settings) -> bool:
     except Exception as exc:  # a broken default model must not stop the service answering
         log.error("warm-up of %s failed: %s", model, exc)
         return False
+    try:
+        warm_up_sizes(engine, model, settings.engine.warmup_dims)
+    except Exception as exc:  # the model works: serve, and pay the missing shapes when they come
+        log.error("warm-up of %s at %s failed: %s", model, settings.engine.warmup_sizes, exc)
     engine.save_compile_artifacts()  # the warm-up's compiles, for the next machine, even if this one dies
     return True
 

@@ -17,6 +17,7 @@ from imagegenx.bench.peers import Peer, load_peer
 from imagegenx.bench.portrait import portrait_100
 from imagegenx.config import ModelSettings, Settings
 from imagegenx.engine.engine import Engine
+from imagegenx.engine.warmup import warm_up_sizes
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.fastload import example_unet_inputs
 from imagegenx.models.loader import LoadedModel
@@ -187,7 +188,9 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
     def ours() -> Row:
         with Engine(_engine_settings(ctx, work.decoder == "tiny")) as engine:
             tflop = image_tflop(engine.models.get(work.model), work)
-            engine.run([work.job(seed) for seed in range(work.peer_batch)])  # warm-up at full batch
+            # Every batch shape first (a compiled engine compiles each once), then the workload itself.
+            warm_up_sizes(engine, work.model, [(work.size, work.size)], (work.cfg,), (work.decoder,))
+            engine.run([work.job(seed) for seed in range(work.peer_batch)])
             reset_peak(device)
             seconds, _ = timed(device, lambda: engine.run([work.job(seed) for seed in range(work.jobs)]))
             # Kept before the engine closes: a fault while it stops must not lose the measurement.
