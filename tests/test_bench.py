@@ -43,6 +43,7 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
     for name in ("portrait-100", "portrait-100-tiny"):
         [portrait] = scenarios[name]["rows"]
         assert portrait["images"] == 8 and "drafts" in portrait["note"] and "qc" in portrait["note"]
+        assert "models resident" in portrait["note"]
     cold = {row["runner"]: row for row in scenarios["cold-start"]["rows"]}
     first, mixed = "imagegenx file → first image", "imagegenx 40 mixed requests"
     switches = ["imagegenx LoRA switch (adapters)", "imagegenx LoRA switch (fused)"]

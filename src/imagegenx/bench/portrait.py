@@ -4,12 +4,14 @@
 stand-in), QC against the selfies, shortlist 15, refine the top 10 (~10 steps), face fix where faces
 are found (random drafts have none), Real-ESRGAN x4 with strength 0.35 and unsharp, encoding, the
 report and the contact sheet. Drafts of random weights are noise, so the face fix finds nothing:
-the row's note says which stages did no work. Smoke mode: 8 tiny drafts, no upscale.
+the row's note says which stages did no work. The models are loaded by a small portrait first, as
+in a service that keeps them resident. Smoke mode: 8 tiny drafts, no upscale.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 from PIL import Image
 from skimage import data
@@ -45,9 +47,17 @@ def portrait_100(name: str, ctx, engine_settings, draft_decoder: str = "full") -
     )
     device = ctx.device
     with Engine(engine_settings) as engine:
+        # A service keeps its models resident (the cold-start scenario measures loads): a first,
+        # small portrait loads the model, IdentityNet, the adapter and Real-ESRGAN, untimed.
+        first, _ = timed(
+            device, lambda: run_portrait(engine, selfies, replace(spec, n=2, shortlist=2, refine_top=1))
+        )
         reset_peak(device)
         seconds, result = timed(device, lambda: run_portrait(engine, selfies, spec))
     stages = ", ".join(f"{stage} {s:.2f} s" for stage, s in result.report["timings_s"].items())
     fixed = sum(bool(image.post.get("fixed")) for image in result.finals)
-    note = f"{stages}; faces fixed in {fixed} of {len(result.finals)} finals (random drafts have no faces)"
+    note = (
+        f"{stages}; faces fixed in {fixed} of {len(result.finals)} finals (random drafts have no faces); "
+        f"models resident (a first portrait of 2 drafts, loads included, took {first:.1f} s)"
+    )
     return [Row(name, "imagegenx", n, seconds, [], peak_gib(device), None, note)]
