@@ -31,6 +31,7 @@ class Intake:
         *,
         capacity: int,
         lease_s: float,
+        storing_allowance: int = 0,
     ) -> None:
         self.service = service
         self.engine = engine
@@ -38,11 +39,18 @@ class Intake:
         self._portraits = portraits
         self.capacity = capacity
         self.lease_s = lease_s
+        self.storing_allowance = storing_allowance
 
     def lease_more(self) -> None:
-        """Lease up to the free capacity, reading the leased tasks' rows in one query."""
+        """Lease up to the free capacity, reading the leased tasks' rows in one query.
+
+        Up to ``storing_allowance`` tasks being stored do not count: while a finished batch is
+        encoded and written, the engine must still hold a running batch and the next one. Counted,
+        a 32-image group storing leaves the engine one batch and nothing queued behind it, so the GPU
+        waits for each group's encodes: the likely cause of the H200's HTTP runs completing ~50
+        tasks/s with an engine that does 74-102 alone (BENCHMARKS.md, fifth session)."""
         held = self._held
-        free = self.capacity - len(held.in_flight) - len(held.storing)
+        free = self.capacity - len(held.in_flight) - max(0, len(held.storing) - self.storing_allowance)
         if free <= 0:
             return
         leases = self.service.queue.lease(held.owner, free, self.lease_s)

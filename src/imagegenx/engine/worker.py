@@ -64,14 +64,17 @@ class ServiceWorker:
         self._draining = threading.Event()  # no new leases: the process is shutting down
         self._held = HeldTasks(service, self.owner)
         self._portraits = PortraitRunner(service, engine, self._held, self._stop.is_set)
-        # Lease only what the engine can start soon: the rest stays queued for other workers.
+        # Lease only what the engine can start soon (a running batch and the next one), plus one
+        # finished batch being stored: the rest stays queued for other workers.
+        max_batch = service.settings.engine.max_batch
         self._intake = Intake(
             service,
             engine,
             self._held,
             self._portraits,
-            capacity=capacity or 2 * service.settings.engine.max_batch,
+            capacity=capacity or 2 * max_batch,
             lease_s=self.lease_s,
+            storing_allowance=max_batch,
         )
         self._progress = ProgressWriter(service, engine, self._held)
         self._outcomes = OutcomeWriter(service, engine, self._held)
@@ -85,7 +88,7 @@ class ServiceWorker:
 
     @property
     def capacity(self) -> int:
-        """How many tasks this worker holds at most (running, or being stored)."""
+        """How many tasks this worker runs or queues at most (one batch being stored comes on top)."""
         return self._intake.capacity
 
     def start(self) -> None:
