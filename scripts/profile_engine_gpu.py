@@ -2,15 +2,20 @@
 
 Run on a CUDA machine:  python scripts/profile_engine_gpu.py OUT_DIR
 Writes OUT_DIR/profile-<scenario>.txt: wall time, the share of it the GPU was busy with kernels, the
-top operations by host (CPU) time and by device time (and by input shapes), and a cProfile of the
-engine thread over the same work. A GPU busy well under 100% means the
-engine's Python work between kernels, not the kernels, sets the pace.
+top operations by host (CPU) time and by device time (and by input shapes), a cProfile of the
+engine thread over the same work, and every place the host waited for the device (PyTorch's sync
+debug mode: a pageable copy, an ``.item()``, a CUDA tensor read as a Python bool). A GPU busy well
+under 100% means the engine's Python work between kernels, not the kernels, sets the pace, and each
+such wait stops the host from queuing the next batch while the device runs this one.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -56,6 +61,34 @@ def device_busy_seconds(prof) -> float:
     return busy / 1e6  # microseconds
 
 
+def sync_points(engine: Engine, work: list[JobSpec]) -> str:
+    """Each place the host waited for the device while ``engine`` ran ``work``, with its count and
+    the innermost frames of ours and diffusers' that asked (sync debug mode warns at each one)."""
+    counts: Counter[tuple[str, str]] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing" not in str(message):
+            return  # another warning of the same run
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if "imagegenx" in f.filename or "diffusers" in f.filename
+        ]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-5:]))
+        counts[(str(message).split("\n")[0][:90], where)] += 1
+
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.run(work)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    lines = [f"{n:6d}  {message}\n        at {where}" for (message, where), n in counts.most_common(30)]
+    return "\n".join(lines) or "none"
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
@@ -97,6 +130,11 @@ def main(out: Path) -> None:
             text += [
                 "Engine thread, cProfile of the same work:",
                 profile_engine_thread(engine, jobs(name, 2000)),
+            ]
+            text += [
+                "",
+                "Where the host waited for the device (count, operation, innermost frames):",
+                sync_points(engine, jobs(name, 3000)),
             ]
             (out / f"profile-{name}.txt").write_text("\n".join(text))
             print(text[0], flush=True)

@@ -158,3 +158,30 @@ def test_cuda_decoded_images_come_to_the_host_without_blocking_it():
     assert not pending.images.done()  # queued, and the host went on
     first, second = pending.result()  # waits for the copies
     assert np.array_equal(first, images[0].cpu().numpy()) and second is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned memory and events")
+def test_cuda_noise_goes_to_the_device_without_waiting_for_it():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from imagegenx.pipelines.hostcopy import to_device
+
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in (1, 2)]
+    expected = randn_tensor(
+        (2, 4, 8, 8), generator=generators, device=torch.device("cuda")
+    )  # diffusers' copy
+    host = randn_tensor((2, 4, 8, 8), generator=[torch.Generator("cpu").manual_seed(s) for s in (1, 2)])
+    done = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)  # the device busy for a while
+    noise = to_device(host, torch.device("cuda"))
+    done.record()
+    assert not done.query()  # the host went on while the copy waits behind the sleep
+    torch.cuda.synchronize()
+    assert torch.equal(noise, expected)
+
+
+def test_noise_on_the_cpu_is_the_tensor_drawn():
+    from imagegenx.pipelines.hostcopy import to_device
+
+    host = torch.randn(2, 3)
+    assert torch.equal(to_device(host, torch.device("cpu")), host)

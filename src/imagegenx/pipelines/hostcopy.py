@@ -1,9 +1,11 @@
-"""Device results brought to the host without waiting for them: a non-blocking copy into pinned
-memory and a CUDA event, queued behind the kernels that compute them.
+"""Copies between the host and the device that do not wait for the device.
 
 A plain ``.cpu()`` waits for every kernel queued so far; the engine thread would then sit idle while
 the device finishes, and the device idle while the thread prepares the next launch. With a
-``HostCopy`` the thread queues the next batch's work first and asks for the copy afterwards.
+``HostCopy`` (a non-blocking copy into pinned memory and a CUDA event, queued behind the kernels that
+compute the result) the thread queues the next batch's work first and asks for the copy afterwards.
+The other way, ``to_device`` copies host tensors (the starting noise, drawn on the CPU for seeds that
+give the same image on any device) from pinned memory: a pageable copy waits like ``.cpu()`` does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``, queued behind the kernels already there, not waiting
+    for them (the pinned buffer is kept until the copy has run: PyTorch's host allocator records it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class HostCopy:

@@ -31,7 +31,7 @@ from imagegenx.models.speed import batch_bucket
 from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, step_run
 from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
-from imagegenx.pipelines.hostcopy import HostCopy, PendingImages
+from imagegenx.pipelines.hostcopy import HostCopy, PendingImages, to_device
 from imagegenx.pipelines.prompts import PromptEncoder
 from imagegenx.pipelines.sample import Sample, decode_input_image
 from imagegenx.pipelines.samplers import config_key, make_timed_scheduler, step_kwargs_supported
@@ -116,11 +116,22 @@ class SDRunner:
         for (shape, _), group in groups.items():
             generators = [s.generator for s in group]
             size = (len(group), *shape[1:])
-            noise = randn_tensor(size, generator=generators, device=self.device, dtype=self.dtype)
+            noise = self._noise(size, generators)
             latents = noise * group[0].scheduler.init_noise_sigma  # one schedule: one sigma
             for i, sample in enumerate(group):
                 sample.latents = latents[i : i + 1]
         return prepared
+
+    def _noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator]
+    ) -> torch.Tensor:
+        """Gaussian noise from the jobs' CPU generators (the same numbers on any device, as diffusers
+        draws them), brought to the device without waiting for the kernels queued there: diffusers'
+        own copy is a pageable one, which waited for the batch in flight before each batch began."""
+        return to_device(
+            randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=self.dtype),
+            self.device,
+        )
 
     def _latent_shape(self, job: JobSpec) -> tuple[int, int, int, int]:
         factor = self.scale_factor
@@ -192,7 +203,7 @@ class SDRunner:
         if job.task is Task.IMG2IMG:
             image = self._load_image(job)
             image_latents = self._encode_latents(image, generator)
-            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+            noise = self._noise(shape, generator)
             sample.latents = scheduler.add_noise(image_latents, noise, timesteps[:1])
         elif job.task is Task.INPAINT:
             self._prepare_inpaint(sample, shape)
@@ -249,7 +260,7 @@ class SDRunner:
         if not self.nine_channel or not full_strength:
             # contiguous, as diffusers' inpaint pipeline makes them: same rounding in the UNet's convolutions
             image_latents = self._encode_latents(image, generator).contiguous()
-        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        noise = self._noise(shape, generator)
         if full_strength:
             sample.latents = noise * scheduler.init_noise_sigma
         else:
