@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from conftest import make_settings
@@ -21,6 +23,7 @@ from imagegenx.models import fastload, fastread
 from imagegenx.models.ldm_export import save_ldm_checkpoint
 from imagegenx.models.loader import _from_pretrained, _from_single_file, load_model
 from imagegenx.models.sources import arch_dir, resolve
+from imagegenx.models.speed import decode_dtype
 from imagegenx.types import UserError
 from support.weights import WEIGHTED, assert_same_weights
 
@@ -95,6 +98,35 @@ def test_warm_up_runs_and_changes_nothing(checkpoints, tmp_path, monkeypatch) ->
     # A stand-in UNet ran at SD 1.5's native 512² (64² latents), without and with guidance.
     assert calls == [(1, 64, "sd15", torch.float32), (2, 64, "sd15", torch.float32)]
     _assert_identical(_from_single_file(source, torch.float32), pipe)
+
+
+def test_warm_up_decodes_in_the_dtype_the_engine_decodes_in(checkpoints, tmp_path, monkeypatch) -> None:
+    """SDXL's VAE overflows in fp16: the engine decodes in bf16 (GPU) or fp32. The warm-up casts it
+    first, so the first image finds that dtype's kernels loaded, and the runner has nothing to cast."""
+    decoded = []
+    real_decode = AutoencoderKL.decode
+
+    def recorded(self, z, **kwargs):
+        decoded.append(z.dtype)
+        return real_decode(self, z, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "decode", recorded)
+    source = resolve(f"{checkpoints['tiny-sdxl']}#arch=tiny-sdxl", _settings(tmp_path))
+    pipe, _ = fastload.load_single_file(
+        Path(source.location), "sdxl", arch_dir("tiny-sdxl"), CPU, torch.float16, warm=True
+    )
+    assert decoded == [torch.float32] and pipe.vae.dtype == torch.float32  # fp32: no bf16 on this CPU path
+    assert pipe.unet.dtype == torch.float16 and decode_dtype(pipe.vae, CPU) == pipe.vae.dtype
+
+
+def test_decode_dtype_upcasts_only_the_vaes_that_overflow() -> None:
+    def vae(dtype, upcast):
+        return SimpleNamespace(dtype=dtype, config=SimpleNamespace(force_upcast=upcast))
+
+    assert decode_dtype(vae(torch.float16, True), CPU) == torch.float32
+    assert decode_dtype(vae(torch.float16, False), CPU) == torch.float16
+    assert decode_dtype(vae(torch.float32, True), CPU) == torch.float32
+    assert decode_dtype(vae(torch.bfloat16, True), CPU) == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl", "sdxl-refiner"])

@@ -32,6 +32,7 @@ import torch
 
 from imagegenx.models.fastread import READ_THREADS, FastLoadUnsupported, Staging, read_tensors, tensor_table
 from imagegenx.models.sources import NATIVE_SIZE
+from imagegenx.models.speed import decode_dtype
 from imagegenx.models.tokenizers import tokenizer_for
 
 __all__ = ["FAMILIES", "FastLoadUnsupported", "load_folder_models", "load_single_file"]
@@ -299,7 +300,8 @@ def _warm(components: dict[str, Any], family: str, device: torch.device, dtype: 
             encoder(ids.input_ids.to(device), output_hidden_states=True)
     side = NATIVE_SIZE.get(family, 1024) // 8  # latents of the family's native image size
     vae = components["vae"]
-    vae.decode(torch.zeros(1, vae.config.latent_channels, side, side, device=device, dtype=dtype))
+    vae.to(decode_dtype(vae, device))  # as the engine will run it: bf16's kernels are not fp16's
+    vae.decode(torch.zeros(1, vae.config.latent_channels, side, side, device=device, dtype=vae.dtype))
     unet, config = components["_unet"]
     _warm_unet(type(unet), config, _bytes(unet, dtype), family, side, device, dtype)
     if device.type == "cuda":

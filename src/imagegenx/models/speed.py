@@ -159,6 +159,15 @@ def quantize_fp8(denoiser: torch.nn.Module) -> int:
     return len(picked)
 
 
+def decode_dtype(vae: Any, device: torch.device) -> torch.dtype:
+    """The dtype ``vae`` decodes in. The SD VAEs overflow in fp16 (diffusers' ``force_upcast``):
+    bf16 has fp32's range, so on GPUs that have it they run in bf16 (1.4x faster than fp32 at 1024²,
+    benchmarks/), else in fp32. Other VAEs keep their dtype."""
+    if vae.dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+        return vae.dtype
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def compile_decode(decoder: Any, settings: ModelSettings) -> None:
     """Compile ``decoder.decode`` (a VAE or a tiny decoder) in the settings' mode, its batch padded
     to the UNet's buckets so a few static shapes serve every batch."""

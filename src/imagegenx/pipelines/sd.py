@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from imagegenx.models.instantid import IdentityAdapter
 from imagegenx.models.loader import LoadedModel
-from imagegenx.models.speed import batch_bucket
+from imagegenx.models.speed import batch_bucket, decode_dtype
 from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, step_run
 from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
@@ -59,11 +59,9 @@ class SDRunner:
         self.distilled_guidance = self.unet.config.time_cond_proj_dim is not None
         self.compiled = "compile" in model.speedups
         self.identity: IdentityAdapter | None = None  # InstantID adapter of the current batch
-        # The SD VAEs overflow in fp16 (diffusers' force_upcast). bf16 has fp32's range: on GPUs that
-        # have it the VAE runs in bf16 (1.4x faster than fp32 at 1024², benchmarks/), else in fp32.
-        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            self.vae.to(torch.bfloat16 if bf16 else torch.float32)
+        # The SD VAEs overflow in fp16: bf16 or fp32 (the fast loader has cast it already, to warm it up)
+        if (vae_dtype := decode_dtype(self.vae, self.device)) != self.vae.dtype:
+            self.vae.to(vae_dtype)
         tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
         encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
         self.prompts = PromptEncoder(tokenizers, encoders, self.family)
