@@ -144,6 +144,23 @@ def test_timed_schedulers_are_independent_copies():
     assert a.step_index == b.begin_index + 1
 
 
+@pytest.mark.parametrize("sampler", [SchedulerName.LCM, SchedulerName.DDIM])
+def test_schedulers_that_index_cpu_tables_keep_their_timesteps_on_the_cpu(sampler):
+    """LCM's and DDIM's steps index alphas_cumprod (a CPU table) with the timestep and read the
+    previous one as a bool: their timesteps stay on the host whatever the device, so no step waits
+    for the GPU (asked for CUDA here, which this CPU-only machine could not give them)."""
+    from diffusers import DDIMScheduler
+
+    config = DDIMScheduler().config
+    scheduler = make_timed_scheduler(sampler, config, 4, torch.device("cuda"))
+    assert scheduler.timesteps.device.type == "cpu"
+    if torch.cuda.is_available():  # the others go to the device asked for
+        assert make_timed_scheduler(SchedulerName.EULER, config, 4, torch.device("cuda")).timesteps.is_cuda
+    else:
+        with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
+            make_timed_scheduler(SchedulerName.EULER, config, 4, torch.device("cuda"))
+
+
 def test_equal_prompts_in_a_batch_are_encoded_once(runner):
     runner.prompts.clear_cache()
     calls = []

@@ -17,9 +17,10 @@ import torch
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` (on the CPU) on ``device``, queued behind the kernels already there, not waiting
-    for them (the pinned buffer is kept until the copy has run: PyTorch's host allocator records it)."""
-    if device.type != "cuda":
+    """``tensor`` on ``device``; from the CPU to a GPU queued behind the kernels already there, not
+    waiting for them (the pinned buffer is kept until the copy has run: PyTorch's host allocator
+    records it)."""
+    if tensor.is_cuda or device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 

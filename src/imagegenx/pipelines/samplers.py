@@ -49,6 +49,13 @@ def make_scheduler(name: SchedulerName, base_config: dict[str, Any]):
     return copy.deepcopy(prototype)
 
 
+# Schedulers whose step indexes CPU tables (alphas_cumprod) with the timestep and reads the previous
+# timestep as a Python bool: with timesteps on a GPU, each of those is a wait for the device (three
+# per LCM step, in the H200 profile's stream syncs); with them on the CPU the step's arithmetic is on
+# the same CPU scalars diffusers' own pipelines end up with, and the UNet gets them by a queued copy.
+HOST_TIMESTEPS = frozenset({"DDIMScheduler", "LCMScheduler"})
+
+
 def make_timed_scheduler(name: SchedulerName, base_config: dict[str, Any], steps: int, device: Any) -> Any:
     """``make_scheduler`` then ``set_timesteps(steps, device)``, from a cached prototype.
 
@@ -63,7 +70,8 @@ def make_timed_scheduler(name: SchedulerName, base_config: dict[str, Any], steps
     prototype = _TIMED.get(key)
     if prototype is None:
         prototype = make_scheduler(name, base_config)
-        prototype.set_timesteps(steps, device=device)
+        on_host = type(prototype).__name__ in HOST_TIMESTEPS
+        prototype.set_timesteps(steps, device="cpu" if on_host else device)
         if hasattr(prototype, "index_for_timestep") and hasattr(prototype, "set_begin_index"):
             prototype.set_begin_index(prototype.index_for_timestep(prototype.timesteps[0]))
         if len(_TIMED) >= _MAX_TIMED:  # many models and step counts: start over rather than grow

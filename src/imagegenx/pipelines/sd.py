@@ -313,7 +313,7 @@ class SDRunner:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
         if cond.timestep_cond is not None:
             kwargs["timestep_cond"] = cond.timestep_cond
-        x, t = torch.cat(inputs), torch.cat(timesteps).to(self.device)
+        x, t = torch.cat(inputs), to_device(torch.cat(timesteps), self.device)
         tokens = None
         if cond.faces is not None:
             tokens = self.identity.tokens(cond.faces)
