@@ -226,3 +226,26 @@ def test_a_compiled_model_compiles_its_controlnets_and_pads_their_rows_too(tmp_p
         assert a.batch_size == b.batch_size == 3
         pixels = [np.frombuffer(r.rgb, np.uint8).astype(int) for r in (a, b)]
         assert np.abs(pixels[0] - pixels[1]).max() <= 1  # padding rows change nothing
+
+
+def test_regional_compile_compiles_the_controlnets_blocks_too(tmp_path, monkeypatch):
+    """With compile_regional, a ControlNet is compiled as its UNet is: its transformer blocks, each
+    sharing the block's graph, not its whole forward (recorded, not run through Inductor)."""
+    owners = []
+
+    def record(fn, *, mode, dynamic):
+        owners.append(getattr(fn, "__self__", None))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    settings = make_settings(tmp_path)
+    models = settings.models.model_copy(update={"compile": "default", "compile_regional": True})
+    control = ControlRef(RANDOM_CONTROLNET, _png(FACE), 0.7)
+    with Engine(settings.model_copy(update={"models": models})) as engine:
+        [image] = engine.run([_spec(control, seed=1)])
+        net = engine.models.get(SD15).extras["controlnets"][RANDOM_CONTROLNET]
+    blocks = [m for m in net.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(any(block is owner for owner in owners) for block in blocks)
+    # No whole forward of the UNet or the ControlNet (the VAE's decode is compiled as ever).
+    assert {type(owner).__name__ for owner in owners} == {"BasicTransformerBlock", "AutoencoderKL"}
+    assert not isinstance(image, Exception)

@@ -22,6 +22,7 @@ import torch
 
 from imagegenx.config import ModelSettings
 from imagegenx.models.loader import LoadedModel
+from imagegenx.models.speed import compile_module
 from imagegenx.types import UserError
 
 RANDOM_CONTROLNET = "random:controlnet"
@@ -41,7 +42,7 @@ def load_controlnet(ref: str, base: LoadedModel, settings: ModelSettings) -> Any
     if "compile" in base.speedups:
         # Compiled as the UNet it feeds: every row of the padded batch bucket runs through it
         # (pipelines/control.py), so the same few static shapes reach it.
-        net.forward = torch.compile(net.forward, mode=base.speedups["compile"], dynamic=False)
+        compile_module(net, base.speedups["compile"], base.speedups.get("compile_regional", []))
     return net
 
 

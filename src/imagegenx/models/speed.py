@@ -6,7 +6,8 @@
   channels_last on an H200 (benchmarks/2026-11-29b-vae-layout-h200.json).
 - ``fuse_qkv``: one projection for attention's q, k and v (diffusers' ``fuse_qkv_projections``).
   Off by default: LoRAs target ``to_q``/``to_k``/``to_v`` and a fused model cannot take them.
-- ``compile``: ``torch.compile`` of the UNet and, as they load, its ControlNets (``default``,
+- ``compile``: ``torch.compile`` of the UNet (or only its repeated blocks: ``compile_regional``)
+  and, as they load, its ControlNets (``default``,
   ``reduce-overhead`` for CUDA graphs, or ``max-autotune``). Static shapes: the engine pads each
   UNet batch to a bucket (1, 2, 4, 8, ... rows) so a handful of graphs serve every batch size;
   compiled kernels persist in Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default
@@ -80,13 +81,27 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if loaded := load_compile_artifacts(settings.compile_artifacts):  # before the first compile
             applied["compile_artifacts"] = loaded
-        denoiser.forward = torch.compile(denoiser.forward, mode=settings.compile, dynamic=False)
+        blocks = list(getattr(denoiser, "_repeated_blocks", None) or []) if settings.compile_regional else []
+        if compile_module(denoiser, settings.compile, blocks):
+            applied["compile_regional"] = blocks
         applied["compile"] = settings.compile
         vae = getattr(pipe, "vae", None)
         if settings.compile_vae and vae is not None:
             compile_decode(vae, settings)
             applied["compile_vae"] = True
     return applied
+
+
+def compile_module(module: torch.nn.Module, mode: str, blocks: list[str]) -> bool:
+    """Compile ``module``'s submodules whose class is named in ``blocks`` (regional compilation: the
+    copies of a block share one graph, as diffusers' ``compile_repeated_blocks`` does); where there
+    are none, the whole ``module``. Returns whether it compiled by blocks."""
+    regions = [sub for sub in module.modules() if type(sub).__name__ in blocks]
+    for sub in regions:
+        sub.compile(mode=mode, dynamic=False)
+    if not regions:
+        module.forward = torch.compile(module.forward, mode=mode, dynamic=False)
+    return bool(regions)
 
 
 def use_cudnn_benchmark(settings: ModelSettings, device: torch.device) -> bool:
