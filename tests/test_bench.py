@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from imagegenx.bench.measure import Row, percentile
+from imagegenx.bench.measure import Row, compile_events, describe_events, percentile
 from imagegenx.cli import app
 
 
@@ -35,6 +35,7 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
             if name != "flux-dev-1024-28":  # transformer FLOPs are not counted yet
                 assert row["tflop_per_image"] > 0 and row["achieved_tflops"] > 0
         assert set(scenarios[name]["speedup_vs"]) == {"diffusers", "diffusers-fast"}
+        assert rows[0]["note"] == "timed run: 0 compiles, 0 cuda graph recordings"  # eager, warmed
     latency_rows = scenarios["sdxl-1024-30"]["rows"]
     assert all(len(row["latencies"]) == 2 and row["p50_s"] <= row["p99_s"] for row in latency_rows)
     assert [row["runner"] for row in scenarios["esrgan-x4-1024"]["rows"]] == [
@@ -115,3 +116,18 @@ def test_a_peer_gives_back_inductors_flags():
     inductor.coordinate_descent_tuning = not before
     peer.close()
     assert inductor.coordinate_descent_tuning is before and peer.saved_inductor is None
+
+
+def test_compile_events_count_what_compiled_inside_the_block():
+    """A real Dynamo compile (the eager backend: no Inductor, quick) inside the block is counted,
+    the same call again is not, and nothing is counted once the block has ended."""
+    import torch
+
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    with compile_events() as events:
+        compiled(torch.ones(3))
+        compiled(torch.ones(3))  # the same shape: no compile
+        compiled(torch.ones(5))  # a new one: a compile
+    compiled(torch.ones(7))
+    assert events == {"compiles": 2, "cuda graph recordings": 0}
+    assert describe_events(events) == "timed run: 2 compiles, 0 cuda graph recordings"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,3 +99,29 @@ def count_tflop(fn: Callable[[], Any]) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e12
+
+
+@contextlib.contextmanager
+def compile_events() -> Iterator[Counter[str]]:
+    """What compiled while the block ran: Dynamo's compiles ("compiles") and CUDA-graph recordings
+    ("cuda graph recordings"), from torch's compile callbacks. A timed run should have none: any
+    there means the figure includes a compile (a batch shape the warm-up missed) or a re-recording."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    names = {CallbackTrigger.DYNAMO: "compiles", CallbackTrigger.CUDAGRAPH_RECORDING: "cuda graph recordings"}
+    events: Counter[str] = Counter({name: 0 for name in names.values()})
+
+    def count(args) -> None:
+        if args.callback_trigger in names:
+            events[names[args.callback_trigger]] += 1
+
+    callback_handler.register_start_callback(count)
+    try:
+        yield events
+    finally:
+        callback_handler.remove_start_callback(count)
+
+
+def describe_events(events: Counter[str]) -> str:
+    """``compile_events``' counts for a row's note: "timed run: 0 compiles, 0 cuda graph recordings"."""
+    return "timed run: " + ", ".join(f"{n} {name}" for name, n in events.items())

@@ -12,7 +12,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from imagegenx.bench.coldstart import cold_start
-from imagegenx.bench.measure import Row, count_tflop, free_device, peak_gib, reset_peak, timed
+from imagegenx.bench.measure import (
+    Row,
+    compile_events,
+    count_tflop,
+    describe_events,
+    free_device,
+    peak_gib,
+    reset_peak,
+    timed,
+)
 from imagegenx.bench.peers import Peer, load_peer
 from imagegenx.bench.portrait import portrait_100
 from imagegenx.config import ModelSettings, Settings
@@ -155,13 +164,15 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
             tflop = image_tflop(engine.models.get(work.model), work)
             encode_image(engine.run([work.job(0)])[0], ImageFormat.WEBP)  # warm-up (and compile)
             reset_peak(device)
-            seconds = [
-                timed(device, lambda seed=seed: encode_image(engine.submit(work.job(seed)).result()))[0]
-                for seed in range(1, work.jobs + 1)
-            ]
+            with compile_events() as events:
+                seconds = [
+                    timed(device, lambda seed=seed: encode_image(engine.submit(work.job(seed)).result()))[0]
+                    for seed in range(1, work.jobs + 1)
+                ]
             # Kept before the engine closes: a fault while it stops must not lose the measurement.
+            note = describe_events(events)
             return ctx.emit(
-                Row(name, "imagegenx", len(seconds), sum(seconds), seconds, peak_gib(device), tflop)
+                Row(name, "imagegenx", len(seconds), sum(seconds), seconds, peak_gib(device), tflop, note)
             )
 
     def peer_row(peer: Peer, tflop: float) -> Row:
@@ -192,9 +203,13 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
             warm_up_sizes(engine, work.model, [(work.size, work.size)], (work.cfg,), (work.decoder,))
             engine.run([work.job(seed) for seed in range(work.peer_batch)])
             reset_peak(device)
-            seconds, _ = timed(device, lambda: engine.run([work.job(seed) for seed in range(work.jobs)]))
+            with compile_events() as events:
+                seconds, _ = timed(device, lambda: engine.run([work.job(seed) for seed in range(work.jobs)]))
             # Kept before the engine closes: a fault while it stops must not lose the measurement.
-            return ctx.emit(Row(name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop))
+            row = Row(
+                name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop, describe_events(events)
+            )
+            return ctx.emit(row)
 
     def peer_row(peer: Peer, tflop: float) -> Row:
         calls = max(1, work.jobs // work.peer_batch)
