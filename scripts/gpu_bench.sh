@@ -79,7 +79,7 @@ profile)
     run python3 scripts/profile_engine_gpu.py "$OUT"
     ;;
 cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8 on Hopper)
-    run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py -k "cuda or hopper"
+    run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
     echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|profile|cudatests" >&2

@@ -313,7 +313,9 @@ class SDRunner:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
         if cond.timestep_cond is not None:
             kwargs["timestep_cond"] = cond.timestep_cond
-        x, t = torch.cat(inputs), to_device(torch.cat(timesteps), self.device)
+        # Each run's timesteps where its scheduler keeps them (LCM's and DDIM's on the host, others on
+        # the device: a batch may mix them), brought over without waiting.
+        x, t = torch.cat(inputs), torch.cat([to_device(ts, self.device) for ts in timesteps])
         tokens = None
         if cond.faces is not None:
             tokens = self.identity.tokens(cond.faces)
