@@ -21,7 +21,7 @@ from support.services import postgres_url, redis_url, s3_server  # noqa: E402, F
 
 def make_settings(tmp_path, **engine) -> Settings:
     models = ModelSettings(model_dir=tmp_path / "models", lora_dir=tmp_path / "loras", device="cpu")
-    (tmp_path / "models").mkdir(exist_ok=True)
+    (tmp_path / "models").mkdir(parents=True, exist_ok=True)
     (tmp_path / "loras").mkdir(exist_ok=True)
     return Settings(models=models, engine=EngineSettings(**engine))
 

@@ -178,6 +178,42 @@ def test_out_of_memory_splits_the_batch(tmp_path):
     assert np.abs(pixels(results[0]) - pixels(alone)).max() <= 2
 
 
+@pytest.mark.parametrize("room", ["two images", "a tile"])
+def test_a_decode_out_of_memory_goes_one_image_at_a_time_then_tiled(tmp_path, monkeypatch, room):
+    """The decode's fallbacks: a batch whose decode runs out of device memory decodes one image at
+    a time; an image that does not fit even alone decodes in tiles (diffusers' tiled decode, here
+    in 32-pixel tiles of a 64² image). Every job succeeds, with the images of a roomy device."""
+    from diffusers import AutoencoderKL
+
+    from imagegenx.pipelines import sd
+
+    jobs = [job(job_id=f"d{i}", seed=i, steps=2) for i in range(3)]
+    with Engine(make_settings(tmp_path / "roomy", batch_window_ms=1000)) as engine:
+        roomy = engine.run(jobs)
+    tiles = []
+    real_tiled_decode = AutoencoderKL.tiled_decode
+
+    def tiled_decode(self, z, *args, **kwargs):
+        tiles.append(z.shape)
+        return real_tiled_decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode", tiled_decode)
+    monkeypatch.setattr(sd, "TILE_PIXELS", 32)
+    limit = 2 * 64 * 64 if room == "two images" else 64 * 64 - 1
+    settings = make_settings(tmp_path / room, batch_window_ms=1000, fault_oom_decode_above_pixels=limit)
+    with Engine(settings) as engine:
+        tight = engine.run(jobs)
+    assert all(r.batch_size == 3 for r in tight)  # one batch: only its decode was split
+    assert len(tiles) == (0 if room == "two images" else 3)
+    other_seed = np.abs(pixels(roomy[0]) - pixels(roomy[1])).mean()  # how far apart unrelated images are
+    for a, b in zip(roomy, tight, strict=True):
+        difference = np.abs(pixels(a) - pixels(b))
+        if room == "two images":
+            assert difference.max() <= 2  # the same decode, one image at a time
+        else:  # the same image, its tiles' seams blended: far closer than another seed's
+            assert difference.mean() < other_seed / 2, (difference.mean(), other_seed)
+
+
 def test_nan_output_is_reported_not_returned(settings):
     with Engine(settings) as engine:
         engine.submit(job()).result(timeout=120)

@@ -21,7 +21,6 @@ PARAMS = {"prompt": "a fox", "model": "random:tiny-sd15", "width": 64, "height":
 
 def _leased_while_storing(tmp_path: Path, storing: int, allowance: int) -> int:
     """Tasks in flight after one lease_more, with ``storing`` finished ones still being stored."""
-    tmp_path.mkdir()
     settings = make_settings(tmp_path)
     store = TaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
     service = Service(

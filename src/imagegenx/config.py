@@ -107,6 +107,9 @@ class EngineSettings(BaseModel):
     # Fault injection for tests: a UNet call with more rows than this raises CUDA out-of-memory, as a
     # small GPU would, so the batch-split path runs end to end on a CPU (0: off).
     fault_oom_above_rows: int = 0
+    # Likewise, a full-VAE decode of more pixels than this at once, untiled, raises CUDA out-of-memory
+    # (0: off): the decode's fallbacks (one image at a time, then tiled) run on a CPU.
+    fault_oom_decode_above_pixels: int = 0
     # Resolutions whose every batch shape the service builds before it says ready (engine/warmup.py):
     # with compile on, each padded batch size is a compile, better paid at startup than by a request.
     # E.g. IMAGEGENX_ENGINE__WARMUP_SIZES='["1024x1024", "512x512"]'; empty: one small image only.

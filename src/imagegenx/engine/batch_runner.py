@@ -167,6 +167,9 @@ class BatchRunner:
                 runner = FlowRunner(model)
             if (rows := self.settings.engine.fault_oom_above_rows) > 0 and isinstance(runner, SDRunner):
                 runner.before_unet = functools.partial(_simulated_oom, rows)
+            pixels = self.settings.engine.fault_oom_decode_above_pixels
+            if pixels > 0 and isinstance(runner, SDRunner):
+                runner.before_decode = functools.partial(_simulated_decode_oom, pixels)
             model.extras["runner"] = runner
         return runner
 
@@ -250,7 +253,7 @@ class BatchRunner:
             pending = [runner.start_decode(samples)]
         except torch.OutOfMemoryError:
             _empty_cache(runner.device)
-            pending = [runner.start_decode([s]) for s in samples]  # one at a time, in stream order
+            pending = [_decode_alone(runner, s) for s in samples]  # one at a time, in stream order
         return _Decoding(samples, model, pending, batch_size, time.perf_counter() - started)
 
     def _deliver_decoded(self, decoding: list[_Decoding]) -> None:
@@ -279,6 +282,28 @@ class BatchRunner:
         for job, image in zip(batch, images, strict=True):
             if not self._drop_if_canceled(job.job_id):
                 self._deliver(job, image, model, len(batch), {"denoise_s": elapsed}, job.steps)
+
+
+def _decode_alone(runner: SDRunner, sample: Sample) -> PendingImages:
+    """One image's decode; where even that runs out of device memory (a 2048² SDXL image on a small
+    GPU), the VAE's tiled decode: a tile's memory instead of the image's."""
+    try:
+        return runner.start_decode([sample])
+    except torch.OutOfMemoryError:
+        _empty_cache(runner.device)
+        log.info(
+            "decoding a %dx%d image in tiles: out of device memory at once",
+            sample.job.width,
+            sample.job.height,
+        )
+        return runner.start_decode([sample], tiled=True)
+
+
+def _simulated_decode_oom(limit: int, pixels: int, tiled: bool) -> None:
+    """The ``fault_oom_decode_above_pixels`` hook: a device with room for ``limit`` pixels of an
+    untiled decode (a tiled one always fits)."""
+    if not tiled and pixels > limit:
+        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: a decode of {pixels} pixels > {limit})")
 
 
 def _simulated_oom(limit: int, rows: int) -> None:

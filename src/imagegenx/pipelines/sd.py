@@ -16,9 +16,11 @@ samplers, step counts and tasks share one UNet batch and can join or leave it at
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,8 +78,10 @@ class SDRunner:
         # The engine wants uint8 pixels: made on the device, a quarter of the bytes cross to the host
         # (16 SDXL images: 36 instead of 145 ms on an H200, benchmarks/2026-11-29b-vae-layout-h200.json).
         self.uint8_output = False
-        # Test hook: called with the UNet's input batch size before each call (fault injection).
+        # Test hooks (fault injection): called with the UNet's input batch size before each call, and
+        # with the pixels and whether it is tiled before each full-VAE decode.
         self.before_unet: Callable[[int], None] | None = None
+        self.before_decode: Callable[[int, bool], None] | None = None
         guidance_dim = self.unet.config.time_cond_proj_dim if self.distilled_guidance else None
         self.conditioning = ConditioningCache(self.device, self.dtype, self.is_xl, guidance_dim)
         self._time_ids_cache: dict[tuple, torch.Tensor] = {}
@@ -364,8 +368,9 @@ class SDRunner:
         return self.start_decode(samples).result()
 
     @torch.inference_mode()
-    def start_decode(self, samples: list[Sample]) -> PendingImages:
-        """``decode``, queued: the images come to the host while the caller queues more work."""
+    def start_decode(self, samples: list[Sample], tiled: bool = False) -> PendingImages:
+        """``decode``, queued: the images come to the host while the caller queues more work.
+        ``tiled``: the full VAE decodes in tiles (for an image too large for the device at once)."""
         # One decoder call per decoder the samples asked for (``JobSpec.decoder``), back in their
         # order. Each part becomes new tensors at once: under CUDA graphs a decoder's output memory is
         # the graph's own, and the next graph to run (the other decoder's) may write over it.
@@ -376,7 +381,12 @@ class SDRunner:
             picked = [i for i, s in enumerate(samples) if s.job.decoder == name]
             if picked:
                 latents = torch.cat([samples[i].latents for i in picked]).to(decoder.dtype)
-                pixels = decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0]
+                with _tiled(decoder, tiled and name == "full", self.scale_factor):
+                    if name == "full" and self.before_decode is not None:
+                        self.before_decode(
+                            len(picked) * latents.shape[2] * latents.shape[3] * self.scale_factor**2, tiled
+                        )
+                    pixels = decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0]
                 finite.append(torch.isfinite(pixels).flatten(1).all(dim=1))
                 images.append(self._output_pixels(pixels))
                 order += picked
@@ -390,6 +400,28 @@ class SDRunner:
         if self.uint8_output:  # rounded as diffusers' numpy_to_pil does, on the device
             images = (images * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1)
+
+
+TILE_PIXELS = 512  # the tiled decode's tiles (a quarter of each overlapping its neighbours, blended)
+
+
+@contextlib.contextmanager
+def _tiled(vae: Any, on: bool, scale_factor: int) -> Iterator[None]:
+    """diffusers' tiled decode for ``vae`` while the block runs (where ``on``): each tile decoded
+    alone and the overlaps blended, so the memory is a tile's, not the image's."""
+    if not on or not hasattr(vae, "use_tiling"):
+        yield
+        return
+    saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = (
+        True,
+        TILE_PIXELS,
+        TILE_PIXELS // scale_factor,
+    )
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
 def _in_order(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
