@@ -47,12 +47,14 @@ def warm_up_sizes(
     Jobs are submitted together, so the engine's batch window groups them into one batch (a batch
     split by a slow submit still warms the smaller shapes). Raises ``UserError`` for a model or size
     the engine refuses, and ``JobFailed`` when a warm-up image fails."""
-    limits = engine.settings.engine
     if decoders is None:
         decoders = ["full", "tiny"] if engine.models.get(model).tiny_decoder is not None else ["full"]
     batches = 0
     for width, height in sizes:
-        largest = min(limits.max_batch, max(1, limits.max_pixels_per_batch // (width * height)))
+        # As large as the engine forms at this size (max_batch, the pixel budget, any OOM shrink).
+        largest = engine.scheduler.max_batch_size(
+            JobSpec("warm-up", model, width=width, height=height).batch_key
+        )
         for cfg in guidance_scales:
             for decoder in decoders:
                 for count in batch_sizes(largest):
