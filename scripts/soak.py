@@ -10,7 +10,7 @@ queue was full; any other outcome (a 5xx, a task never final, a failure without 
 invalid request accepted) is an error and the exit status is 1.
 
 The server process is measured at the start (after a warm-up task), after the first half of the
-tasks and at the end (each after the queue drained and 2 s idle): resident memory (RSS), open files,
+tasks and at the end (each after the queue drained and 6 s idle): resident memory (RSS), open files,
 sockets and threads, read from /proc. Pools (HTTP worker threads, one SQLite connection per thread)
 grow to their size in the first half; a leak shows as growth from "half" to "end". RSS samples taken
 while submissions are refused in the second half show whether memory stays flat under overload.
@@ -37,6 +37,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = ("succeeded", "failed", "canceled", "expired")
+KEEPALIVE_IDLE_S = 6.0  # uvicorn closes a keep-alive connection idle for 5 s (its default)
 BODY = {"width": 64, "height": 64, "steps": 1}
 # Requests the server must refuse with a 4xx; the words its message must contain.
 INVALID = [
@@ -202,7 +203,9 @@ async def run(url: str, key: str, args: argparse.Namespace, pid: int | None) -> 
         for indices in (range(half), range(half, args.tasks)):  # pools grow in the first half only
             await soak.send(indices)
             found = await soak.drain()
-            await asyncio.sleep(2)  # idle: connections of finished requests close, threads park
+            # Idle past uvicorn's 5-s keep-alive timeout: the client pool's idle connections are
+            # closed by the server, so what is left open is the server's own, and threads park.
+            await asyncio.sleep(KEEPALIVE_IDLE_S)
             stats += [process_stats(pid)] if pid else []
         drained = time.monotonic() - started
         soak.account(found)
