@@ -37,7 +37,7 @@ fake_dist() { # fake_dist DIR NAME VERSION: dist-info so importlib.metadata find
 pins=()
 for name in diffusers pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
     python-dotenv fastapi starlette uvicorn python-multipart sqlalchemy alembic mako obstore \
-    opentelemetry-api importlib-metadata greenlet; do
+    opentelemetry-api importlib-metadata greenlet httpx2 httpcore2 truststore idna; do
     pins+=("$name==$(version "$name")")
 done
 download .gpu "${pins[@]}"

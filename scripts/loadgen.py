@@ -47,10 +47,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
+# httpx2 (pydantic's maintained httpx, which huggingface_hub and openai moved to): httpx's pool does
+# O(connections x requests) work per request, so with a few hundred requests in flight the client
+# itself fell seconds behind its schedule (and saw ReadErrors), which read as a stalled server.
+import httpx2
 
 FINAL = ("succeeded", "failed", "canceled", "expired")
 REJECTED = (429, 503)
+LAG_LIMIT_S = 0.1  # a p99 send lag above this: the client, not the server, set the pace
+CLIENT_CORE_LIMIT = 0.8  # of the client's one core
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -166,7 +171,7 @@ def task_body(a: argparse.Namespace, index: int) -> dict:
 
 
 class LoadGen:
-    def __init__(self, client: httpx.AsyncClient, args: argparse.Namespace) -> None:
+    def __init__(self, client: httpx2.AsyncClient, args: argparse.Namespace) -> None:
         self.client = client
         self.args = args
         self.requests: list[Request] = []
@@ -194,7 +199,7 @@ class LoadGen:
                 response = await self.client.post(
                     "/api/v1/image/generate", json=task_body(self.args, req.index)
                 )
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 req.answered, req.error = self.now(), type(exc).__name__
                 return
             req.answered, req.http_status = self.now(), response.status_code
@@ -211,7 +216,7 @@ class LoadGen:
         self.polls += 1
         try:
             response = await self.client.get(f"/api/v1/image/task/{req.task_id}")
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             self.poll_errors[type(exc).__name__] += 1
             return False
         seen = self.now()
@@ -258,7 +263,7 @@ class LoadGen:
     async def cancel_unfinished(self) -> None:
         async def cancel(req: Request) -> None:
             req.status = "unfinished"
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(httpx2.HTTPError):
                 await self.client.post(f"/api/v1/image/task/{req.task_id}/cancel")
 
         left = list(self.pending.values())
@@ -270,7 +275,7 @@ class LoadGen:
         """After the run: each success's finished_at (server clock), to see how late polling saw it."""
 
         async def one(req: Request) -> None:
-            with contextlib.suppress(httpx.HTTPError, KeyError, TypeError):
+            with contextlib.suppress(httpx2.HTTPError, KeyError, TypeError):
                 response = await self.client.get(f"/api/v1/image/task/{req.task_id}")
                 req.server_done = response.json()["data"]["finished_at"] - self.t0_wall
 
@@ -371,6 +376,18 @@ def summarize(requests: list[Request], args: argparse.Namespace, drained: float)
     }
 
 
+def client_fell_behind(summary: dict, cpu: dict | None) -> str | None:
+    """Why the figures may measure this client rather than the server, or None. Sends more than
+    ``LAG_LIMIT_S`` late (p99), or the client's one event-loop thread busy past ``CLIENT_CORE_LIMIT``
+    of a core, mean the schedule was not kept: the server saw less than the offered load, later."""
+    lag = summary["client_lag_s"]["p99"]
+    if lag is not None and lag > LAG_LIMIT_S:
+        return f"sends were up to {lag:.2f} s late (p99): the load generator could not keep its schedule"
+    if cpu and cpu["loadgen_cores"] > CLIENT_CORE_LIMIT:
+        return f"the load generator used {cpu['loadgen_cores']:.2f} of its one core: near saturation"
+    return None
+
+
 def fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
@@ -436,6 +453,8 @@ def print_table(report: dict) -> None:
         if "server_cores" in cpu:
             parts += [f"server {cpu['server_cores']:.2f}", f"other processes {cpu['other_cores']:.2f}"]
         rows.append(("cores busy (schedule)", ", ".join(parts)))
+    if report.get("client_fell_behind"):
+        rows.append(("WARNING", report["client_fell_behind"]))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -443,9 +462,9 @@ def print_table(report: dict) -> None:
 
 async def _run(args: argparse.Namespace) -> dict:
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
-    timeout = httpx.Timeout(args.http_timeout)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as c:
+    limits = httpx2.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
+    timeout = httpx2.Timeout(args.http_timeout)
+    async with httpx2.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as c:
         gen = LoadGen(c, args)
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, gen.interrupt)
         drained = await gen.run()
@@ -457,9 +476,11 @@ async def _run(args: argparse.Namespace) -> dict:
         # while draining leaves the schedule's length as it was.
         args.duration = min(args.duration, max(gen.interrupted_at, args.warmup + 1e-3))
     elapsed = args.duration + drained
+    summary = summarize(gen.requests, args, drained)
     return {
         "interrupted_at_s": gen.interrupted_at,
-        "summary": summarize(gen.requests, args, drained),
+        "client_fell_behind": client_fell_behind(summary, gen.cpu),
+        "summary": summary,
         "cpu_during_schedule": gen.cpu,
         "polls": gen.polls,
         "polls_per_s": gen.polls / elapsed,
@@ -480,7 +501,7 @@ def start_server(args: argparse.Namespace, root: Path):
 
 def warm_up(url: str, key: str, args: argparse.Namespace) -> None:
     """One task before the clock starts, so a lazily loaded model is not in the figures."""
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+    with httpx2.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
         response = c.post("/api/v1/image/generate", json=task_body(args, -1))
         response.raise_for_status()
         task_id = response.json()["data"]["task_ids"][0]

@@ -34,6 +34,21 @@ def test_schedule_and_percentiles():
     assert loadgen.percentile([], 50) is None
 
 
+def test_a_client_that_fell_behind_is_named_in_the_report():
+    """The H200 runs of 2026-11-30: with two worker processes and the full VAE the client's sends
+    ran seconds late (httpx's pool with hundreds of requests in flight), which read as a stalled
+    server; the same load against one worker process kept its schedule."""
+    loadgen = _loadgen()
+    runs = ROOT / "benchmarks"
+    behind = json.loads((runs / "2026-11-30e-http-h200-turbo-512-1-100-2workers.json").read_text())
+    kept = json.loads((runs / "2026-11-30e-http-h200-turbo-512-1-100.json").read_text())
+    verdict = loadgen.client_fell_behind(behind["summary"], behind["cpu_during_schedule"])
+    assert verdict is not None and "late" in verdict
+    assert loadgen.client_fell_behind(kept["summary"], kept["cpu_during_schedule"]) is None
+    busy = dict(kept["cpu_during_schedule"], loadgen_cores=0.95)  # on time, but its core nearly full
+    assert "core" in loadgen.client_fell_behind(kept["summary"], busy)
+
+
 def _command(server: Server, out, *, duration: float) -> list[str]:
     """loadgen at 5 requests/s against ``server`` with a fresh unlimited key (``cmd[5]``)."""
     key = server.key(rate=0.0, quota=10_000)
@@ -67,6 +82,7 @@ def test_short_run_counts_every_request(tmp_path):
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert s["window"]["completed_per_s"] > 0
     assert "completed" in proc.stdout and "p99" in proc.stdout
+    assert report["client_fell_behind"] is None and "WARNING" not in proc.stdout  # 5/s: on schedule
 
 
 @pytest.mark.timeout(120)
