@@ -282,6 +282,7 @@ def run_portrait(
     # Encoding a 4096² final takes seconds and Pillow's encoders release the GIL: one thread per image.
     with ThreadPoolExecutor(max_workers=min(len(finals), os.cpu_count() or 1) or 1) as pool:
         encoded = [None if "error" in f.post else pool.submit(encode_image, f, fmt) for f in finals]
+        sheet = encode_pil(_sheet(results, shortlist), ImageFormat.WEBP)  # drawn while they encode
     for position, (image, i) in enumerate(zip(finals, shortlist, strict=True), start=1):
         entry = {"position": position, "seed": image.job.seed, "draft": i}
         entry["passed_ssim_gate"] = image.post["qc"]["passed_ssim_gate"]
@@ -294,7 +295,7 @@ def run_portrait(
         files[stem + ".json"] = json.dumps(meta, indent=2).encode()
         listed.append({k: meta[k] for k in ("file", *entry, "qc", "postprocess_seconds") if k in meta})
         tell("write", position, total)
-    files["contact_sheet.webp"] = encode_pil(_sheet(results, shortlist), ImageFormat.WEBP)
+    files["contact_sheet.webp"] = sheet
     tell("write", total - 1, total)
     lap("write")
     timings["total"] = round(sum(timings.values()), 3)
