@@ -57,6 +57,17 @@ def test_flow_families_refuse_other_samplers(engine):
         engine.submit(job).result(timeout=300)
 
 
+def test_a_refused_flow_job_fails_alone_with_its_reason(engine):
+    """Jobs batch by model and size, not by sampler: a DDIM job beside Euler ones fails with the
+    reason (not "internal error"), and the others of its batch are made."""
+    base = dict(model="random:tiny-flux", width=64, height=64, steps=2, guidance_scale=3.5)
+    jobs = [JobSpec("x", **base, scheduler=SchedulerName.EULER, seed=s) for s in (1, 2)]
+    jobs.insert(1, JobSpec("x", **base, scheduler=SchedulerName.DDIM))
+    first, refused, last = engine.run(jobs)
+    assert isinstance(refused, JobFailed) and str(refused).startswith("flux models sample with their own")
+    assert first.width == last.width == 64
+
+
 def test_every_sampler_runs_and_differs(engine):
     outputs = {}
     for name in SchedulerName:

@@ -271,6 +271,17 @@ class BatchRunner:
                 )
 
     def _run_flow(self, runner: FlowRunner, model: LoadedModel, batch: list[JobSpec]) -> None:
+        # The batch key leaves out the sampler and the decoder: a job the model refuses fails alone.
+        runnable = []
+        for job in batch:
+            if reason := runner.refusal(job):
+                self._fail(job.job_id, reason)
+            else:
+                runnable.append(job)
+        if not runnable:
+            return
+        batch = runnable
+
         def step_done(job_ids: list[str], step: int, total: int) -> bool:
             for job_id in job_ids:
                 self._emit(ProgressEvent(job_id, JobStatus.RUNNING, step, total))

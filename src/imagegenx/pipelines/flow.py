@@ -26,19 +26,27 @@ class FlowRunner:
         self.model = model
         self.pipe = model.pipe
 
+    def refusal(self, job: JobSpec) -> str | None:
+        """Why this model cannot run ``job`` (its sampler, its decoder), or None."""
+        family = self.model.family
+        if job.scheduler is not SchedulerName.EULER:
+            return (
+                f"{family} models sample with their own flow-matching Euler scheduler; "
+                f"use scheduler 'euler' (got {job.scheduler.value!r})"
+            )
+        if job.decoder == "tiny" and self.model.tiny_decoder is None:
+            return (
+                f"model {job.model!r} ({family}) has no tiny decoder: the server names none "
+                f"for {family} in IMAGEGENX_MODELS__TINY_DECODERS"
+            )
+        return None
+
     def run(self, jobs: list[JobSpec], step_done: StepCallback) -> list[np.ndarray | None]:
-        """[0, 1] float images in the order of ``jobs``; ``None`` where the output is not finite."""
+        """[0, 1] float images in the order of ``jobs``; ``None`` where the output is not finite.
+        Raises ``UserError`` for the first job the model refuses (``refusal``)."""
         for job in jobs:
-            if job.scheduler is not SchedulerName.EULER:
-                raise UserError(
-                    f"{self.model.family} models sample with their own flow-matching Euler scheduler; "
-                    f"use scheduler 'euler' (got {job.scheduler.value!r})"
-                )
-            if job.decoder == "tiny" and self.model.tiny_decoder is None:
-                raise UserError(
-                    f"model {job.model!r} ({self.model.family}) has no tiny decoder: the server names none "
-                    f"for {self.model.family} in IMAGEGENX_MODELS__TINY_DECODERS"
-                )
+            if reason := self.refusal(job):
+                raise UserError(reason)
         results: dict[str, np.ndarray | None] = {}
 
         def group_key(job: JobSpec):
