@@ -82,6 +82,19 @@ def test_generate_and_download_every_version(client):
         assert Image.open(io.BytesIO(response.content)).format == fmt
 
 
+def test_a_request_without_a_sampler_gets_the_models_own(client):
+    """No "sampler": DPM++ 2M Karras for an SD model, flow-matching Euler for Flux (which takes no
+    other, so a Flux request with the UNet families' default used to fail)."""
+    samplers = {}
+    for model in ("random:tiny-sd15", "random:tiny-flux"):
+        body = {"text": "a red fox", "model": model, **SMALL, "cfg_scale": 3.5}
+        view = wait_for(client, submit(client, "/api/v1/image/generate", body))
+        assert view["status"] == "succeeded", view.get("error")
+        assert "scheduler" not in view["params"]  # the choice is the worker's, per model family
+        samplers[model] = view["metadata"]["sampler"]
+    assert samplers == {"random:tiny-sd15": "DPM++ 2M Karras", "random:tiny-flux": "Euler"}
+
+
 def test_png_output_and_style(client):
     task_id = submit(
         client, "/api/v1/image/generate", {"text": "a cat", **SMALL, "format": "png", "style": "anime"}

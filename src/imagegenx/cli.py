@@ -21,7 +21,7 @@ from imagegenx.cli_keys import keys_app
 from imagegenx.cli_portrait import portrait
 from imagegenx.cli_roles import api, worker
 from imagegenx.config import Settings
-from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserError
+from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserError, default_sampler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="imagegenx: generate images, fast.")
 err = Console(stderr=True)
@@ -224,8 +224,7 @@ def generate(
 
         source = resolve(model_ref, settings.models)
         settings = with_tiny_decoder(settings, model_ref, tiny_decoder)
-        flow = source.family in {"sd3", "flux"}
-        sampler = parse_sampler(scheduler or ("euler" if flow else "dpmpp_2m_karras"))
+        sampler = parse_sampler(scheduler) if scheduler else default_sampler(source.family)
         default_size = 64 if model_ref.startswith("random:tiny-") else NATIVE_SIZE.get(source.family, 1024)
         first_seed = random.randrange(2**32) if seed is None else seed
         jobs = [

@@ -60,6 +60,15 @@ _A1111_SAMPLER_NAMES = {
     SchedulerName.LCM: "LCM",
 }
 
+# Families whose transformers sample with diffusers' flow-matching Euler only (pipelines/flow.py).
+FLOW_FAMILIES = frozenset({"sd3", "flux"})
+
+
+def default_sampler(family: str) -> SchedulerName:
+    """A model's own sampler, for a request that names none: flow-matching Euler for SD 3.5 and
+    Flux, DPM++ 2M Karras for the UNet families."""
+    return SchedulerName.EULER if family in FLOW_FAMILIES else SchedulerName.DPMPP_2M_KARRAS
+
 
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"

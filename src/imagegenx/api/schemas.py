@@ -69,7 +69,11 @@ class GenerateParams(BaseModel):
     )
     steps: int = Field(30, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=0, le=30)
-    sampler: str = Field("dpmpp_2m_karras", max_length=32)
+    sampler: str | None = Field(
+        None,
+        max_length=32,
+        description="Default: the model's own (DPM++ 2M Karras; flow-matching Euler for SD 3.5 and Flux)",
+    )
     seed: int | None = Field(None, ge=0, lt=2**63)
     clip_skip: int = Field(1, ge=1, le=12)
     style: str | None = Field(None, max_length=64)

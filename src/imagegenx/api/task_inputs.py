@@ -43,7 +43,6 @@ def build_task_input(
         "height": height,
         "steps": p.steps,
         "guidance_scale": p.cfg_scale,
-        "scheduler": parse_sampler(p.sampler).value,
         "seed": p.seed if p.seed is not None else random.randrange(2**32),
         "clip_skip": p.clip_skip,
         "task": task,
@@ -51,6 +50,8 @@ def build_task_input(
         "loras": loras,
         "priority": p.priority,
     }
+    if p.sampler is not None:  # else the worker gives the model's own (types.default_sampler)
+        params["scheduler"] = parse_sampler(p.sampler).value
     post = p.postprocess.model_dump(exclude_defaults=True) if p.postprocess else {}
     # The flat fields are shorthands for the chain's.
     flat = {"upscale": p.upscale, "watermark_text": p.watermark, "invisible_watermark": p.invisible_watermark}

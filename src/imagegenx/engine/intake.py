@@ -7,6 +7,8 @@ store and submitted to the engine, and the job is held in flight until its futur
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from opentelemetry import trace
 
 from imagegenx.engine.engine import Engine
@@ -14,7 +16,7 @@ from imagegenx.engine.held_tasks import HeldTasks, InFlight
 from imagegenx.engine.portrait_runner import PortraitRunner
 from imagegenx.engine.service import Service, input_key, job_from_params
 from imagegenx.queue.base import Lease
-from imagegenx.types import TaskRecord, UserError
+from imagegenx.types import TaskRecord, UserError, default_sampler
 
 __all__ = ["Intake"]
 
@@ -87,7 +89,10 @@ class Intake:
                 service.blobs.get(input_key(task_id, f"control{index}"))
                 for index in range(len(record.params.get("controls", [])))
             ]
-            job.future = self.engine.submit(job_from_params(task_id, record.params, image, mask, controls))
+            spec = job_from_params(task_id, record.params, image, mask, controls)
+            if "scheduler" not in record.params:  # the request named no sampler: the model's own
+                spec = replace(spec, scheduler=default_sampler(self.engine.models.source(spec.model).family))
+            job.future = self.engine.submit(spec)
         except (UserError, KeyError) as exc:
             held.in_flight.pop(task_id, None)
             service.store.fail(task_id, str(exc))

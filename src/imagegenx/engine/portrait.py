@@ -52,7 +52,7 @@ from imagegenx.postprocess.contact_sheet import contact_sheet
 from imagegenx.postprocess.encode import ImageFormat, encode_image, encode_pil, image_metadata, to_pil
 from imagegenx.postprocess.qc_pool import QcPool
 from imagegenx.postprocess.shortlist import draft_pool, score_drafts
-from imagegenx.types import GeneratedImage, JobSpec, LoraRef, SchedulerName, UserError
+from imagegenx.types import FLOW_FAMILIES, GeneratedImage, JobSpec, LoraRef, SchedulerName, UserError
 from imagegenx.vision.identity import DlibIdentity, mean_embedding
 from imagegenx.vision.selfie import SelfieError, instantid_refs, read_selfie
 
@@ -179,7 +179,7 @@ def run_portrait(
     default = 64 if model.startswith("random:tiny-") else _SIZE_BY_FAMILY.get(family, 1024)
     width, height = spec.width or default, spec.height or default
     # LCM is the UNet families' fast mode; SD 3.5 and Flux sample with their own flow-matching Euler.
-    scheduler = SchedulerName.EULER if family in ("sd3", "flux") else SchedulerName.LCM
+    scheduler = SchedulerName.EULER if family in FLOW_FAMILIES else SchedulerName.LCM
     identity: dict[str, Any] = {}
     if spec.instantid and spec.identitynet:
         ref, control = instantid_refs(

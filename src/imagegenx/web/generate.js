@@ -149,7 +149,7 @@ function params() {
     height: number("#g-height"),
     steps: number("#g-steps"),
     cfg_scale: number("#g-cfg"),
-    sampler: value("#g-sampler"),
+    sampler: value("#g-sampler") || null,
     seed: seed === "" ? null : Number(seed),
     loras: loras(),
     priority: number("#g-priority"),
