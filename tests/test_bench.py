@@ -38,9 +38,14 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
         assert rows[0]["note"] == "timed run: 0 compiles, 0 cuda graph recordings"  # eager, warmed
     latency_rows = scenarios["sdxl-1024-30"]["rows"]
     assert all(len(row["latencies"]) == 2 and row["p50_s"] <= row["p99_s"] for row in latency_rows)
-    assert [row["runner"] for row in scenarios["esrgan-x4-1024"]["rows"]] == [
-        "imagegenx x4 + finish", "imagegenx x4 network only", "imagegenx x4 network only, tile 1024"
+    esrgan_rows = scenarios["esrgan-x4-1024"]["rows"]
+    assert [row["runner"] for row in esrgan_rows] == [
+        "imagegenx x4 + finish", "imagegenx x4 network only", "imagegenx x4 network only, tile 1024",
+        "imagegenx x4 network only, dense blocks plain",  # the CPU's default is fused: the other way
     ]  # fmt: skip
+    assert [row["note"].rsplit(", ", 1)[1] for row in esrgan_rows] == ["dense blocks fused"] * 3 + [
+        "dense blocks plain"
+    ]
     decodes = scenarios["vae-decode-1024"]["rows"]
     assert len(decodes) == 6 and [row["runner"].split()[1] for row in decodes] == ["vae"] * 4 + ["tiny"] * 2
     for name in ("portrait-100", "portrait-100-tiny"):

@@ -8,11 +8,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage.data import astronaut
 
 from imagegenx.config import ModelSettings, Settings
 from imagegenx.postprocess.ncnn_weights import parse_param, read_convolutions
+from imagegenx.postprocess.rrdbnet import FusedDenseBlock, ResidualDenseBlock
 from imagegenx.postprocess.upscale import (
     DISTRIBUTION,
     MODEL_DIR,
@@ -26,7 +28,7 @@ from imagegenx.postprocess.upscale import (
     load_rrdbnet,
     model_files,
     unsharp,
-    upscaler_compile,
+    upscaler_options,
 )
 
 
@@ -178,8 +180,6 @@ def test_device_finish_matches_the_pillow_finish(upscaler, small):
 def test_a_compiled_upscaler_pads_its_tile_batches_to_buckets(monkeypatch, upscaler, photo):
     """torch.compile is recorded and left out: the wiring and the padding are checked, not Inductor.
     The engine's compile setting reaches the chain's upscaler; a denoiser without settings gets none."""
-    import torch
-
     rows = []
 
     def record(fn, mode=None, dynamic=None, **_):
@@ -200,10 +200,30 @@ def test_a_compiled_upscaler_pads_its_tile_batches_to_buckets(monkeypatch, upsca
     plain = upscaler.network_upscale(images, tile=48, batch_size=4)
     assert all(torch.equal(a, b) for a, b in zip(ours, plain, strict=True))  # the padding changes nothing
 
-    settings = Settings(models=ModelSettings(compile="reduce-overhead"))
-    assert upscaler_compile(SimpleNamespace(settings=settings)) == "reduce-overhead"
+    settings = Settings(models=ModelSettings(compile="reduce-overhead", upscaler_fused_blocks=True))
+    options = upscaler_options(SimpleNamespace(settings=settings))
+    assert options == {"compile_mode": "reduce-overhead", "fused_blocks": True}
     off = settings.model_copy(
         update={"models": settings.models.model_copy(update={"compile_upscaler": False})}
     )
-    assert upscaler_compile(SimpleNamespace(settings=off)) == "off"
-    assert upscaler_compile(object()) == "off"
+    assert upscaler_options(SimpleNamespace(settings=off))["compile_mode"] == "off"
+    assert upscaler_options(object()) == {"compile_mode": "off", "fused_blocks": None}
+
+
+def test_fused_dense_blocks_compute_the_plain_blocks(upscaler, small):
+    """The dense blocks run feature map by feature map, one wide convolution each (rrdbnet.py's
+    docs): the real network's output equals the plain blocks' up to float rounding (fp32 here:
+    1e-4 of a 0-1 image), and the CPU's default upscaler is the fused one."""
+    assert upscaler.fused_blocks and not any(
+        isinstance(m, ResidualDenseBlock) for m in upscaler.net.modules()
+    )
+    plain, fused = load_rrdbnet(), load_rrdbnet().fuse_dense_blocks()
+    assert sum(isinstance(m, FusedDenseBlock) for m in fused.modules()) == 69  # 23 RRDBs x 3
+    x = torch.from_numpy(np.asarray(small, np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        difference = (plain(x) - fused(x)).abs().max().item()
+    assert difference < 1e-4
+    unfused = get_upscaler(device="cpu", fused_blocks=False)
+    assert unfused is not upscaler and not unfused.fused_blocks
+    a, b = (np.asarray(u.upscale([small], 4)[0], np.int16) for u in (upscaler, unfused))
+    assert np.abs(a - b).max() <= 1

@@ -41,6 +41,9 @@ class ModelSettings(BaseModel):
     # denoiser names no repeated blocks (SD 3.5), the whole of it is compiled as without this.
     compile_regional: bool = False
     compile_upscaler: bool = True  # with compile on, Real-ESRGAN too (its tile batches padded likewise)
+    # Real-ESRGAN's dense blocks as fewer, wider convolutions, the same numbers (postprocess/rrdbnet.py).
+    # None: on where measured faster (the CPU), off on a GPU until measured there.
+    upscaler_fused_blocks: bool | None = None
     # Inductor's on-disk cache (compiled kernels, autotuning) when compile is on, unless
     # TORCHINDUCTOR_CACHE_DIR is set: here it outlives reboots and /tmp cleaners, so a restarted
     # service finds its graphs compiled (an SDXL UNet and VAE take minutes from scratch).

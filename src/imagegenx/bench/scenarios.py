@@ -248,25 +248,46 @@ def esrgan(name: str, ctx: BenchContext) -> list[Row]:
     device, side = ctx.device, 32 if ctx.smoke else 1024
     use_cudnn_benchmark(ctx.settings.models, device)  # as a model load would (no model is loaded here)
     photo = Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.LANCZOS)
-    net = get_upscaler(device=device).net
+    mode = ctx.settings.models.upscaler_compile  # as the engine's chain would
+    fused = ctx.settings.models.upscaler_fused_blocks
+    upscaler = get_upscaler(device=device, fused_blocks=fused)
+    net = upscaler.net
     pixels = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].to(device, next(net.parameters()).dtype)
     tflop = count_tflop(lambda: type(net).forward(net, pixels / 255))
     rows = []
-    mode = ctx.settings.models.upscaler_compile  # as the engine's chain would
-    step = Upscale(device=device, compile_mode=mode)
+    ours = Upscale(device=device, compile_mode=mode, fused_blocks=fused)
+    # The dense blocks the other way too (fused where the default is plain, and back), to measure both.
+    other = Upscale(device=device, compile_mode=mode, fused_blocks=not upscaler.fused_blocks)
     compiled = f", compiled {mode}" if mode != "off" else ""
-    for runner, params in (
-        ("imagegenx x4 + finish", {"scale": 4, "network_strength": 0.35, "unsharp": True}),
-        ("imagegenx x4 network only", {"scale": 4, "network_strength": 1.0}),
+    network = {"scale": 4, "network_strength": 1.0}
+    for runner, step, params in (
+        ("imagegenx x4 + finish", ours, {"scale": 4, "network_strength": 0.35, "unsharp": True}),
+        ("imagegenx x4 network only", ours, network),
         # Tiles of 512 read 32 pixels of context on each inner side: 1.27x the pixels of a 1024² image.
         # A GPU with room for the whole image reads each pixel once (``tile`` is a request parameter).
-        ("imagegenx x4 network only, tile 1024", {"scale": 4, "network_strength": 1.0, "tile": 1024}),
+        ("imagegenx x4 network only, tile 1024", ours, network | {"tile": 1024}),
+        (
+            f"imagegenx x4 network only, dense blocks {'plain' if upscaler.fused_blocks else 'fused'}",
+            other,
+            network,
+        ),
     ):
         step.apply([photo] * 4, params)  # warm-up
         reset_peak(device)
-        best = min(timed(device, lambda params=params: step.apply([photo] * 4, params))[0] for _ in range(3))
+        run = lambda step=step, params=params: step.apply([photo] * 4, params)  # noqa: E731
+        blocks = "dense blocks fused" if (step is ours) == upscaler.fused_blocks else "dense blocks plain"
+        best = min(timed(device, run)[0] for _ in range(3))
         rows.append(
-            Row(name, runner, 4, best, [], peak_gib(device), tflop, f"batch of 4, best of 3{compiled}")
+            Row(
+                name,
+                runner,
+                4,
+                best,
+                [],
+                peak_gib(device),
+                tflop,
+                f"batch of 4, best of 3{compiled}, {blocks}",
+            )
         )
     return rows
 

