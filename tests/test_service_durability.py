@@ -5,9 +5,11 @@ import signal
 import subprocess
 import time
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from support.server import Server, wait_for
+from support.server import Server, free_port, wait_for
 
 
 def _submit(client, body: dict) -> str:
@@ -110,7 +112,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("args", [("--worker-process",), ("--worker-processes", "2")])
 def test_serve_with_worker_processes_runs_tasks_and_restarts_a_dead_worker(tmp_path, args):
-    server = Server(tmp_path, args=args).start()
+    metrics_port = free_port()  # the i-th worker serves its /metrics on metrics_port + i
+    server = Server(tmp_path, args=args, env={"IMAGEGENX_SERVICE__METRICS_PORT": str(metrics_port)}).start()
     count = int(args[-1]) if len(args) == 2 else 1
     try:
         with server.client(server.key()) as client:
@@ -118,6 +121,8 @@ def test_serve_with_worker_processes_runs_tasks_and_restarts_a_dead_worker(tmp_p
                 _submit(client, {"text": f"one {i}", "width": 64, "height": 64, "steps": 2}) for i in range(3)
             ]
             assert all(wait_for(client, t)["status"] == "succeeded" for t in first)
+            made = [_images_made(metrics_port + i) for i in range(count)]
+            assert sum(made) >= 3 + count  # the tasks, and each worker's warm-up image
             workers = _children(server.proc.pid)
             assert len(workers) == count
             os.kill(workers[0], signal.SIGKILL)  # an engine's process dies: the API stays, a new one comes
@@ -136,6 +141,18 @@ def test_serve_with_worker_processes_runs_tasks_and_restarts_a_dead_worker(tmp_p
     while os.path.exists(f"/proc/{restarted}") and not _zombie(restarted) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{restarted}") or _zombie(restarted)
+
+
+def _images_made(port: int) -> float:
+    """The images a worker's /metrics counts as succeeded."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "imagegenx_images"
+        for sample in family.samples
+        if sample.name == "imagegenx_images_total" and sample.labels.get("status") == "succeeded"
+    )
 
 
 def _zombie(pid: int) -> bool:

@@ -135,16 +135,13 @@ def supervise(devices: list[str], args: list[str], per_gpu: int = 1) -> int:
     stopped."""
     stopping = threading.Event()
     host = socket.gethostname()[:40]
-    metrics_port = Settings().service.metrics_port
     slots = [(device, k) for device in devices for k in range(per_gpu)]
 
     def spawn(slot: int) -> subprocess.Popen:
         device, k = slots[slot]
         owner = f"worker@{host}/gpu{device}" + (f".{k}" if per_gpu > 1 else "")
         cmd = [sys.executable, "-m", "imagegenx.cli", "worker", "--owner", owner, *args]
-        env = os.environ | {"CUDA_VISIBLE_DEVICES": device, "IMAGEGENX_MODELS__DEVICE": "cuda"}
-        if metrics_port:  # the i-th child serves /metrics on metrics_port + i
-            env["IMAGEGENX_SERVICE__METRICS_PORT"] = str(metrics_port + slot)
+        env = child_env(slot) | {"CUDA_VISIBLE_DEVICES": device, "IMAGEGENX_MODELS__DEVICE": "cuda"}
         return subprocess.Popen(cmd, env=env)
 
     def forward(signum: int, _frame: object) -> None:
@@ -169,6 +166,15 @@ def supervise(devices: list[str], args: list[str], per_gpu: int = 1) -> int:
         time.sleep(0.5)
 
 
+def child_env(slot: int) -> dict[str, str]:
+    """The environment of the ``slot``-th child worker (0, 1, ...): this process's, with /metrics on
+    ``metrics_port + slot`` when a metrics port is set (one port each: they would collide on one)."""
+    metrics_port = Settings().service.metrics_port
+    if not metrics_port:
+        return dict(os.environ)
+    return os.environ | {"IMAGEGENX_SERVICE__METRICS_PORT": str(metrics_port + slot)}
+
+
 @contextlib.contextmanager
 def child_workers(args: list[str], count: int = 1) -> Iterator[None]:
     """``count`` child ``imagegenx worker ARGS`` processes while the block runs (``serve
@@ -177,7 +183,11 @@ def child_workers(args: list[str], count: int = 1) -> Iterator[None]:
     host side (prompts, results, the database) runs: each has its own interpreter lock."""
     stopping = threading.Event()
     cmd = [sys.executable, "-m", "imagegenx.cli", "worker", *args]
-    children = [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(count)]
+
+    def spawn(slot: int) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=child_env(slot), preexec_fn=_die_with_parent)
+
+    children = [spawn(slot) for slot in range(count)]
 
     def watch() -> None:
         while not stopping.wait(0.5):
@@ -187,7 +197,7 @@ def child_workers(args: list[str], count: int = 1) -> Iterator[None]:
                     if stopping.wait(RESTART_DELAY_S):  # not when the server is stopping meanwhile
                         return
                     # Its parent-death signal follows this thread, which lives until the server stops.
-                    children[i] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+                    children[i] = spawn(i)
 
     watcher = threading.Thread(target=watch, name="imagegenx-worker-watch", daemon=True)
     watcher.start()

@@ -165,7 +165,8 @@ class ServiceSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     # A worker's Prometheus /metrics port (it has no other HTTP); 0: none. With --gpus all, the worker
-    # for the i-th GPU of its list (0, 1, ...) listens on metrics_port + i. API nodes: /metrics on `port`.
+    # for the i-th GPU of its list (0, 1, ...) listens on metrics_port + i, and so does the i-th child
+    # of `serve --worker-processes N`. API nodes and `serve` itself: /metrics on `port`.
     metrics_port: int = 0
     public_url: str = ""  # base for result URLs; empty: derived from each request
     queued_task_ttl_s: float = 300.0  # queued longer than this: expired (seed 003: 5 minutes)
