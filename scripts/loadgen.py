@@ -155,6 +155,45 @@ def cpu_use(before: dict | None, after: dict | None, has_server: bool) -> dict |
     return result
 
 
+# Engine metrics (engine/metrics.py) read from each worker's /metrics before and after the schedule.
+ENGINE_SERIES = {
+    "images": "imagegenx_images_total",
+    "unet_batches": "imagegenx_unet_batch_images_count",
+    "unet_images": "imagegenx_unet_batch_images_sum",
+    "steps": "imagegenx_step_seconds_count",
+    "step_seconds": "imagegenx_step_seconds_sum",
+    "generations": "imagegenx_generation_seconds_count",
+    "generation_seconds": "imagegenx_generation_seconds_sum",
+}
+
+
+def engine_counts(text: str) -> dict[str, float]:
+    """The engine's counters in a Prometheus text page, summed over their labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {series: key for key, series in ENGINE_SERIES.items()}
+    counts = dict.fromkeys(ENGINE_SERIES, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names and sample.labels.get("status", "succeeded") == "succeeded":
+                counts[names[sample.name]] += sample.value
+    return counts
+
+
+def engine_summary(url: str, before: dict[str, float], after: dict[str, float]) -> dict:
+    """What one engine did during the schedule: images, UNet batches and their mean size, seconds
+    per denoising step of a batch, and seconds from submission to a finished image."""
+    d = {key: after[key] - before[key] for key in ENGINE_SERIES}
+    return {
+        "url": url,
+        "images": d["images"],
+        "unet_batches": d["unet_batches"],
+        "mean_unet_batch_images": d["unet_images"] / d["unet_batches"] if d["unet_batches"] else None,
+        "mean_step_s": d["step_seconds"] / d["steps"] if d["steps"] else None,
+        "mean_generation_s": d["generation_seconds"] / d["generations"] if d["generations"] else None,
+    }
+
+
 def task_body(a: argparse.Namespace, index: int) -> dict:
     return {
         "text": f"{a.prompt} #{index}",
@@ -183,6 +222,7 @@ class LoadGen:
         self.stopping = False
         self.interrupted_at: float | None = None  # SIGINT: stop sending, report what was seen
         self.cpu: dict | None = None  # cores busy while the schedule ran
+        self.engines: list[dict] = []  # engine_summary of each --metrics-url: the schedule, drained
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -283,9 +323,20 @@ class LoadGen:
         for i in range(0, len(done), 16):
             await asyncio.gather(*(one(r) for r in done[i : i + 16]))
 
+    async def engine_pages(self) -> dict[str, dict[str, float]]:
+        """Each ``--metrics-url``'s engine counters now (an unreachable one is left out)."""
+        pages = {}
+        for url in self.args.metrics_url:
+            with contextlib.suppress(httpx2.HTTPError):
+                response = await self.client.get(url)
+                if response.status_code == 200:
+                    pages[url] = engine_counts(response.text)
+        return pages
+
     async def run(self) -> float:
         """Send the schedule, follow every task; the seconds spent draining after the schedule."""
         a = self.args
+        before = await self.engine_pages()
         offsets = arrival_times(a.rate, a.duration, a.arrivals, a.seed)
         self.requests = [Request(i, t) for i, t in enumerate(offsets)]
         self.t0 = time.perf_counter() + 0.05
@@ -312,6 +363,8 @@ class LoadGen:
         self.stopping = True
         await poller
         drained = self.now() - end_of_schedule
+        after = await self.engine_pages()  # the schedule's tasks, drained
+        self.engines = [engine_summary(url, before[url], after[url]) for url in before if url in after]
         await self.cancel_unfinished()
         return drained
 
@@ -453,6 +506,16 @@ def print_table(report: dict) -> None:
         if "server_cores" in cpu:
             parts += [f"server {cpu['server_cores']:.2f}", f"other processes {cpu['other_cores']:.2f}"]
         rows.append(("cores busy (schedule)", ", ".join(parts)))
+    for i, engine in enumerate(report.get("engines_during_schedule") or []):
+        batch, step = engine["mean_unet_batch_images"], engine["mean_step_s"]
+        rows.append(
+            (
+                f"engine {i} (schedule)",
+                f"{engine['images']:.0f} images, {engine['unet_batches']:.0f} UNet batches of "
+                f"{fmt(batch, digits=1)} images, step {fmt(step, 1000, 1)} ms, "
+                f"engine submit to image {fmt(engine['mean_generation_s'], digits=2)} s",
+            )
+        )
     if report.get("client_fell_behind"):
         rows.append(("WARNING", report["client_fell_behind"]))
     width = max(len(k) for k, _ in rows)
@@ -482,6 +545,7 @@ async def _run(args: argparse.Namespace) -> dict:
         "client_fell_behind": client_fell_behind(summary, gen.cpu),
         "summary": summary,
         "cpu_during_schedule": gen.cpu,
+        "engines_during_schedule": gen.engines,
         "polls": gen.polls,
         "polls_per_s": gen.polls / elapsed,
         "poll_errors": dict(gen.poll_errors),
@@ -494,9 +558,52 @@ def start_server(args: argparse.Namespace, root: Path):
     from support.server import Server
 
     env = dict(item.split("=", 1) for item in args.server_env)
+    workers = worker_processes(args.server_arg)
+    if workers:  # each worker process serves its engine's /metrics on a port of its own
+        port = free_port_block(workers)
+        env["IMAGEGENX_SERVICE__METRICS_PORT"] = str(port)
+        args.metrics_url += [f"http://127.0.0.1:{port + i}/metrics" for i in range(workers)]
     server = Server(root, model=args.start_server, env=env, args=tuple(args.server_arg)).start()
     key = server.key("paid", rate=0.0, quota=1_000_000)  # rate 0: unlimited, polls are not charged
+    if not workers:  # the engine runs in the server: its /metrics (the key opens it)
+        args.metrics_url.append(f"{server.url}/metrics")
     return server, key
+
+
+def worker_processes(server_args: list[str]) -> int:
+    """How many engine processes `serve` starts with these options (0: the engine runs inside it)."""
+    count = 0
+    for i, arg in enumerate(server_args):
+        if arg == "--worker-process":
+            count = max(count, 1)
+        elif arg.startswith("--worker-processes="):
+            count = int(arg.split("=", 1)[1])
+        elif arg == "--worker-processes" and i + 1 < len(server_args):
+            count = int(server_args[i + 1])
+    return count
+
+
+def free_port_block(count: int) -> int:
+    """A port p with p .. p + count - 1 free now."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def warm_up(url: str, key: str, args: argparse.Namespace) -> None:
@@ -533,6 +640,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="ARG",
         help="Extra `serve` option (--worker-process)",
+    )
+    target.add_argument(
+        "--metrics-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="An engine's Prometheus page, read before and after the schedule (with --start-server: "
+        "each worker's, or the server's /metrics when the engine runs inside it)",
     )
     load = p.add_argument_group("load")
     load.add_argument("--rate", type=float, default=10.0, help="Requests per second [10]")

@@ -53,6 +53,7 @@ def _command(server: Server, out, *, duration: float) -> list[str]:
     """loadgen at 5 requests/s against ``server`` with a fresh unlimited key (``cmd[5]``)."""
     key = server.key(rate=0.0, quota=10_000)
     cmd = [sys.executable, str(SCRIPT), "--url", server.url, "--key", key, "--rate", "5"]
+    cmd += ["--metrics-url", f"{server.url}/metrics"]  # the engine runs in the server
     return [*cmd, "--duration", str(duration), "--warmup", "0.5", "--arrivals", "fixed", "--json", str(out)]
 
 
@@ -83,6 +84,10 @@ def test_short_run_counts_every_request(tmp_path):
     assert s["window"]["completed_per_s"] > 0
     assert "completed" in proc.stdout and "p99" in proc.stdout
     assert report["client_fell_behind"] is None and "WARNING" not in proc.stdout  # 5/s: on schedule
+    (engine,) = report["engines_during_schedule"]  # the warm-up task came before: 15 images exactly
+    assert engine["images"] == 15 and engine["unet_batches"] >= 4  # 4 steps a task, batched or not
+    assert 1 <= engine["mean_unet_batch_images"] <= 15 and engine["mean_step_s"] > 0
+    assert "engine 0 (schedule)" in proc.stdout
 
 
 @pytest.mark.timeout(120)
