@@ -174,6 +174,14 @@ def quantize_fp8(denoiser: torch.nn.Module) -> int:
     return len(picked)
 
 
+def parameter_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s weights, read from its first parameter. diffusers' ``.dtype`` walks
+    every submodule for casting hooks on each call (the SDXL VAE: 358 µs against 2.7 µs here; asked
+    once per decode, 5% of a CPU worker's interpreter time at small batches). For modules whose
+    weights share one dtype (the VAEs, the tiny decoders)."""
+    return next(module.parameters()).dtype
+
+
 def decode_dtype(vae: Any, device: torch.device) -> torch.dtype:
     """The dtype ``vae`` decodes in. The SD VAEs overflow in fp16 (diffusers' ``force_upcast``):
     bf16 has fp32's range, so on GPUs that have it they run in bf16 (1.4x faster than fp32 at 1024²,

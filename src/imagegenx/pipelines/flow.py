@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from imagegenx.models.loader import LoadedModel
+from imagegenx.models.speed import parameter_dtype
 from imagegenx.types import JobSpec, SchedulerName, UserError
 
 # step_done(job_ids, step, total) -> True when every job of the group is cancelled.
@@ -101,7 +102,8 @@ class FlowRunner:
             if not picked:
                 continue
             config = decoder.config
-            z = latents[picked].to(decoder.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+            z = latents[picked].to(parameter_dtype(decoder)) / config.scaling_factor
+            z = z + (config.shift_factor or 0.0)
             pixels = (decoder.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
             for i, image in zip(picked, pixels.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
                 images[i] = image

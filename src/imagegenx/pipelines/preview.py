@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imagegenx.models.speed import parameter_dtype
 from imagegenx.pipelines.hostcopy import HostCopy
 
 _SD15 = [
@@ -110,7 +111,7 @@ def _project(latents: torch.Tensor, family: str) -> torch.Tensor | None:
 def _decode_small(latents: torch.Tensor, decoder: Any) -> torch.Tensor:
     """(h, w, 3) uint8 pixels of the first latent decoded by ``decoder``, shrunk on the device to
     at most MAX_SIDE a side (a small copy to the host)."""
-    z = latents[:1].to(decoder.dtype) / decoder.config.scaling_factor
+    z = latents[:1].to(parameter_dtype(decoder)) / decoder.config.scaling_factor
     image = decoder.decode(z, return_dict=False)[0].float()
     scale = MAX_SIDE / max(image.shape[-2:])
     if scale < 1:

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from imagegenx.models.instantid import IdentityAdapter
 from imagegenx.models.loader import LoadedModel
-from imagegenx.models.speed import batch_bucket, decode_dtype
+from imagegenx.models.speed import batch_bucket, decode_dtype, parameter_dtype
 from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, step_run
 from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
@@ -243,7 +243,7 @@ class SDRunner:
         return self.image_processor.preprocess(pil, height=job.height, width=job.width)
 
     def _encode_latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        image = image.to(self.device, self.vae.dtype)
+        image = image.to(self.device, parameter_dtype(self.vae))
         dist = self.vae.encode(image).latent_dist
         latents = dist.sample(generator=generator)
         return (latents * self.vae.config.scaling_factor).to(self.dtype)
@@ -380,7 +380,7 @@ class SDRunner:
         for name, decoder in (("full", self.vae), ("tiny", self.model.tiny_decoder)):
             picked = [i for i, s in enumerate(samples) if s.job.decoder == name]
             if picked:
-                latents = torch.cat([samples[i].latents for i in picked]).to(decoder.dtype)
+                latents = torch.cat([samples[i].latents for i in picked]).to(parameter_dtype(decoder))
                 with _tiled(decoder, tiled and name == "full", self.scale_factor):
                     if name == "full" and self.before_decode is not None:
                         self.before_decode(
