@@ -18,6 +18,8 @@ SCRIPT = ROOT / "scripts" / "loadgen.py"
 
 
 def _loadgen():
+    if str(SCRIPT.parent) not in sys.path:  # its report module beside it, as when run as a script
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("loadgen", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("loadgen", module)  # dataclasses look their module up
@@ -30,23 +32,27 @@ def test_schedule_and_percentiles():
     assert loadgen.arrival_times(5, 3, "fixed", 0) == pytest.approx([i / 5 for i in range(15)])
     poisson = loadgen.arrival_times(100, 10, "poisson", 1)
     assert 900 < len(poisson) < 1100 and poisson == sorted(poisson) and poisson[-1] < 10
-    assert loadgen.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
-    assert loadgen.percentile([], 50) is None
+    import loadgen_report as report
+
+    assert report.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert report.percentile([], 50) is None
 
 
 def test_a_client_that_fell_behind_is_named_in_the_report():
     """The H200 runs of 2026-11-30: with two worker processes and the full VAE the client's sends
     ran seconds late (httpx's pool with hundreds of requests in flight), which read as a stalled
     server; the same load against one worker process kept its schedule."""
-    loadgen = _loadgen()
+    _loadgen()
+    import loadgen_report as report
+
     runs = ROOT / "benchmarks"
     behind = json.loads((runs / "2026-11-30e-http-h200-turbo-512-1-100-2workers.json").read_text())
     kept = json.loads((runs / "2026-11-30e-http-h200-turbo-512-1-100.json").read_text())
-    verdict = loadgen.client_fell_behind(behind["summary"], behind["cpu_during_schedule"])
+    verdict = report.client_fell_behind(behind["summary"], behind["cpu_during_schedule"])
     assert verdict is not None and "late" in verdict
-    assert loadgen.client_fell_behind(kept["summary"], kept["cpu_during_schedule"]) is None
+    assert report.client_fell_behind(kept["summary"], kept["cpu_during_schedule"]) is None
     busy = dict(kept["cpu_during_schedule"], loadgen_cores=0.95)  # on time, but its core nearly full
-    assert "core" in loadgen.client_fell_behind(kept["summary"], busy)
+    assert "core" in report.client_fell_behind(kept["summary"], busy)
 
 
 def _command(server: Server, out, *, duration: float) -> list[str]:
