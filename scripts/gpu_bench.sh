@@ -81,11 +81,16 @@ print(f'fsync of 4 KiB in /tmp: median {statistics.median(t) * 1000:.2f} ms, max
 profile)
     run python3 scripts/profile_engine_gpu.py "$OUT"
     ;;
+coldload) # the 6.9-GB single file read buffered and with O_DIRECT (fast-direct), cold and warm, twice each
+    [ -f /tmp/sdxl-random.safetensors ] || run python3 scripts/coldload.py --write /tmp/sdxl-random.safetensors --device cuda
+    run python3 scripts/coldload.py /tmp/sdxl-random.safetensors --device cuda --modes fast,fast-direct --runs 2 \
+        --json "$OUT/coldload-direct.json"
+    ;;
 cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8 on Hopper)
     run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|profile|cudatests" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|profile|coldload|cudatests" >&2
     exit 2
     ;;
 esac
