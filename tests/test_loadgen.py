@@ -55,6 +55,17 @@ def test_a_client_that_fell_behind_is_named_in_the_report():
     assert "core" in report.client_fell_behind(kept["summary"], busy)
 
 
+def test_the_engines_to_read_follow_the_servers_worker_options():
+    """--start-server reads each worker process's /metrics: as many as `serve` starts."""
+    loadgen = _loadgen()
+    assert loadgen.worker_processes([]) == 0  # the engine runs inside the server
+    assert loadgen.worker_processes(["--worker-process"]) == 1
+    assert loadgen.worker_processes(["--worker-processes=3"]) == 3
+    assert loadgen.worker_processes(["--worker-processes", "2", "--port", "9"]) == 2
+    base = loadgen.free_port_block(3)
+    assert 0 < base < 65533
+
+
 def _command(server: Server, out, *, duration: float) -> list[str]:
     """loadgen at 5 requests/s against ``server`` with a fresh unlimited key (``cmd[5]``)."""
     key = server.key(rate=0.0, quota=10_000)
