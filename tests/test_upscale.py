@@ -223,6 +223,7 @@ def test_fused_dense_blocks_compute_the_plain_blocks(upscaler, small):
     with torch.inference_mode():
         difference = (plain(x) - fused(x)).abs().max().item()
     assert difference < 1e-4
+    assert get_upscaler(device="cpu", fused_blocks=True) is upscaler  # the default's own model
     unfused = get_upscaler(device="cpu", fused_blocks=False)
     assert unfused is not upscaler and not unfused.fused_blocks
     a, b = (np.asarray(u.upscale([small], 4)[0], np.int16) for u in (upscaler, unfused))

@@ -154,6 +154,13 @@ def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
+def fused_blocks_for(device: torch.device, fused_blocks: bool | None) -> bool:
+    """Whether the dense blocks run fused (postprocess/rrdbnet.py): as asked, or, for None, where
+    measured faster: the CPU (a 128² tile: 1.79-1.83 s against 1.89-1.95, scripts/esrgan_blocks_cpu.py);
+    not yet measured on a GPU."""
+    return device.type == "cpu" if fused_blocks is None else fused_blocks
+
+
 class RealESRGAN:
     """A loaded Real-ESRGAN ×4 network on one device and dtype."""
 
@@ -167,10 +174,7 @@ class RealESRGAN:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        # The dense blocks as fewer, wider convolutions (postprocess/rrdbnet.py). None: where measured
-        # faster, the CPU (a 128² tile: 1.79-1.83 s against 1.89-1.95, scripts/esrgan_blocks_cpu.py);
-        # not yet measured on a GPU.
-        self.fused_blocks = self.device.type == "cpu" if fused_blocks is None else fused_blocks
+        self.fused_blocks = fused_blocks_for(self.device, fused_blocks)
         if self.fused_blocks:
             model = model.fuse_dense_blocks()
         # channels_last lets cuDNN use tensor cores without layout transposes; on the CPU it buys nothing.
@@ -314,7 +318,7 @@ def unsharp(image: Image.Image, radius: float = 2.0, amount: float = 1.2, thresh
     )
 
 
-_CACHE: dict[tuple[str, str, torch.dtype, str, bool | None], RealESRGAN] = {}
+_CACHE: dict[tuple[str, str, torch.dtype, str, bool], RealESRGAN] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -328,10 +332,11 @@ def get_upscaler(
     """The cached :class:`RealESRGAN` for (name, device, dtype, compile mode, fused blocks), loaded
     on first use."""
     dev, dt = device_and_dtype(device, dtype)
-    key = (name, str(dev), dt, compile_mode, fused_blocks)
+    fused = fused_blocks_for(torch.device(dev), fused_blocks)  # None and its answer share one model
+    key = (name, str(dev), dt, compile_mode, fused)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = RealESRGAN.from_package(name, dev, dt, compile_mode, fused_blocks)
+            _CACHE[key] = RealESRGAN.from_package(name, dev, dt, compile_mode, fused)
         return _CACHE[key]
 
 
