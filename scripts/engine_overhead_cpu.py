@@ -1,11 +1,14 @@
 """Per-job CPU overhead of the engine: 128 one-step jobs of a tiny random model, batches of 32.
 
-Run:  python scripts/engine_overhead_cpu.py
-The model is tiny, so the time is mostly the engine's own per-job work (preparing samples, scheduler
-objects, decode bookkeeping): what limits one-step throughput (turbo-512-1) on a GPU too.
+Run:  python scripts/engine_overhead_cpu.py [--same-prompt]
+The model is tiny, so the time is mostly the engine's own per-job work (encoding prompts, preparing
+samples, scheduler objects, decode bookkeeping): what limits one-step throughput (turbo-512-1) on a
+GPU too. Each job has its own prompt, as real traffic (and scripts/loadgen.py) has; --same-prompt
+gives all one prompt, which the prompt cache serves after the first.
 """
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +21,10 @@ from imagegenx.types import JobSpec, SchedulerName
 
 
 def jobs(first_seed: int, count: int = 128) -> list[JobSpec]:
+    same = "--same-prompt" in sys.argv
     return [
         JobSpec(
-            "a fox",
+            "a fox" if same else f"a fox #{first_seed + i}",
             "random:tiny-sd21",
             width=64,
             height=64,

@@ -25,7 +25,7 @@ run() { # the exit status goes into the log too: a part that dies without a trac
 bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} "$@"; } # BENCH_ARGS=--smoke: a dry run on the CPU
 case "${1:-}" in
 setup)
-    for dir in .gpu .gpu2 .gpu3 .gpu4; do # .gpu4: a few extra wheels (torchao, py-spy) when a call has room
+    for dir in .gpu .gpu2 .gpu3 .gpu4 .gpu6; do # .gpu4: a few extra wheels (torchao, py-spy) when a call has room; .gpu6: a lean mix
         [ -d "$dir/whl" ] && ls "$dir"/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index \
             --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
         [ -d "$dir/site" ] && cp -r "$dir"/site/. /tmp/site/
@@ -76,10 +76,26 @@ print(f'fsync of 4 KiB in /tmp: median {statistics.median(t) * 1000:.2f} ms, max
         --server-env IMAGEGENX_MODELS__DEVICE=cuda --server-env 'IMAGEGENX_MODELS__TINY_DECODERS={"sd21":"random"}' \
         --server-env 'IMAGEGENX_ENGINE__WARMUP_SIZES=["512x512"]' \
         --decoder "${DECODER:-full}" --width 512 --height 512 --steps 1 --cfg 0 --sampler euler \
-        --rate "${RATE:-40}" --duration "${DURATION:-40}" --warmup 10 --json "$OUT/http-turbo-512-1-${RATE:-40}${DECODER:+-$DECODER}.json"
+        --rate "${RATE:-40}" --duration "${DURATION:-40}" --warmup "${WARMUP:-10}" --json "$OUT/http-turbo-512-1-${RATE:-40}${DECODER:+-$DECODER}${TAG:+-$TAG}.json"
+    ;;
+httpspy) # the http part, py-spy sampling each worker process for SPY_SECONDS once the schedule runs:
+    # which threads hold each worker's GIL, and where (--gil), and where all its threads are (raw
+    # stacks: `python3 scripts/spy_summary.py FILE` summarises them). py-spy comes in .gpu4.
+    "$0" http &
+    part=$!
+    sleep "${SPY_AFTER:-40}"
+    for worker in $(pgrep -f "imagegenx.cli worker"); do
+        for kind in gil all; do
+            flag=$([ "$kind" = gil ] && echo --gil || echo --idle)
+            /tmp/site/bin/py-spy record --pid "$worker" -d "${SPY_SECONDS:-15}" -r 100 --threads --nonblocking \
+                $flag -f raw -o "$OUT/spy-$kind-$worker.raw" >>"$OUT/log.txt" 2>&1 &
+        done
+    done
+    wait
     ;;
 profile)
-    run python3 scripts/profile_engine_gpu.py "$OUT"
+    # shellcheck disable=SC2086 # PROFILE_SCENARIOS is a list (empty: all four)
+    run python3 scripts/profile_engine_gpu.py "$OUT" ${PROFILE_SCENARIOS:-}
     ;;
 coldload) # the 6.9-GB single file read buffered and with O_DIRECT (fast-direct), cold and warm, twice each
     [ -f /tmp/sdxl-random.safetensors ] || run python3 scripts/coldload.py --write /tmp/sdxl-random.safetensors --device cuda
@@ -90,7 +106,7 @@ cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8
     run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|profile|coldload|cudatests" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|httpspy|profile|coldload|cudatests" >&2
     exit 2
     ;;
 esac

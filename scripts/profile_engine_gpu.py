@@ -1,6 +1,6 @@
 """Where the engine's time goes on a GPU: torch.profiler over the turbo-512-1 and sdxl-1024-lcm4 work.
 
-Run on a CUDA machine:  python scripts/profile_engine_gpu.py OUT_DIR
+Run on a CUDA machine:  python scripts/profile_engine_gpu.py OUT_DIR [SCENARIO ...]
 Writes OUT_DIR/profile-<scenario>.txt: wall time, the share of it the GPU was busy with kernels, the
 top operations by host (CPU) time and by device time (and by input shapes), a cProfile of the
 engine thread over the same work, and every place the host waited for the device (PyTorch's sync
@@ -89,14 +89,14 @@ def sync_points(engine: Engine, work: list[JobSpec]) -> str:
     return "\n".join(lines) or "none"
 
 
-def main(out: Path) -> None:
+def main(out: Path, names: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         engine=EngineSettings(max_batch=32, max_pixels_per_batch=16 * 1024 * 1024),
         models=ModelSettings(tiny_decoders={"sd21": "random", "sdxl": "random"}),
     )
     with Engine(settings) as engine:
-        for name in WORK:
+        for name in names or list(WORK):
             engine.run(jobs(name, 0)[:32])  # load and warm up
             torch.cuda.synchronize()
             # Shapes name the kernels: which tensor a long elementwise or layout kernel worked on.
@@ -141,4 +141,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "profiles"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "profiles"), sys.argv[2:])

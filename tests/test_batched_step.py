@@ -161,14 +161,22 @@ def test_schedulers_that_index_cpu_tables_keep_their_timesteps_on_the_cpu(sample
             make_timed_scheduler(SchedulerName.EULER, config, 4, torch.device("cuda"))
 
 
-def test_equal_prompts_in_a_batch_are_encoded_once(runner):
+def test_a_batchs_prompts_are_encoded_in_one_call_each_once(runner):
     runner.prompts.clear_cache()
     calls = []
     encoders = runner.prompts.text_encoders
     hooks = [encoder.register_forward_hook(lambda *_: calls.append(1)) for encoder in encoders]
+    prompts = ["a red fox", "a red fox", "a (blue:1.3) heron", "a lighthouse at dusk, " * 20]
     try:
-        runner.prepare([job(seed, prompt="a red fox", guidance_scale=4.0) for seed in range(6)])
+        samples = runner.prepare([job(seed, prompt=p, guidance_scale=4.0) for seed, p in enumerate(prompts)])
     finally:
         for hook in hooks:
             hook.remove()
-    assert len(calls) == 2 * len(encoders)  # the prompt and the negative prompt, once each
+    # three distinct prompts and the negative prompt: one call of each text encoder for all of them
+    assert len(calls) == len(encoders)
+    assert samples[0].cond is samples[1].cond  # an equal prompt is encoded once
+    assert samples[3].cond.shape[1] >= 2 * 77  # the long prompt kept its chunks
+    runner.prompts.clear_cache()
+    for sample, prompt in zip(samples, prompts, strict=True):
+        alone = runner.prompts.encode(prompt).hidden  # a batch of one: the rows GEMMs round alike
+        assert torch.allclose(sample.cond, alone, rtol=1e-4, atol=1e-5)

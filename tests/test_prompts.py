@@ -354,3 +354,20 @@ def test_validation(parts):
     for bad in (0, 6):
         with pytest.raises(ValueError, match="clip_skip"):
             encoder.encode("a cat", clip_skip=bad)
+
+
+def test_encode_many_matches_each_alone_sdxl(sdxl):
+    """Prompts of one, two and one chunks with weights, encoded in one call per text encoder: each
+    gets its own rows back (hidden states, emphasis, pooled from its own first chunk)."""
+    prompts = ["a cat on a (mat:1.4)", _words(0, 120), "[a dog] BREAK in the rain"]
+    sdxl.clear_cache()
+    together = sdxl.encode_many([(p, 1) for p in prompts] + [(prompts[0], 2)])
+    assert len(together) == 4
+    sdxl.clear_cache()
+    for prompt in prompts:
+        alone = sdxl.encode(prompt)
+        ours = together[(prompt, 1)]
+        assert ours.hidden.shape == alone.hidden.shape
+        torch.testing.assert_close(ours.hidden, alone.hidden, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.pooled, alone.pooled, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together[(prompts[0], 2)].hidden, together[(prompts[0], 1)].hidden)

@@ -42,7 +42,7 @@ class ModelSettings(BaseModel):
     compile_regional: bool = False
     compile_upscaler: bool = True  # with compile on, Real-ESRGAN too (its tile batches padded likewise)
     # Real-ESRGAN's dense blocks as fewer, wider convolutions, the same numbers (postprocess/rrdbnet.py).
-    # None: on where measured faster (the CPU), off on a GPU until measured there.
+    # None: on where measured faster, which is everywhere measured so far (the CPU, an H200).
     upscaler_fused_blocks: bool | None = None
     # Inductor's on-disk cache (compiled kernels, autotuning) when compile is on, unless
     # TORCHINDUCTOR_CACHE_DIR is set: here it outlives reboots and /tmp cleaners, so a restarted

@@ -18,13 +18,16 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import psycopg
 import pytest
-import redis
 from sqlalchemy import URL
 
 from support.s3 import SeaweedS3
+
+if TYPE_CHECKING:  # imported where used: the GPU machine's CUDA tests run without these clients
+    import psycopg
+    import redis
 
 POSTGRES_DSN = os.environ.get(
     "IMAGEGENX_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -64,6 +67,8 @@ def _start_postgres() -> None:
 
 def postgres_admin() -> psycopg.Connection:
     """An autocommit connection to the server's admin database (started if needed)."""
+    import psycopg
+
     return _retry(
         lambda: psycopg.connect(POSTGRES_DSN, connect_timeout=3, autocommit=True),
         _start_postgres,
@@ -118,6 +123,8 @@ def _start_redis() -> None:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """A Redis database for the tests (started if down), flushed first."""
+    import redis
+
     client = _retry(
         lambda: _pinged(redis.Redis.from_url(REDIS_URL, socket_timeout=3)),
         _start_redis,

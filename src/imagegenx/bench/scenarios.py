@@ -39,6 +39,12 @@ from imagegenx.types import JobSpec, SchedulerName
 PROMPT = "a red fox in fresh snow, golden hour, photo"
 
 
+def prompt_of(index: int) -> str:
+    """Each request's own prompt, as real traffic has (one repeated prompt would be served by the
+    prompt cache after its first encoding)."""
+    return f"{PROMPT} #{index}"
+
+
 @dataclass
 class BenchContext:
     settings: Settings  # the engine's, speed-ups included
@@ -86,7 +92,7 @@ class Workload:
 
     def job(self, seed: int) -> JobSpec:
         return JobSpec(
-            PROMPT,
+            prompt_of(seed),
             self.model,
             width=self.size,
             height=self.size,
@@ -179,7 +185,9 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         def one(seed: int) -> bytes:
             size, steps = work.size, work.steps
             return _webp(
-                peer.generate([PROMPT], width=size, height=size, steps=steps, cfg=work.cfg, seed=seed)[0]
+                peer.generate(
+                    [prompt_of(seed)], width=size, height=size, steps=steps, cfg=work.cfg, seed=seed
+                )[0]
             )
 
         one(0)
@@ -215,7 +223,8 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         calls = max(1, work.jobs // work.peer_batch)
 
         def call(seed: int) -> None:
-            prompts, size = [PROMPT] * work.peer_batch, work.size
+            prompts = [prompt_of(seed * work.peer_batch + i) for i in range(work.peer_batch)]
+            size = work.size
             peer.generate(prompts, width=size, height=size, steps=work.steps, cfg=work.cfg, seed=seed)
 
         call(0)

@@ -181,22 +181,35 @@ class PromptEncoder:
 
     def encode(self, prompt: str, clip_skip: int = 1) -> PromptEmbeddings:
         """Encode a prompt; clip_skip follows A1111 (1 = last layer, 2 = one layer earlier, ...)."""
+        return self.encode_many([(prompt, clip_skip)])[(prompt, clip_skip)]
+
+    def encode_many(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], PromptEmbeddings]:
+        """Each (prompt, clip_skip)'s embeddings: cached ones as they are, the rest encoded together,
+        one text-encoder call per clip_skip for all their chunks (a batch's distinct prompts one at a
+        time were most of a one-step job's engine time on a GPU: kernel launches, not arithmetic)."""
         layers = min(enc.config.num_hidden_layers for enc in self.text_encoders)
-        if not 1 <= clip_skip <= layers:
-            raise ValueError(f"clip_skip must be between 1 and {layers}, got {clip_skip}")
-        key = (prompt, clip_skip)
+        for _, clip_skip in keys:
+            if not 1 <= clip_skip <= layers:
+                raise ValueError(f"clip_skip must be between 1 and {layers}, got {clip_skip}")
+        found: dict[tuple[str, int], PromptEmbeddings] = {}
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
+            for key in keys:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    found[key] = self._cache[key]
             generation = self._generation
-        result = self._encode(prompt, clip_skip)
+        missing = list(dict.fromkeys(key for key in keys if key not in found))
+        for clip_skip in dict.fromkeys(skip for _, skip in missing):
+            prompts = [prompt for prompt, skip in missing if skip == clip_skip]
+            for prompt, embeddings in zip(prompts, self._encode(prompts, clip_skip), strict=True):
+                found[(prompt, clip_skip)] = embeddings
         with self._lock:
             if generation == self._generation and self.cache_size > 0:
-                self._cache[key] = result
+                for key in missing:
+                    self._cache[key] = found[key]
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        return result
+        return found
 
     @staticmethod
     def _fragments(tokenizer, prompt: str) -> list[tuple[list[int], float] | None]:
@@ -217,10 +230,14 @@ class PromptEncoder:
         return torch.tensor(rows), torch.tensor(mults)
 
     @torch.no_grad()
-    def _encode(self, prompt: str, clip_skip: int) -> PromptEmbeddings:
-        hiddens, pooled = [], None
+    def _encode(self, prompts: list[str], clip_skip: int) -> list[PromptEmbeddings]:
+        """The prompts' chunks through each text encoder in one call (CLIP's rows are independent:
+        a causal mask, no padding mask), split back per prompt."""
+        hiddens: list[list[torch.Tensor]] = [[] for _ in prompts]
+        pooled: list[torch.Tensor | None] = [None] * len(prompts)
         for tokenizer, comma, encoder in zip(self.tokenizers, self._commas, self.text_encoders, strict=True):
-            ids, mults = self._chunk_tensors(tokenizer, comma, prompt)
+            chunks = [self._chunk_tensors(tokenizer, comma, prompt) for prompt in prompts]
+            ids = torch.cat([prompt_ids for prompt_ids, _ in chunks])
             out = encoder(ids.to(encoder.device), output_hidden_states=True)
             if self.family in ("sd15", "sd21"):
                 # Like diffusers: an earlier layer still goes through the final layer norm.
@@ -232,13 +249,20 @@ class PromptEncoder:
             else:
                 # SDXL conditions on the penultimate layer, without the final layer norm.
                 hidden = out.hidden_states[-(clip_skip + 1)]
-                if encoder is self.text_encoders[-1]:
-                    pooled = out.text_embeds[:1]  # from the first chunk, as A1111
-            hiddens.append(_emphasize(hidden, mults.to(hidden.device)))
-        if len({h.shape[0] for h in hiddens}) != 1:
-            raise RuntimeError("the tokenizers split this prompt into different numbers of chunks")
-        hidden = torch.cat([h.to(hiddens[0].device) for h in hiddens], dim=-1)
-        return PromptEmbeddings(hidden=hidden.reshape(1, -1, hidden.shape[-1]), pooled=pooled)
+            first = 0
+            for i, (prompt_ids, mults) in enumerate(chunks):
+                rows = slice(first, first + len(prompt_ids))
+                hiddens[i].append(_emphasize(hidden[rows], mults.to(hidden.device)))
+                if self.family not in ("sd15", "sd21") and encoder is self.text_encoders[-1]:
+                    pooled[i] = out.text_embeds[first : first + 1]  # from the first chunk, as A1111
+                first += len(prompt_ids)
+        results = []
+        for parts, pool in zip(hiddens, pooled, strict=True):
+            if len({h.shape[0] for h in parts}) != 1:
+                raise RuntimeError("the tokenizers split this prompt into different numbers of chunks")
+            hidden = torch.cat([h.to(parts[0].device) for h in parts], dim=-1)
+            results.append(PromptEmbeddings(hidden=hidden.reshape(1, -1, hidden.shape[-1]), pooled=pool))
+        return results
 
 
 def _emphasize(hidden: torch.Tensor, mults: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, ste
 from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
 from imagegenx.pipelines.hostcopy import HostCopy, PendingImages, to_device
-from imagegenx.pipelines.prompts import PromptEncoder
+from imagegenx.pipelines.prompts import PromptEmbeddings, PromptEncoder
 from imagegenx.pipelines.sample import Sample, decode_input_image
 from imagegenx.pipelines.samplers import config_key, make_timed_scheduler, step_kwargs_supported
 from imagegenx.types import JobSpec, Task, UserError
@@ -106,9 +106,10 @@ class SDRunner:
         their generators: it draws from each generator in turn, so each image gets the numbers its
         own draw would give, with one host-to-device copy and one scaling for all."""
         prepared: list[Sample | UserError] = []
+        embeddings = self._encode_prompts(jobs)
         for job, nets in zip(jobs, controlnets, strict=True):
             try:
-                prepared.append(self._prepare_one(job, nets))
+                prepared.append(self._prepare_one(job, nets, embeddings))
             except UserError as exc:
                 prepared.append(exc)
         groups: dict[tuple, list[Sample]] = {}
@@ -147,7 +148,22 @@ class SDRunner:
             self.identity.use(self.unet, None)
         self.identity = adapter
 
-    def _prepare_one(self, job: JobSpec, controlnets: list) -> Sample:
+    def _guided(self, job: JobSpec) -> bool:
+        return job.guidance_scale > 1.0 and not self.distilled_guidance
+
+    def _encode_prompts(self, jobs: list[JobSpec]) -> dict[tuple[str, int], PromptEmbeddings]:
+        """Every job's prompts (and negative prompts where guided) encoded together; empty when that
+        fails, so each job encodes its own in ``_prepare_one`` and the one at fault fails alone."""
+        keys = [(job.prompt, job.clip_skip) for job in jobs]
+        keys += [(job.effective_negative_prompt, job.clip_skip) for job in jobs if self._guided(job)]
+        try:
+            return self.prompts.encode_many(keys)
+        except (ValueError, RuntimeError):
+            return {}
+
+    def _prepare_one(
+        self, job: JobSpec, controlnets: list, embeddings: dict[tuple[str, int], PromptEmbeddings]
+    ) -> Sample:
         started = time.perf_counter()
         if self.nine_channel and job.task is not Task.INPAINT:
             raise UserError(f"model {job.model!r} is an inpainting model: it only does inpaint tasks")
@@ -158,10 +174,13 @@ class SDRunner:
             )
         generator = torch.Generator("cpu").manual_seed(job.seed)
 
-        # 1a. Prompt embeddings (cached per prompt); guidance needs the negative prompt too.
-        guided = job.guidance_scale > 1.0 and not self.distilled_guidance
-        cond = self.prompts.encode(job.prompt, job.clip_skip)
-        uncond = self.prompts.encode(job.effective_negative_prompt, job.clip_skip) if guided else None
+        # 1a. Prompt embeddings (encoded for the whole batch, cached per prompt); guidance needs the
+        # negative prompt too.
+        def encoded(prompt: str) -> PromptEmbeddings:
+            return embeddings.get((prompt, job.clip_skip)) or self.prompts.encode(prompt, job.clip_skip)
+
+        cond = encoded(job.prompt)
+        uncond = encoded(job.effective_negative_prompt) if self._guided(job) else None
 
         # 1b. Timesteps, shortened by ``strength`` for img2img and partial inpaint.
         config = self.model.pipe.scheduler.config
