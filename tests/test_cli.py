@@ -193,3 +193,19 @@ def test_worker_per_gpu_starts_that_many_children_per_gpu_and_stops_them(monkeyp
 def test_worker_per_gpu_without_gpus_is_a_clear_error():
     result = CliRunner().invoke(app, ["worker", "--per-gpu", "2"])
     assert result.exit_code != 0 and "--per-gpu needs --gpus" in result.output
+
+
+@pytest.mark.parametrize(("ms", "expected"), [(1.0, 0.001), (0.0, None)])
+def test_gil_switch_interval_is_applied_from_the_settings(ms, expected):
+    """Workers and `serve` shorten the GIL switch interval (a lease or store thread holding the
+    database's write lock waits less for the engine thread); 0 keeps Python's own."""
+    from imagegenx.cli_roles import apply_gil_switch_interval
+    from imagegenx.config import EngineSettings, Settings
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        apply_gil_switch_interval(Settings(engine=EngineSettings(gil_switch_interval_ms=ms)))
+        assert sys.getswitchinterval() == pytest.approx(expected or 0.005)
+    finally:
+        sys.setswitchinterval(before)

@@ -351,15 +351,16 @@ def serve(
     except UserError as exc:
         raise _fail(str(exc)) from None
     from imagegenx.api import jsonlog
+    from imagegenx.cli_roles import apply_gil_switch_interval, child_workers
 
     jsonlog.configure()
     _configure_tracing()
+    apply_gil_switch_interval(settings)  # the API's database writes, and the engine's when it runs here
     service = settings.service
     workers = max(worker_processes, int(worker_process))
     if not workers:
         uvicorn.run(create_app(settings), host=service.host, port=service.port, log_config=None)
         return
-    from imagegenx.cli_roles import child_workers
 
     with child_workers(["--model", model] if model else [], workers):
         uvicorn.run(

@@ -226,6 +226,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def apply_gil_switch_interval(settings: Settings) -> None:
+    """This process's GIL switch interval, as ``EngineSettings.gil_switch_interval_ms`` says."""
+    if settings.engine.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(settings.engine.gil_switch_interval_ms / 1000)
+
+
 def run_worker(settings: Settings, *, owner: str | None = None, grace_s: float = 30.0) -> None:
     """One worker in this process until SIGTERM or SIGINT; then it drains (see ServiceWorker.drain)."""
     from imagegenx.api import jsonlog
@@ -235,6 +241,7 @@ def run_worker(settings: Settings, *, owner: str | None = None, grace_s: float =
     from imagegenx.models.sources import resolve
 
     jsonlog.configure()
+    apply_gil_switch_interval(settings)
     resolve(settings.models.default_model, settings.models)  # an unknown model fails now, clearly
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -117,6 +117,12 @@ class EngineSettings(BaseModel):
     # with compile on, each padded batch size is a compile, better paid at startup than by a request.
     # E.g. IMAGEGENX_ENGINE__WARMUP_SIZES='["1024x1024", "512x512"]'; empty: one small image only.
     warmup_sizes: list[str] = Field(default_factory=list)
+    # How long a thread of a process running an engine keeps the GIL while others wait for it
+    # (sys.setswitchinterval; Python's default is 5 ms). The engine thread runs Python between kernel
+    # launches; a store or lease thread that gives the GIL up for each SQLite call waits up to this
+    # long to get it back, holding the database's write lock meanwhile, which every other process
+    # waits for (applied by `imagegenx serve` and `imagegenx worker`; 0: Python's default).
+    gil_switch_interval_ms: float = Field(default=1.0, ge=0)
 
     @field_validator("warmup_sizes")
     @classmethod
