@@ -395,3 +395,22 @@ def test_model_cache_loads_once_and_counts_reloads(tmp_path, random_models):
         assert single.get(ref).source.name == ref
         assert single.resident() == [ref]
     assert single.loads == {"random:tiny-sd15": 2, "myfolder": 1}
+
+
+def test_random_models_are_wholly_in_the_asked_dtype():
+    """A transformers config's own torch_dtype (the full SDXL's text_encoder_2 says float16) builds
+    most layers in it but not the text projection: the random model must come out in one dtype, or
+    every prompt encode on a CPU fails (Half != float)."""
+    import torch
+    import transformers
+
+    from imagegenx.models.loader import _cast
+    from imagegenx.models.sources import arch_dir
+
+    config = transformers.AutoConfig.from_pretrained(arch_dir("tiny-sdxl") / "text_encoder_2")
+    config.torch_dtype = torch.float16
+    built = transformers.CLIPTextModelWithProjection(config)
+    model = _cast(built, torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.ones(2, 77, dtype=torch.long)
+    assert model(ids).text_embeds.dtype == torch.float32

@@ -209,6 +209,8 @@ def _mixed(name: str, engine: Engine, job, ctx, settings: Settings) -> Row:
         [],
         peak_gib(ctx.device),
         None,
-        f"base model reloads {reloads}, LoRA file reads {reads}, failed {len(failed)}; 2 models "
+        f"base model reloads {reloads}, LoRA file reads {reads}, failed {len(failed)}"
+        + (f" (the first: {failed[0]})" if failed else "")
+        + "; 2 models "
         f"(max_resident_models {settings.models.max_resident_models}), 3 LoRAs, {side}² 1 step",
     )

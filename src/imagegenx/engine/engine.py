@@ -14,6 +14,7 @@ A single worker thread runs the loop (as vLLM's engine step: schedule, execute, 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -33,6 +34,8 @@ from imagegenx.pipelines.flow import FlowRunner
 from imagegenx.pipelines.sample import to_uint8
 from imagegenx.pipelines.sd import SDRunner
 from imagegenx.types import GeneratedImage, JobSpec, JobStatus, ProgressEvent, Timings, UserError
+
+log = logging.getLogger("imagegenx.engine")
 
 Listener = Callable[[ProgressEvent], None]
 
@@ -186,6 +189,7 @@ class Engine:
             try:
                 self._run_batch(batch)
             except Exception as exc:  # a bug must fail the batch's jobs, never kill the engine
+                log.exception("internal error in a batch of %d job(s) of %s", len(batch), batch[0].model)
                 for job in batch:
                     self._fail(job.job_id, f"internal error: {exc!r}")
 

@@ -173,7 +173,10 @@ def _build_random(arch: str, device: torch.device, dtype: torch.dtype):
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    return module if dtype == torch.float32 else module.to(dtype)
+    """The whole module in ``dtype``: a config's own ``torch_dtype`` (SDXL's text_encoder_2 says
+    float16) builds most layers in it but not all (its text_projection stayed float32), which made
+    every random:sdxl prompt encode fail on a CPU."""
+    return module.to(dtype)
 
 
 def _folder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
