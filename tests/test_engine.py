@@ -185,7 +185,7 @@ def test_a_decode_out_of_memory_goes_one_image_at_a_time_then_tiled(tmp_path, mo
     in 32-pixel tiles of a 64² image). Every job succeeds, with the images of a roomy device."""
     from diffusers import AutoencoderKL
 
-    from imagegenx.pipelines import sd
+    from imagegenx.pipelines import decoding
 
     jobs = [job(job_id=f"d{i}", seed=i, steps=2) for i in range(3)]
     with Engine(make_settings(tmp_path / "roomy", batch_window_ms=1000)) as engine:
@@ -198,7 +198,7 @@ def test_a_decode_out_of_memory_goes_one_image_at_a_time_then_tiled(tmp_path, mo
         return real_tiled_decode(self, z, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "tiled_decode", tiled_decode)
-    monkeypatch.setattr(sd, "TILE_PIXELS", 32)
+    monkeypatch.setattr(decoding, "TILE_PIXELS", 32)
     limit = 2 * 64 * 64 if room == "two images" else 64 * 64 - 1
     settings = make_settings(tmp_path / room, batch_window_ms=1000, fault_oom_decode_above_pixels=limit)
     with Engine(settings) as engine:

@@ -117,3 +117,15 @@ def parse_sampler(value: str) -> SchedulerName:
 def step_kwargs_supported(scheduler_class: type) -> frozenset[str]:
     """Which optional arguments (generator, eta) this scheduler's ``step`` takes."""
     return frozenset(inspect.signature(scheduler_class.step).parameters) & {"generator", "eta"}
+
+
+def strength_timesteps(scheduler: Any, steps: int, strength: float) -> Any:
+    """Skip the first (1 - strength) of the schedule, as diffusers' img2img ``get_timesteps`` does."""
+    init = min(int(steps * strength), steps)
+    start = max(steps - init, 0) * scheduler.order
+    timesteps = scheduler.timesteps[start:]
+    if len(timesteps) == 0:
+        raise UserError(f"strength {strength} with {steps} steps leaves no step to run; raise either")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return timesteps

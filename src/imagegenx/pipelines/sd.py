@@ -16,11 +16,9 @@ samplers, step counts and tasks share one UNet batch and can join or leave it at
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,13 +28,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from imagegenx.models.instantid import IdentityAdapter
 from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import batch_bucket, decode_dtype, parameter_dtype
+from imagegenx.pipelines import decoding
 from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, step_run
 from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
 from imagegenx.pipelines.hostcopy import HostCopy, PendingImages, to_device
 from imagegenx.pipelines.prompts import PromptEmbeddings, PromptEncoder
 from imagegenx.pipelines.sample import Sample, decode_input_image
-from imagegenx.pipelines.samplers import config_key, make_timed_scheduler, step_kwargs_supported
+from imagegenx.pipelines.samplers import (
+    config_key,
+    make_timed_scheduler,
+    step_kwargs_supported,
+    strength_timesteps,
+)
 from imagegenx.types import JobSpec, Task, UserError
 
 REFINER_AESTHETIC_SCORE = (6.0, 2.5)  # (cond, uncond): diffusers' defaults for the SDXL refiner
@@ -187,7 +191,7 @@ class SDRunner:
         scheduler = make_timed_scheduler(job.scheduler, config, job.steps, self.device)
         timesteps = scheduler.timesteps
         if job.task is not Task.TEXT2IMG:
-            timesteps = _strength_timesteps(scheduler, job.steps, job.strength)
+            timesteps = strength_timesteps(scheduler, job.steps, job.strength)
         begin = getattr(scheduler, "begin_index", None)
         schedule = (job.scheduler, config_key(config), job.steps, len(timesteps), begin)
 
@@ -400,63 +404,16 @@ class SDRunner:
             picked = [i for i, s in enumerate(samples) if s.job.decoder == name]
             if picked:
                 latents = torch.cat([samples[i].latents for i in picked]).to(parameter_dtype(decoder))
-                with _tiled(decoder, tiled and name == "full", self.scale_factor):
+                with decoding.tiled(decoder, tiled and name == "full", self.scale_factor):
                     if name == "full" and self.before_decode is not None:
                         self.before_decode(
                             len(picked) * latents.shape[2] * latents.shape[3] * self.scale_factor**2, tiled
                         )
                     pixels = decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0]
                 finite.append(torch.isfinite(pixels).flatten(1).all(dim=1))
-                images.append(self._output_pixels(pixels))
+                images.append(decoding.output_pixels(pixels, self.uint8_output))
                 order += picked
         if len(images) > 1:
-            images, finite = [_in_order(torch.cat(images), order)], [_in_order(torch.cat(finite), order)]
+            images = [decoding.in_order(torch.cat(images), order)]
+            finite = [decoding.in_order(torch.cat(finite), order)]
         return PendingImages(HostCopy(images[0]), HostCopy(finite[0]))
-
-    def _output_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """NHWC images in [0, 1] (uint8 when ``uint8_output`` is set) from the decoder's NCHW [-1, 1]."""
-        images = (pixels.float() / 2 + 0.5).clamp(0, 1)
-        if self.uint8_output:  # rounded as diffusers' numpy_to_pil does, on the device
-            images = (images * 255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1)
-
-
-TILE_PIXELS = 512  # the tiled decode's tiles (a quarter of each overlapping its neighbours, blended)
-
-
-@contextlib.contextmanager
-def _tiled(vae: Any, on: bool, scale_factor: int) -> Iterator[None]:
-    """diffusers' tiled decode for ``vae`` while the block runs (where ``on``): each tile decoded
-    alone and the overlaps blended, so the memory is a tile's, not the image's."""
-    if not on or not hasattr(vae, "use_tiling"):
-        yield
-        return
-    saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
-    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = (
-        True,
-        TILE_PIXELS,
-        TILE_PIXELS // scale_factor,
-    )
-    try:
-        yield
-    finally:
-        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
-
-
-def _in_order(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """``rows`` (row k belongs to sample ``order[k]``) back in the samples' order."""
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return rows[inverse.to(rows.device)]
-
-
-def _strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
-    """Skip the first (1 - strength) of the schedule, as diffusers' img2img ``get_timesteps`` does."""
-    init = min(int(steps * strength), steps)
-    start = max(steps - init, 0) * scheduler.order
-    timesteps = scheduler.timesteps[start:]
-    if len(timesteps) == 0:
-        raise UserError(f"strength {strength} with {steps} steps leaves no step to run; raise either")
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start)
-    return timesteps
