@@ -7,7 +7,8 @@ service that meets them under traffic stalls its queue once per shape, and a ben
 them while timing measures compiles (turbo-512-1 under CUDA graphs: 5 images/s instead of dozens).
 ``warm_up_sizes`` runs one batch of each size the engine can form at each resolution, with and
 without classifier-free guidance (a guided job is two UNet rows) and with each decoder the model
-has, so every shape is built before the first request.
+has, so every shape is built before the first request. Each job has its own prompt, as traffic
+does, so the text encoders also run at the batch's size (a batch's prompts are encoded together).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def warm_up_sizes(
                 for count in batch_sizes(largest):
                     started = time.monotonic()
                     jobs = [
-                        JobSpec("warm-up", model, width=width, height=height, steps=1, guidance_scale=cfg,
-                                scheduler=SchedulerName.EULER, seed=i, decoder=decoder)
+                        JobSpec(f"warm-up {i}", model, width=width, height=height, steps=1,
+                                guidance_scale=cfg, scheduler=SchedulerName.EULER, seed=i, decoder=decoder)
                         for i in range(count)
                     ]  # fmt: skip
                     for outcome in engine.run(jobs):
