@@ -53,6 +53,14 @@ def test_batch_sizes_reach_every_bucket():
     assert batch_sizes(8) == [1, 2, 4, 8]
     assert batch_sizes(12) == [1, 2, 4, 8, 12]  # 12 runs padded to 16
     assert batch_sizes(0) == [1]
+    assert batch_sizes(5, every=True) == [1, 2, 3, 4, 5]  # eager: no padding, every shape its own
+
+
+def test_an_eager_engine_warms_every_batch_size(tmp_path, shapes):
+    """Unpadded batches: each size is a shape of its own for the eager kernels' first calls."""
+    settings = make_settings(tmp_path, max_batch=4)
+    with Engine(settings) as engine:
+        assert warm_up_sizes(engine, MODEL, [(64, 64)]) == 8  # 1, 2, 3, 4 jobs; with and without CFG
 
 
 def test_after_the_warm_up_traffic_meets_no_new_shape(tmp_path, shapes):

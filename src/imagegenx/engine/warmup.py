@@ -5,7 +5,8 @@ of its rows (``batch_bucket``), so a resolution has a handful of shapes, and the
 one compiles it (tens of seconds for an SDXL UNet on an H200; with CUDA graphs, a capture too). A
 service that meets them under traffic stalls its queue once per shape, and a benchmark that meets
 them while timing measures compiles (turbo-512-1 under CUDA graphs: 5 images/s instead of dozens).
-``warm_up_sizes`` runs one batch of each size the engine can form at each resolution, with and
+``warm_up_sizes`` runs one batch of each padded size (an eager model: of each size) the engine can
+form at each resolution, with and
 without classifier-free guidance (a guided job is two UNet rows) and with each decoder the model
 has, so every shape is built before the first request. Each job has its own prompt, as traffic
 does, so the text encoders also run at the batch's size (a batch's prompts are encoded together).
@@ -25,9 +26,11 @@ __all__ = ["batch_sizes", "warm_up_sizes"]
 log = logging.getLogger(__name__)
 
 
-def batch_sizes(largest: int) -> list[int]:
+def batch_sizes(largest: int, every: bool = False) -> list[int]:
     """The batch sizes that reach every padded shape up to ``largest`` jobs: 1, 2, 4, ... and
-    ``largest`` itself (padded to its own bucket)."""
+    ``largest`` itself (padded to its own bucket); ``every``: each size from 1 to ``largest``."""
+    if every:
+        return list(range(1, max(1, largest) + 1))
     sizes, size = [], 1
     while size < largest:
         sizes.append(size)
@@ -48,8 +51,12 @@ def warm_up_sizes(
     Jobs are submitted together, so the engine's batch window groups them into one batch (a batch
     split by a slow submit still warms the smaller shapes). Raises ``UserError`` for a model or size
     the engine refuses, and ``JobFailed`` when a warm-up image fails."""
+    loaded = engine.models.get(model)
     if decoders is None:
-        decoders = ["full", "tiny"] if engine.models.get(model).tiny_decoder is not None else ["full"]
+        decoders = ["full", "tiny"] if loaded.tiny_decoder is not None else ["full"]
+    # An eager model's batches are not padded, and its kernels choose their algorithms on the first
+    # call of each shape (cuDNN's plans for the convolutions and for attention): every size, then.
+    every = "compile" not in loaded.speedups
     batches = 0
     for width, height in sizes:
         # As large as the engine forms at this size (max_batch, the pixel budget, any OOM shrink).
@@ -58,7 +65,7 @@ def warm_up_sizes(
         )
         for cfg in guidance_scales:
             for decoder in decoders:
-                for count in batch_sizes(largest):
+                for count in batch_sizes(largest, every):
                     started = time.monotonic()
                     jobs = [
                         JobSpec(f"warm-up {i}", model, width=width, height=height, steps=1,
