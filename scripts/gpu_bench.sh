@@ -69,7 +69,7 @@ for _ in range(50):
     os.write(f, b'x' * 4096); s = time.perf_counter(); os.fsync(f); t.append(time.perf_counter() - s)
 print(f'fsync of 4 KiB in /tmp: median {statistics.median(t) * 1000:.2f} ms, max {max(t) * 1000:.2f} ms')" |
         tee -a "$OUT/log.txt"
-    # Each worker runs every padded batch shape at 512² before its first lease (WARMUP_SIZES): the
+    # Each worker runs every batch shape at 512² (each size: the engine here is eager) before its first lease (WARMUP_SIZES): the
     # schedule's first seconds then do not pay for the engine's first batch of each size.
     # shellcheck disable=SC2086 # HTTP_ARGS is a list
     run python3 scripts/loadgen.py ${HTTP_ARGS---server-arg=--worker-process} --start-server random:sd21 --server-env IMAGEGENX_ENGINE__MAX_BATCH=32 \
