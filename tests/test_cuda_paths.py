@@ -43,22 +43,14 @@ def mixed_requests(tmp_path, device: str) -> list:
     """The cold-start scenario's mixed requests, small: one-step LCM jobs in batches over two models,
     with and without LoRAs (three of them), after LoRA switches made outside the engine's batches."""
     from imagegenx.models.cache import ModelCache
-    from imagegenx.models.lora_files import UNET_TARGETS, write_kohya_lora
+    from imagegenx.models.lora_files import write_unet_loras
     from imagegenx.types import LoraRef
 
     settings = make_settings(tmp_path, max_batch=8)
     settings = settings.model_copy(update={"models": settings.models.model_copy(update={"device": device})})
     loras = ("style-a", "style-b", "style-c")
     pipe = ModelCache(settings.models).get("random:tiny-sdxl").pipe
-    for seed, name in enumerate(loras):
-        write_kohya_lora(
-            tmp_path / "loras" / f"{name}.safetensors",
-            pipe.components,
-            unet_targets=UNET_TARGETS,
-            text_prefixes={},
-            rank=4,
-            seed=seed,
-        )
+    write_unet_loras(tmp_path / "loras", pipe.components, loras, rank=4)
 
     def job(seed: int, model: str = "random:tiny-sdxl", steps: int = 1, lora: str | None = None) -> JobSpec:
         return JobSpec(

@@ -25,7 +25,7 @@ from imagegenx.config import Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.ldm_export import save_ldm_checkpoint
-from imagegenx.models.lora_files import UNET_TARGETS, write_kohya_lora
+from imagegenx.models.lora_files import write_unet_loras
 from imagegenx.postprocess.encode import ImageFormat, encode_image
 from imagegenx.types import JobSpec, LoraRef, SchedulerName
 
@@ -39,15 +39,7 @@ def _write_files(ctx, folder: Path) -> tuple[Path, float]:
     pipe = models.get("random:tiny-sdxl" if ctx.smoke else "random:sdxl").pipe
     path = save_ldm_checkpoint(pipe, folder / "models" / CHECKPOINT)
     rank = 4 if ctx.smoke else 32  # a typical style LoRA: ~90 MB for the SDXL UNet
-    for seed, name in enumerate(LORAS):
-        write_kohya_lora(
-            folder / "loras" / f"{name}.safetensors",
-            pipe.components,
-            unet_targets=UNET_TARGETS,
-            text_prefixes={},
-            rank=rank,
-            seed=seed,
-        )
+    write_unet_loras(folder / "loras", pipe.components, LORAS, rank)
     return path, path.stat().st_size / 1e9
 
 

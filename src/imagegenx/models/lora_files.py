@@ -7,6 +7,7 @@ active LoRA visibly changes the output. Components are deep-copied; the caller's
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -106,3 +107,19 @@ def write_kohya_lora(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"ss_network_dim": "4"})
     return path
+
+
+def write_unet_loras(folder: Path, components: dict, names: Sequence[str], rank: int) -> list[Path]:
+    """UNet-only kohya LoRAs ``folder/NAME.safetensors``, one per name (seeds 0, 1, ...): style LoRAs
+    as the cold-start scenario switches between them."""
+    return [
+        write_kohya_lora(
+            folder / f"{name}.safetensors",
+            components,
+            unet_targets=UNET_TARGETS,
+            text_prefixes={},
+            rank=rank,
+            seed=seed,
+        )
+        for seed, name in enumerate(names)
+    ]
