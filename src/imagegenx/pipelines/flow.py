@@ -16,6 +16,7 @@ import torch
 
 from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import parameter_dtype
+from imagegenx.pipelines import decoding
 from imagegenx.types import JobSpec, SchedulerName, UserError
 
 # step_done(job_ids, step, total) -> True when every job of the group is cancelled.
@@ -104,7 +105,7 @@ class FlowRunner:
             config = decoder.config
             z = latents[picked].to(parameter_dtype(decoder)) / config.scaling_factor
             z = z + (config.shift_factor or 0.0)
-            pixels = (decoder.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
-            for i, image in zip(picked, pixels.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
+            pixels = decoding.output_pixels(decoder.decode(z, return_dict=False)[0], uint8=False)
+            for i, image in zip(picked, pixels.cpu().numpy(), strict=True):
                 images[i] = image
         return images
