@@ -22,7 +22,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     records it)."""
     if tensor.is_cuda or device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    # contiguous first: a broadcast view (a run's timestep expanded to its rows) cannot be pinned
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 class HostCopy:
