@@ -9,6 +9,7 @@ that does not fit its config.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,21 +83,30 @@ def test_cast_to_half_matches_diffusers(checkpoints, tmp_path) -> None:
 
 
 def test_warm_up_runs_and_changes_nothing(checkpoints, tmp_path, monkeypatch) -> None:
-    calls = []
-    real = fastload.example_unet_inputs
+    calls, read_threads = [], []
+    real, real_read = fastload.example_unet_inputs, fastload.read_tensors
 
     def recorded(unet, rows, side, family):
-        calls.append((rows, side, family, unet.conv_in.weight.dtype))
+        calls.append((rows, side, family, unet.conv_in.weight.dtype, threading.current_thread()))
         return real(unet, rows, side, family)
 
+    def recorded_read(*args, **kwargs):
+        read_threads.append(threading.current_thread())
+        return real_read(*args, **kwargs)
+
     monkeypatch.setattr(fastload, "example_unet_inputs", recorded)
+    monkeypatch.setattr(fastload, "read_tensors", recorded_read)
     source = resolve(f"{checkpoints['tiny-sd15']}#arch=tiny-sd15", _settings(tmp_path))
     pipe, split = fastload.load_single_file(
         Path(source.location), "sd15", arch_dir("tiny-sd15"), CPU, torch.float32, warm=True
     )
     assert split["warm"] > 0
-    # A stand-in UNet ran at SD 1.5's native 512² (64² latents), without and with guidance.
-    assert calls == [(1, 64, "sd15", torch.float32), (2, 64, "sd15", torch.float32)]
+    # A stand-in UNet ran at SD 1.5's native 512² (64² latents), without and with guidance, on the
+    # caller's thread (cuDNN's plans are per thread: the engine's thread must be the one warmed) while
+    # another thread read the UNet's bytes.
+    here = threading.current_thread()
+    assert calls == [(1, 64, "sd15", torch.float32, here), (2, 64, "sd15", torch.float32, here)]
+    assert read_threads[0] is here and read_threads[1] is not here and len(read_threads) == 2
     _assert_identical(_from_single_file(source, torch.float32), pipe)
 
 

@@ -10,8 +10,11 @@ then ``pipe.to(device)`` copies every weight again (7.5 s for a 6.9 GB SDXL file
 3. diffusers' own key converters (``convert_ldm_*_checkpoint``, ``convert_open_clip_checkpoint``)
    rename the device tensors (only renames, slices and a transpose: no arithmetic), and the modules
    take them with ``load_state_dict(assign=True)``: no copy;
-4. on CUDA, while the UNet's bytes are still being read, the text encoders and the VAE decoder run
-   once on dummy inputs so the first image does not pay for loading cuBLAS/cuDNN and their heuristics.
+4. on CUDA, while the UNet's bytes are still being read (on a second thread), the text encoders, the
+   VAE decoder and a stand-in UNet run once on dummy inputs so the first image does not pay for
+   loading cuBLAS/cuDNN and their plans. They run on the calling thread, the engine's: cuDNN keeps
+   its convolution plans and attention graphs per thread, so a warm-up on another thread leaves the
+   engine's to build them all again at its first image.
 
 The result is bit-identical to diffusers' path (``tests/test_fastload.py``). What this path does
 not handle raises ``FastLoadUnsupported`` and the loader falls back to ``from_single_file``: SD 2.x
@@ -30,7 +33,14 @@ from typing import Any
 
 import torch
 
-from imagegenx.models.fastread import READ_THREADS, FastLoadUnsupported, Staging, read_tensors, tensor_table
+from imagegenx.models.fastread import (
+    READ_THREADS,
+    FastLoadUnsupported,
+    Staging,
+    TensorSpec,
+    read_tensors,
+    tensor_table,
+)
 from imagegenx.models.sources import NATIVE_SIZE
 from imagegenx.models.speed import decode_dtype
 from imagegenx.models.tokenizers import tokenizer_for
@@ -71,21 +81,18 @@ def load_single_file(
     unet_specs = [s for s in specs if s.name.startswith(UNET_PREFIX)]
     split: dict[str, float] = {"gigabytes": sum(s.nbytes for s in (*first, *unet_specs)) / 1e9}
 
-    # 1. Text encoders and VAE first (they come first in a sorted file), then, while the UNet's
-    # bytes are read, a second thread builds those components and the empty UNet, and warms up.
+    # 1. Text encoders and VAE first (they come first in a sorted file), then, while a second thread
+    # reads the UNet's bytes, this thread builds those components and the empty UNet, and warms up.
     staging = Staging(device, READ_THREADS, direct=direct) if device.type == "cuda" else None
     tensors = read_tensors(path, first, device, dtype, staging=staging)
     split["read_text_vae"] = time.perf_counter() - started
-    components: dict[str, Any] = {}
     warm = device.type == "cuda" if warm is None else warm
-    with ThreadPoolExecutor(1, thread_name_prefix="fastload-build") as pool:
-        side: Future = pool.submit(
-            _build_text_vae, index, folder, family, tensors, device, dtype, warm, inpaint
-        )
-        unet_started = time.perf_counter()
-        unet_tensors = read_tensors(path, unet_specs, device, dtype, staging=staging)
-        split["read_unet"] = time.perf_counter() - unet_started
-        components |= side.result()
+    with ThreadPoolExecutor(1, thread_name_prefix="fastload-read") as pool:
+        reading: Future = pool.submit(_timed_read, path, unet_specs, device, dtype, staging)
+        try:
+            components = _build_text_vae(index, folder, family, tensors, device, dtype, warm, inpaint)
+        finally:
+            unet_tensors, split["read_unet"] = reading.result()  # the read ends before an error leaves
     split["build_text_vae"] = components.pop("_build_seconds")
     split["warm"] = components.pop("_warm_seconds")
 
@@ -172,6 +179,14 @@ def _weight_files(component: Path) -> list[Path]:
     return []
 
 
+def _timed_read(
+    path: Path, specs: list[TensorSpec], device: torch.device, dtype: torch.dtype, staging: Staging | None
+) -> tuple[dict[str, torch.Tensor], float]:
+    """``read_tensors`` and the seconds it took."""
+    started = time.perf_counter()
+    return read_tensors(path, specs, device, dtype, staging=staging), time.perf_counter() - started
+
+
 def _build_text_vae(
     index: dict,
     folder: Path,
@@ -183,7 +198,7 @@ def _build_text_vae(
     inpaint: bool,
 ) -> dict[str, Any]:
     """The text encoders and the VAE with their weights, the UNet empty (with its config), then the
-    warm-up. One thread only: accelerate's init_empty_weights patches torch globally, so two
+    warm-up. One thread at a time: accelerate's init_empty_weights patches torch globally, so two
     threads inside it at once could leave the patch in place."""
     import diffusers
     import transformers
