@@ -61,12 +61,41 @@ def test_regional_compile_builds_one_graph_for_every_block_and_the_same_images(t
     models = settings.models.model_copy(
         update={"compile": "default", "compile_regional": True, "compile_vae": False}
     )
+    torch._dynamo.reset()
     counters.clear()
     with Engine(settings.model_copy(update={"models": models})) as engine:
         speedups = engine.models.get("random:tiny-sdxl").speedups
         results = engine.run(JOBS)
     assert speedups == {"compile": "default", "compile_regional": ["BasicTransformerBlock"]}
     assert counters["stats"]["unique_graphs"] == 1
+    for result, ref in zip(results, reference, strict=True):
+        assert np.abs(np.frombuffer(result.rgb, np.uint8).astype(int) - ref).max() <= 1
+
+
+@pytest.mark.parametrize(("dynamic", "graphs"), [(False, 3), (True, 2)])
+def test_dynamic_compile_serves_every_later_batch_size_with_one_graph(tmp_path, reference, dynamic, graphs):
+    """Batches of 2, 4 and 8 UNet rows (1, 2 and 3 jobs with guidance, padded): static shapes compile
+    a graph for each, compile_dynamic one for the first and one general graph for the rest; the
+    images are the eager ones either way."""
+    from torch._dynamo.utils import counters
+
+    settings = make_settings(tmp_path)
+    models = settings.models.model_copy(
+        update={
+            "compile": "default",
+            "compile_regional": True,
+            "compile_vae": False,
+            "compile_dynamic": dynamic,
+        }
+    )
+    torch._dynamo.reset()  # compiled code and sizes seen are per code object: earlier tests' too
+    counters.clear()
+    with Engine(settings.model_copy(update={"models": models})) as engine:
+        results = [engine.run(JOBS[:n])[-1] for n in (1, 2, 3)]
+        speedups = engine.models.get("random:tiny-sdxl").speedups
+    assert speedups.get("compile_dynamic", False) is dynamic
+    assert [r.batch_size for r in results] == [1, 2, 3]
+    assert counters["stats"]["unique_graphs"] == graphs
     for result, ref in zip(results, reference, strict=True):
         assert np.abs(np.frombuffer(result.rgb, np.uint8).astype(int) - ref).max() <= 1
 

@@ -40,6 +40,11 @@ class ModelSettings(BaseModel):
     # every copy: compiles in a fraction of the time, the rest of the denoiser runs eager. Where a
     # denoiser names no repeated blocks (SD 3.5), the whole of it is compiled as without this.
     compile_regional: bool = False
+    # With compile on, Dynamo's automatic dynamic shapes instead of static ones: the second batch size
+    # (or resolution) a graph sees compiles it once more, general in that size, and every later size
+    # reuses it: two compiles where static shapes take one per padded size (CUDA graphs still record
+    # one per size). Generated kernels may be a little slower in general shapes (measure on and off).
+    compile_dynamic: bool = False
     compile_upscaler: bool = True  # with compile on, Real-ESRGAN too (its tile batches padded likewise)
     # Real-ESRGAN's dense blocks as fewer, wider convolutions, the same numbers (postprocess/rrdbnet.py).
     # None: on where measured faster, which is everywhere measured so far (the CPU, an H200).

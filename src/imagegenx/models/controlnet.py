@@ -42,7 +42,9 @@ def load_controlnet(ref: str, base: LoadedModel, settings: ModelSettings) -> Any
     if "compile" in base.speedups:
         # Compiled as the UNet it feeds: every row of the padded batch bucket runs through it
         # (pipelines/control.py), so the same few static shapes reach it.
-        compile_module(net, base.speedups["compile"], base.speedups.get("compile_regional", []))
+        speedups = base.speedups
+        regional, dynamic = speedups.get("compile_regional", []), speedups.get("compile_dynamic", False)
+        compile_module(net, speedups["compile"], regional, dynamic)
     return net
 
 

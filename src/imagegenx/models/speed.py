@@ -10,6 +10,8 @@
   and, as they load, its ControlNets (``default``,
   ``reduce-overhead`` for CUDA graphs, or ``max-autotune``). Static shapes: the engine pads each
   UNet batch to a bucket (1, 2, 4, 8, ... rows) so a handful of graphs serve every batch size;
+  ``compile_dynamic`` trades them for Dynamo's automatic dynamic shapes: one graph general in the
+  batch (and resolution) from the second size on, so two compiles instead of one per bucket;
   compiled kernels persist in Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default
   ``ModelSettings.compile_cache_dir`` under the data folder), so a restart does not compile again
   from scratch.
@@ -82,9 +84,11 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         if loaded := load_compile_artifacts(settings.compile_artifacts):  # before the first compile
             applied["compile_artifacts"] = loaded
         blocks = list(getattr(denoiser, "_repeated_blocks", None) or []) if settings.compile_regional else []
-        if compile_module(denoiser, settings.compile, blocks):
+        if compile_module(denoiser, settings.compile, blocks, settings.compile_dynamic):
             applied["compile_regional"] = blocks
         applied["compile"] = settings.compile
+        if settings.compile_dynamic:
+            applied["compile_dynamic"] = True
         vae = getattr(pipe, "vae", None)
         if settings.compile_vae and vae is not None:
             compile_decode(vae, settings)
@@ -92,16 +96,24 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
     return applied
 
 
-def compile_module(module: torch.nn.Module, mode: str, blocks: list[str]) -> bool:
+def compile_module(module: torch.nn.Module, mode: str, blocks: list[str], dynamic: bool = False) -> bool:
     """Compile ``module``'s submodules whose class is named in ``blocks`` (regional compilation: the
     copies of a block share one graph, as diffusers' ``compile_repeated_blocks`` does); where there
-    are none, the whole ``module``. Returns whether it compiled by blocks."""
+    are none, the whole ``module``. Static shapes, or with ``dynamic`` Dynamo's automatic dynamic
+    ones (``ModelSettings.compile_dynamic``). Returns whether it compiled by blocks."""
+    shapes = _dynamic_argument(dynamic)
     regions = [sub for sub in module.modules() if type(sub).__name__ in blocks]
     for sub in regions:
-        sub.compile(mode=mode, dynamic=False)
+        sub.compile(mode=mode, dynamic=shapes)
     if not regions:
-        module.forward = torch.compile(module.forward, mode=mode, dynamic=False)
+        module.forward = torch.compile(module.forward, mode=mode, dynamic=shapes)
     return bool(regions)
+
+
+def _dynamic_argument(dynamic: bool) -> bool | None:
+    """torch.compile's ``dynamic``: False forces static shapes; None lets a size that changes make
+    the graph's next compile general in it."""
+    return None if dynamic else False
 
 
 def use_cudnn_benchmark(settings: ModelSettings, device: torch.device) -> bool:
@@ -194,7 +206,9 @@ def decode_dtype(vae: Any, device: torch.device) -> torch.dtype:
 def compile_decode(decoder: Any, settings: ModelSettings) -> None:
     """Compile ``decoder.decode`` (a VAE or a tiny decoder) in the settings' mode, its batch padded
     to the UNet's buckets so a few static shapes serve every batch."""
-    decoder.decode = padded_decode(torch.compile(decoder.decode, mode=settings.compile, dynamic=False))
+    dynamic = _dynamic_argument(settings.compile_dynamic)
+    compiled = torch.compile(decoder.decode, mode=settings.compile, dynamic=dynamic)
+    decoder.decode = padded_decode(compiled)
 
 
 def padded_decode(decode: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,7 +22,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from imagegenx.models.instantid import IdentityAdapter
@@ -33,8 +32,9 @@ from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, ste
 from imagegenx.pipelines.conditioning import ConditioningCache
 from imagegenx.pipelines.control import control_residuals, prepare_controls
 from imagegenx.pipelines.hostcopy import HostCopy, PendingImages, to_device
+from imagegenx.pipelines.image_inputs import ImageInputs
 from imagegenx.pipelines.prompts import PromptEmbeddings, PromptEncoder
-from imagegenx.pipelines.sample import Sample, decode_input_image
+from imagegenx.pipelines.sample import Sample
 from imagegenx.pipelines.samplers import (
     config_key,
     make_timed_scheduler,
@@ -71,13 +71,8 @@ class SDRunner:
         tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
         encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
         self.prompts = PromptEncoder(tokenizers, encoders, self.family)
-        self.image_processor = pipe.image_processor
-        # As diffusers' inpaint pipelines prepare masks: grayscale, binarized, not normalized.
-        self.mask_processor = VaeImageProcessor(
-            vae_scale_factor=self.scale_factor,
-            do_normalize=False,
-            do_binarize=True,
-            do_convert_grayscale=True,
+        self.image_inputs = ImageInputs(
+            self.vae, pipe.image_processor, self.scale_factor, self.nine_channel, self.dtype, self._noise
         )
         # The engine wants uint8 pixels: made on the device, a quarter of the bytes cross to the host
         # (16 SDXL images: 36 instead of 145 ms on an H200, benchmarks/2026-11-29b-vae-layout-h200.json).
@@ -226,12 +221,9 @@ class SDRunner:
         # input image re-noised to the first timestep.
         shape = self._latent_shape(job)
         if job.task is Task.IMG2IMG:
-            image = self._load_image(job)
-            image_latents = self._encode_latents(image, generator)
-            noise = self._noise(shape, generator)
-            sample.latents = scheduler.add_noise(image_latents, noise, timesteps[:1])
+            self.image_inputs.img2img(sample, shape)
         elif job.task is Task.INPAINT:
-            self._prepare_inpaint(sample, shape)
+            self.image_inputs.inpaint(sample, shape)
         sample.times["encode_prompt_s"] = time.perf_counter() - started
         return sample
 
@@ -258,44 +250,6 @@ class SDRunner:
             tensor = torch.tensor([ids], device=self.device, dtype=self.dtype)
             self._time_ids_cache[key] = tensor
         return tensor
-
-    def _load_image(self, job: JobSpec) -> torch.Tensor:
-        if job.init_image is None:
-            raise UserError(f"{job.task} needs an input image")
-        pil = decode_input_image(job.init_image, "the input image")
-        return self.image_processor.preprocess(pil, height=job.height, width=job.width)
-
-    def _encode_latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        image = image.to(self.device, parameter_dtype(self.vae))
-        dist = self.vae.encode(image).latent_dist
-        latents = dist.sample(generator=generator)
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
-
-    def _prepare_inpaint(self, sample: Sample, shape: tuple[int, ...]) -> None:
-        """As diffusers' inpaint pipeline: 4-channel UNets blend the kept area back after every step;
-        9-channel inpainting UNets get the mask and the masked image as extra input channels."""
-        job, generator, scheduler = sample.job, sample.generator, sample.scheduler
-        if job.mask_image is None:
-            raise UserError("inpaint needs a mask image (white = repaint, black = keep)")
-        image = self._load_image(job)
-        mask_pil = decode_input_image(job.mask_image, "the mask image", mode="L")
-        mask = self.mask_processor.preprocess(mask_pil, height=job.height, width=job.width)
-        full_strength = job.strength >= 1.0
-        image_latents = None
-        if not self.nine_channel or not full_strength:
-            # contiguous, as diffusers' inpaint pipeline makes them: same rounding in the UNet's convolutions
-            image_latents = self._encode_latents(image, generator).contiguous()
-        noise = self._noise(shape, generator)
-        if full_strength:
-            sample.latents = noise * scheduler.init_noise_sigma
-        else:
-            sample.latents = scheduler.add_noise(image_latents, noise, sample.timesteps[:1])
-        latent_size = (shape[2], shape[3])
-        sample.mask = torch.nn.functional.interpolate(mask, size=latent_size).to(self.device, self.dtype)
-        sample.image_latents, sample.noise = image_latents, noise
-        if self.nine_channel:
-            masked = image * (mask < 0.5)
-            sample.masked_image_latents = self._encode_latents(masked, generator)
 
     # 2. Denoise ---------------------------------------------------------------------------------
 
