@@ -22,7 +22,9 @@ run() { # the exit status goes into the log too: a part that dies without a trac
     timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/log.txt"
     echo "exit status ${PIPESTATUS[0]}: $*" | tee -a "$OUT/log.txt"
 }
-bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} "$@"; } # BENCH_ARGS=--smoke: a dry run on the CPU
+# BENCH_ARGS=--smoke: a dry run on the CPU. Every thread's stack goes into the log 25 s before the
+# part's limit: a part cut short (a compile, a load) still says where its time went.
+bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} --stacks-after $((LIMIT > 60 ? LIMIT - 25 : LIMIT)) "$@"; }
 case "${1:-}" in
 setup)
     for dir in .gpu .gpu2 .gpu3 .gpu4 .gpu6; do # .gpu4: a few extra wheels (torchao, py-spy) when a call has room; .gpu6: a lean mix
@@ -93,6 +95,14 @@ httpspy) # the http part, py-spy sampling each worker process for SPY_SECONDS on
     done
     wait
     ;;
+benchspy) # SCENARIOS (default cold-start) under py-spy at 50 Hz, every thread; summarised here, on the
+    # device (the raw file is tens of MB: it comes back gzipped, the summary as text)
+    # shellcheck disable=SC2086 # SCENARIOS is a list
+    run /tmp/site/bin/py-spy record -r 50 --threads --idle -f raw -o "$OUT/spy-bench.raw" -- \
+        python3 -m imagegenx.cli bench ${SCENARIOS:-cold-start} --no-peers --out "$OUT/bench-${TAG:-spy}.json"
+    python3 scripts/spy_summary.py "$OUT/spy-bench.raw" --top 25 >"$OUT/spy-bench-summary.txt" 2>&1
+    gzip -f "$OUT/spy-bench.raw"
+    ;;
 profile)
     # shellcheck disable=SC2086 # PROFILE_SCENARIOS is a list (empty: all four)
     run python3 scripts/profile_engine_gpu.py "$OUT" ${PROFILE_SCENARIOS:-}
@@ -106,7 +116,7 @@ cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8
     run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|httpspy|profile|coldload|cudatests" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
     exit 2
     ;;
 esac

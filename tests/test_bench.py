@@ -5,6 +5,9 @@ carry), never a time: speed is measured on a GPU and recorded in BENCHMARKS.md.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -136,3 +139,28 @@ def test_compile_events_count_what_compiled_inside_the_block():
     compiled(torch.ones(7))
     assert events == {"compiles": 2, "cuda graph recordings": 0}
     assert describe_events(events) == "timed run: 2 compiles, 0 cuda graph recordings"
+
+
+def test_bench_prints_every_threads_stack_when_asked(tmp_path):
+    """--stacks-after: where a run that a time limit will cut spends its time, printed by a watchdog
+    thread while the scenario runs (here the smoke scenario outlasts a 0.5-s timer)."""
+    command = [
+        sys.executable,
+        "-m",
+        "imagegenx.cli",
+        "bench",
+        "--smoke",
+        "--no-peers",
+        "--stacks-after",
+        "0.5",
+    ]
+    done = subprocess.run(
+        [*command, "--stacks-after", "0.5", "cold-start", "--out", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Timeout (0:00:00.500000)!" in done.stderr
+    assert "most recent call first" in done.stderr and 'File "' in done.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,9 +29,20 @@ def bench(
     peer_compile: Annotated[
         str, typer.Option(help="torch.compile mode of the fast-recipe peer (max-autotune as published; off).")
     ] = "max-autotune",
+    stacks_after: Annotated[
+        float | None,
+        typer.Option(
+            help="Print every thread's Python stack to stderr once this many seconds have passed "
+            "(where a run that will be cut short spends its time: a compile, a load)."
+        ),
+    ] = None,
 ) -> None:
     """Measure scenarios on this machine's GPU beside diffusers; prints a table, writes JSON."""
     from imagegenx.cli import _fail, _quiet_libraries, _with
+
+    if stacks_after is not None:
+        # A watchdog thread in C: it prints even while the main thread is inside a compiler or a kernel.
+        faulthandler.dump_traceback_later(stacks_after, exit=False, file=sys.__stderr__)
 
     _quiet_libraries()
     from imagegenx.bench.scenarios import SCENARIOS
