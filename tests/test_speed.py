@@ -100,6 +100,25 @@ def test_dynamic_compile_serves_every_later_batch_size_with_one_graph(tmp_path, 
         assert np.abs(np.frombuffer(result.rgb, np.uint8).astype(int) - ref).max() <= 1
 
 
+def test_compile_is_regional_by_default_for_transformers_and_whole_for_unets(tmp_path):
+    """Flux's whole-model compile never finished in a GPU call; its blocks compile in a minute. A
+    UNet compiles whole unless asked (compile_regional=True), a transformer by blocks unless asked
+    (False). torch.compile only wraps here: nothing compiles until a model runs."""
+    from imagegenx.models.cache import ModelCache
+
+    def regional(model: str, setting: bool | None) -> list[str] | None:
+        models = make_settings(tmp_path).models.model_copy(
+            update={"compile": "default", "compile_regional": setting}
+        )
+        return ModelCache(models).get(model).speedups.get("compile_regional")
+
+    flux_blocks = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    assert regional("random:tiny-flux", None) == flux_blocks
+    assert regional("random:tiny-flux", False) is None
+    assert regional("random:tiny-sdxl", None) is None
+    assert regional("random:tiny-sdxl", True) == ["BasicTransformerBlock"]
+
+
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(ValidationError, match="max-autotune"):
         ModelSettings(compile="fastest")

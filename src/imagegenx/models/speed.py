@@ -83,7 +83,10 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if loaded := load_compile_artifacts(settings.compile_artifacts):  # before the first compile
             applied["compile_artifacts"] = loaded
-        blocks = list(getattr(denoiser, "_repeated_blocks", None) or []) if settings.compile_regional else []
+        regional = settings.compile_regional
+        if regional is None:  # by default, by blocks for a transformer, whole for a UNet
+            regional = getattr(pipe, "unet", None) is None
+        blocks = list(getattr(denoiser, "_repeated_blocks", None) or []) if regional else []
         if compile_module(denoiser, settings.compile, blocks, settings.compile_dynamic):
             applied["compile_regional"] = blocks
         applied["compile"] = settings.compile
