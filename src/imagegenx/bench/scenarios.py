@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from imagegenx.bench.coldstart import cold_start
+from imagegenx.bench.decode import vae_decode
 from imagegenx.bench.measure import (
     Row,
     compile_events,
@@ -27,7 +28,6 @@ from imagegenx.bench.portrait import portrait_100
 from imagegenx.config import ModelSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.engine.warmup import warm_up_sizes
-from imagegenx.models.cache import ModelCache
 from imagegenx.models.fastload import example_unet_inputs
 from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import use_cudnn_benchmark
@@ -298,40 +298,6 @@ def esrgan(name: str, ctx: BenchContext) -> list[Row]:
                 f"batch of 4, best of 3{compiled}, {blocks}",
             )
         )
-    return rows
-
-
-def vae_decode(name: str, ctx: BenchContext) -> list[Row]:
-    """The SDXL VAE decode of 1024² latents alone, batch 1 and 4, as the engine runs it (fp32: the
-    SDXL VAE overflows in fp16) and in bf16."""
-    ref, side = ("random:tiny-sdxl", 8) if ctx.smoke else ("random:sdxl", 128)
-    device = ctx.device
-
-    def measure(vae, dtype: torch.dtype, batch: int) -> Row:
-        latents = torch.randn(batch, vae.config.latent_channels, side, side, device=device, dtype=dtype)
-        tflop = count_tflop(lambda: vae.decode(latents[:1]))
-        with torch.inference_mode():
-            vae.decode(latents)
-            reset_peak(device)
-            best = min(timed(device, lambda: vae.decode(latents))[0] for _ in range(3))
-        label = f"imagegenx vae {str(dtype).removeprefix('torch.')} batch {batch}"
-        return Row(name, label, batch, best, [], peak_gib(device), tflop, "best of 3")
-
-    model = ModelCache(_model_settings(ctx, tiny=True)).get(ref)
-    vae, tiny = model.pipe.vae, model.tiny_decoder
-    rows = [
-        measure(vae.to(dtype), dtype, batch) for dtype in (torch.float32, torch.bfloat16) for batch in (1, 4)
-    ]
-    # The tiny decoder (TAESDXL's architecture) in the dtype the engine gives it, the model's.
-    rows += [
-        replace(
-            measure(tiny, tiny.dtype, batch),
-            runner=f"imagegenx tiny decoder {str(tiny.dtype).removeprefix('torch.')} batch {batch}",
-        )
-        for batch in (1, 4)
-    ]
-    del vae, tiny, model
-    free_device()
     return rows
 
 
