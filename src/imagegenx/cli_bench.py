@@ -29,6 +29,13 @@ def bench(
     peer_compile: Annotated[
         str, typer.Option(help="torch.compile mode of the fast-recipe peer (max-autotune as published; off).")
     ] = "max-autotune",
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Merge these reports (one machine, several commands) into one table and --out; "
+            "measures nothing. Repeatable."
+        ),
+    ] = None,
     stacks_after: Annotated[
         float | None,
         typer.Option(
@@ -53,6 +60,8 @@ def bench(
             table.add_row(scenario.name, scenario.what, scenario.missing or "ready")
         Console().print(table)
         return
+    if merge:
+        return _merge(merge, scenarios, out)
     names = scenarios or list(SCENARIOS)
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:
@@ -80,3 +89,22 @@ def bench(
     except UserError as exc:
         raise _fail(str(exc)) from None
     report.print_table(result, console)
+
+
+def _merge(paths: list[Path], scenarios: list[str] | None, out: Path | None) -> None:
+    """``bench --merge``: the reports as one, printed and written to ``out``."""
+    import json
+
+    from imagegenx.bench import report
+    from imagegenx.bench.merge import merge, read_reports
+    from imagegenx.cli import _fail
+
+    if scenarios:
+        raise _fail("--merge measures nothing: give report files, not scenario names")
+    try:
+        merged = merge(read_reports(paths))
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    if out is not None:
+        out.write_text(json.dumps(merged, indent=2))
+    report.print_table(merged, Console(width=max(160, Console().width)))

@@ -30,7 +30,16 @@ def machine(ctx: BenchContext) -> dict[str, Any]:
         "python": platform.python_version(),
         "smoke": ctx.smoke,
         "speedups": ctx.settings.models.model_dump(
-            include={"dtype", "channels_last", "fuse_qkv", "compile", "compile_vae", "fp8"}
+            include={
+                "dtype",
+                "channels_last",
+                "fuse_qkv",
+                "compile",
+                "compile_vae",
+                "compile_regional",
+                "compile_dynamic",
+                "fp8",
+            }
         ),
     }
     if device.type == "cuda":

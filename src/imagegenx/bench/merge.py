@@ -1,0 +1,73 @@
+"""Several bench reports of one machine as one: a full table from a run that took more than one
+command (a lent GPU gives ten minutes a command; every scenario with its peers takes longer).
+
+The reports must come from the same GPU, driver, torch and diffusers. A scenario measured in more
+than one report keeps every row; where its rows were measured with different speed-ups (eager in
+one command, compiled in another), each runner's name says which (``imagegenx (compile default)``),
+and each report's ratios stay with their rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from imagegenx.types import UserError
+
+SAME = ("gpu", "driver", "torch", "diffusers", "smoke")
+
+
+def read_reports(paths: list[Path]) -> list[dict[str, Any]]:
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read the bench report {path}: {exc}") from None
+    return reports
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report holding every scenario of ``reports``, in their order."""
+    if not reports:
+        raise UserError("nothing to merge")
+    first = reports[0]
+    for report in reports[1:]:
+        differ = [key for key in SAME if report.get(key) != first.get(key)]
+        if differ:
+            detail = ", ".join(f"{key} {first.get(key)!r} against {report.get(key)!r}" for key in differ)
+            raise UserError(f"these reports come from different machines or versions: {detail}")
+    tags = [_tag(report.get("speedups", {})) for report in reports]
+    tagged = len(set(tags)) > 1  # runners are named by speed-ups only where the reports differ in them
+    merged = {key: first[key] for key in (*SAME, "device", "python") if key in first}
+    merged["date"] = " / ".join(dict.fromkeys(report["date"] for report in reports))
+    merged["matmul_peak_tflops"] = max(report.get("matmul_peak_tflops") or 0 for report in reports) or None
+    merged["merged_from"] = [{"date": r["date"], "speedups": r.get("speedups", {})} for r in reports]
+    scenarios: dict[str, Any] = {}
+    for report, tag in zip(reports, tags, strict=True):
+        for name, result in report["scenarios"].items():
+            if "skipped" in result:
+                scenarios.setdefault(name, result)
+                continue
+            suffix = f" ({tag})" if tagged and tag else ""  # not [..]: rich reads brackets as markup
+            rows = [row | {"runner": row["runner"] + suffix} for row in result["rows"]]
+            ratios = {runner + suffix: ratio for runner, ratio in result.get("speedup_vs", {}).items()}
+            into = scenarios.get(name)
+            if into is None or "skipped" in into:
+                scenarios[name] = {"what": result["what"], "rows": rows, "speedup_vs": ratios}
+            else:
+                into["rows"] += rows
+                into["speedup_vs"] |= ratios
+    merged["scenarios"] = scenarios
+    return merged
+
+
+def _tag(speedups: dict[str, Any]) -> str:
+    """The speed-ups that set runs apart, in words: "compile default", "compile reduce-overhead,
+    fp8"; "" for an eager run."""
+    parts = []
+    if speedups.get("compile", "off") != "off":
+        parts.append(f"compile {speedups['compile']}")
+    parts += [name for name in ("fp8", "fuse_qkv", "compile_dynamic") if speedups.get(name)]
+    return ", ".join(parts)
