@@ -10,7 +10,7 @@ activations back and forth; compiled, Inductor fuses them with the SiLUs between
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,9 +18,11 @@ from imagegenx.bench.measure import Row, count_tflop, free_device, peak_gib, res
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.tiny_decoder import TINY_DECODER_FAMILIES
 
+if TYPE_CHECKING:  # the registry in scenarios.py imports this module
+    from imagegenx.bench.scenarios import BenchContext
 
-def vae_decode(name: str, ctx: Any) -> list[Row]:
-    """``ctx``: the bench's ``BenchContext``."""
+
+def vae_decode(name: str, ctx: BenchContext) -> list[Row]:
     ref, side = ("random:tiny-sdxl", 8) if ctx.smoke else ("random:sdxl", 128)
     device = ctx.device
     models = ctx.settings.models
