@@ -17,11 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from imagegenx.cli_bench import bench
+from imagegenx.cli_inputs import parse_control, parse_lora, read_bytes, read_image, read_prompts
 from imagegenx.cli_keys import keys_app
 from imagegenx.cli_portrait import portrait
 from imagegenx.cli_roles import api, worker
 from imagegenx.config import Settings
-from imagegenx.types import ControlRef, JobSpec, LoraRef, Priority, Task, UserError, default_sampler
+from imagegenx.types import JobSpec, Priority, Task, UserError, default_sampler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="imagegenx: generate images, fast.")
 err = Console(stderr=True)
@@ -44,67 +45,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _parse_lora(text: str) -> LoraRef:
-    name, _, weight = text.partition(":")
-    try:
-        return LoraRef(name.strip(), float(weight) if weight else 1.0)
-    except ValueError:
-        raise UserError(f"--lora {text!r}: expected NAME or NAME:WEIGHT") from None
-
-
-def _parse_control(text: str, depth_model: Path | None = None) -> ControlRef:
-    """``TYPE,MODEL,IMAGE[,STRENGTH]`` → a ControlRef holding the finished control image."""
-    import io
-
-    from imagegenx.vision.controls import DEFAULT_STRENGTH, make_control_image
-
-    parts = [part.strip() for part in text.split(",")]
-    if len(parts) not in (3, 4):
-        raise UserError(f"--control {text!r}: expected TYPE,MODEL,IMAGE[,STRENGTH]")
-    kind, model, path = parts[:3]
-    try:
-        strength = float(parts[3]) if len(parts) == 4 else DEFAULT_STRENGTH.get(kind, 1.0)
-    except ValueError:
-        raise UserError(f"--control {text!r}: strength {parts[3]!r} is not a number") from None
-    depth = str(depth_model) if depth_model else None
-    image = make_control_image(kind, _read_image(Path(path), f"--control image {path}"), depth_model=depth)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return ControlRef(model, buffer.getvalue(), strength)
-
-
-def _read_prompts(prompt: str | None, batch_file: Path | None) -> list[str]:
-    prompts = [prompt] if prompt else []
-    if batch_file is not None:
-        try:
-            lines = batch_file.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise UserError(f"cannot read --batch-file: {exc.strerror}: {batch_file}") from None
-        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError("give a PROMPT or --batch-file with one prompt per line")
-    return prompts
-
-
-def _read_image(path: Path | None, what: str):
-    """A PIL image from a file, or a clear error."""
-    data = _read_bytes(path, what)
-    if data is None:
-        return None
-    from imagegenx.pipelines.sample import decode_input_image
-
-    return decode_input_image(data, what)
-
-
-def _read_bytes(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read {what}: {exc.strerror}: {path}") from None
 
 
 @app.command()
@@ -188,7 +128,7 @@ def generate(
     _quiet_libraries()
     try:
         settings = Settings()
-        prompts = _read_prompts(prompt, batch_file)
+        prompts = read_prompts(prompt, batch_file)
         from imagegenx.pipelines.samplers import parse_sampler
         from imagegenx.postprocess.encode import ImageFormat
 
@@ -212,13 +152,13 @@ def generate(
             watermark_text=watermark,
             invisible_watermark=invisible_watermark,
         )
-        reference_image = _read_image(reference, "--reference")
-        loras = tuple(_parse_lora(item) for item in lora or [])
-        controls = tuple(_parse_control(item, depth_model) for item in control or [])
+        reference_image = read_image(reference, "--reference")
+        loras = tuple(parse_lora(item) for item in lora or [])
+        controls = tuple(parse_control(item, depth_model) for item in control or [])
         task = Task.TEXT2IMG if image is None else Task.INPAINT if mask is not None else Task.IMG2IMG
         if mask is not None and image is None:
             raise UserError("--mask needs --image")
-        init_image, mask_image = _read_bytes(image, "--image"), _read_bytes(mask, "--mask")
+        init_image, mask_image = read_bytes(image, "--image"), read_bytes(mask, "--mask")
         model_ref = model or settings.models.default_model
         from imagegenx.models.sources import NATIVE_SIZE, resolve
 
