@@ -208,3 +208,26 @@ def test_cudnn_benchmark_is_asked_for_and_only_on_cuda(monkeypatch):
     assert not use_cudnn_benchmark(ModelSettings(cudnn_benchmark=True), torch.device("cpu"))
     assert not torch.backends.cudnn.benchmark
     assert use_cudnn_benchmark(ModelSettings(cudnn_benchmark=True), cuda) and torch.backends.cudnn.benchmark
+
+
+def test_attention_kernel_is_the_one_named_and_only_on_cuda():
+    """attention="flash" leaves scaled_dot_product_attention FlashAttention-2 (and the math fallback)
+    on CUDA; "auto" and a CPU change nothing. The switches are process-wide: restored here."""
+    from imagegenx.models.speed import use_attention_kernel
+
+    switches = ("flash_sdp_enabled", "cudnn_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled")
+    saved = [getattr(torch.backends.cuda, name)() for name in switches]
+    cuda = torch.device("cuda")  # only compared: nothing runs on it
+    try:
+        assert use_attention_kernel(ModelSettings(), cuda) is None
+        assert use_attention_kernel(ModelSettings(attention="flash"), torch.device("cpu")) is None
+        assert [getattr(torch.backends.cuda, name)() for name in switches] == saved
+        assert use_attention_kernel(ModelSettings(attention="flash"), cuda) == "flash"
+        assert [getattr(torch.backends.cuda, name)() for name in switches] == [True, False, False, True]
+        assert use_attention_kernel(ModelSettings(attention="cudnn"), cuda) == "cudnn"
+        assert [getattr(torch.backends.cuda, name)() for name in switches] == [False, True, False, True]
+    finally:
+        for name, on in zip(switches, saved, strict=True):
+            getattr(torch.backends.cuda, "enable_" + name.removesuffix("_enabled"))(on)
+    with pytest.raises(ValidationError, match="flash"):
+        ModelSettings(attention="xformers")

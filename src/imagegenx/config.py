@@ -70,6 +70,10 @@ class ModelSettings(BaseModel):
     # (torch.backends.cudnn.benchmark, process-wide; CUDA only): for the VAE, ControlNets and
     # Real-ESRGAN's fixed tiles. Off by default until measured: each new shape pays the trial once.
     cudnn_benchmark: bool = False
+    # The attention kernel scaled_dot_product_attention may pick on CUDA (process-wide flags, like
+    # cudnn_benchmark; the math kernel stays as the fallback for shapes a kernel refuses): "auto"
+    # leaves PyTorch's choice (cuDNN's flash kernel on an H200), the others measure one against it.
+    attention: Literal["auto", "cudnn", "flash", "efficient"] = "auto"
     # Tiny latent decoders (TAESD's kind, models/tiny_decoder.py) that requests pick with
     # decoder="tiny": model family (sd15, sd21, sdxl, sdxl-refiner, sd3, flux; sd15's serves SD 2.x
     # and sdxl's the refiner unless named) -> a diffusers AutoencoderTiny folder, or "random" (noise,

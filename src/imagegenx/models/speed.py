@@ -18,6 +18,8 @@
 - ``compile_vae``: with ``compile`` on, the VAE decode is compiled too, its batch padded to the same
   buckets (it is 40% of an SDXL 1024² LCM-4 image on an H200, and runs at 15% of the matmul peak
   eager: GroupNorm and SiLU between the convolutions are memory-bound, which fusion helps).
+- ``attention``: the one SDPA kernel allowed on CUDA (cuDNN's, FlashAttention-2, memory-efficient),
+  or PyTorch's own pick (``auto``), to measure them against each other.
 - ``cudnn_benchmark``: cuDNN tries its convolution algorithms on the first call of each input shape
   and keeps the fastest, instead of picking one by heuristics (a process-wide flag; CUDA only). The
   engine's shapes are few (padded batch buckets, fixed upscaler tiles), so the trials are paid once.
@@ -69,6 +71,8 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
             applied["channels_last"] = True
     if use_cudnn_benchmark(settings, device):
         applied["cudnn_benchmark"] = True
+    if kernel := use_attention_kernel(settings, device):
+        applied["attention"] = kernel
     if settings.fuse_qkv and denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
         denoiser.fuse_qkv_projections()
         applied["fuse_qkv"] = True
@@ -117,6 +121,24 @@ def _dynamic_argument(dynamic: bool) -> bool | None:
     """torch.compile's ``dynamic``: False forces static shapes; None lets a size that changes make
     the graph's next compile general in it."""
     return None if dynamic else False
+
+
+# ModelSettings.attention -> the torch.backends.cuda switch of that SDPA kernel.
+SDPA_KERNELS = {
+    "cudnn": "enable_cudnn_sdp",
+    "flash": "enable_flash_sdp",
+    "efficient": "enable_mem_efficient_sdp",
+}
+
+
+def use_attention_kernel(settings: ModelSettings, device: torch.device) -> str | None:
+    """Allow scaled_dot_product_attention only the kernel the settings name (and the math one, its
+    fallback) where the device is CUDA; returns that kernel, or None where PyTorch picks."""
+    if settings.attention == "auto" or device.type != "cuda":
+        return None
+    for kernel, switch in SDPA_KERNELS.items():
+        getattr(torch.backends.cuda, switch)(kernel == settings.attention)
+    return settings.attention
 
 
 def use_cudnn_benchmark(settings: ModelSettings, device: torch.device) -> bool:
