@@ -99,29 +99,40 @@ class ServiceWorker:
         self._thread.start()
 
     def stop(self) -> None:
-        if self._unsubscribe_cancels is not None:
-            self._unsubscribe_cancels()
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self._stop_loop()
         self._outcomes.shutdown()
         self._portraits.shutdown()
+
+    def _stop_loop(self) -> None:
+        if self._unsubscribe_cancels is not None:
+            self._unsubscribe_cancels()
+            self._unsubscribe_cancels = None
+        self._stop.set()
+        self._thread.join(timeout=30)
 
     def cancel(self, task_id: str) -> None:
         self.engine.cancel(task_id)
 
     def drain(self, timeout_s: float) -> list[str]:
         """Graceful shutdown: take no more jobs, let those in hand finish for up to ``timeout_s``,
-        then stop and give back the leases still held (ready again at once for other workers).
-        Returns the task ids given back."""
+        then stop, store what finished, and give back the jobs still running (ready again at once
+        for other workers). Returns the task ids given back."""
         self._draining.set()
         deadline = time.monotonic() + timeout_s
         while self._held and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = self._held.ids()
+        # The loop stops before any job is cancelled here: it would take such a job as finished and
+        # store it as a user's cancel (acknowledged: lost) instead of giving it back.
+        self._stop_loop()
+        if finished := self._held.take_finished():  # ended on their own meanwhile: stored as usual
+            self._outcomes.submit(finished)
+        left = list(self._held.in_flight)
         for task_id in left:  # they run again from the start elsewhere: stop them here
             self.engine.cancel(task_id)
-        self.stop()
-        return [task_id for task_id in left if self.service.queue.nack(self.owner, task_id)]
+        given_back = [task_id for task_id in left if self.service.queue.nack(self.owner, task_id)]
+        self._outcomes.shutdown()  # the jobs being stored finish storing
+        self._portraits.shutdown()
+        return given_back
 
     # Loop ---------------------------------------------------------------------------------------
 
