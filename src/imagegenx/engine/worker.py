@@ -126,13 +126,18 @@ class ServiceWorker:
         self._stop_loop()
         if finished := self._held.take_finished():  # ended on their own meanwhile: stored as usual
             self._outcomes.submit(finished)
-        left = list(self._held.in_flight)
-        for task_id in left:  # they run again from the start elsewhere: stop them here
+        running = list(self._held.in_flight)
+        for task_id in running:  # they run again from the start elsewhere: stop them here
             self.engine.cancel(task_id)
-        given_back = [task_id for task_id in left if self.service.queue.nack(self.owner, task_id)]
+        given_back = self._give_back(running)
         self._outcomes.shutdown()  # the jobs being stored finish storing
+        # What is held still is a portrait in progress: it stops at its next stage, given back too.
+        given_back += self._give_back(list(self._held.storing))
         self._portraits.shutdown()
         return given_back
+
+    def _give_back(self, task_ids: list[str]) -> list[str]:
+        return [task_id for task_id in task_ids if self.service.queue.nack(self.owner, task_id)]
 
     # Loop ---------------------------------------------------------------------------------------
 
