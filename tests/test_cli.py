@@ -209,3 +209,15 @@ def test_gil_switch_interval_is_applied_from_the_settings(ms, expected):
         assert sys.getswitchinterval() == pytest.approx(expected or 0.005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_a_bad_setting_in_the_environment_is_one_line_naming_it_not_a_traceback():
+    result = CliRunner().invoke(
+        app,
+        ["generate", "a fox"],
+        env={"IMAGEGENX_MODELS__ATTENTION": "xformers", "IMAGEGENX_ENGINE__MAX_BATCH": "many"},
+    )
+    assert result.exit_code == 2
+    assert "IMAGEGENX_MODELS__ATTENTION='xformers'" in result.output and "'flash'" in result.output
+    assert "IMAGEGENX_ENGINE__MAX_BATCH='many'" in result.output
+    assert "Traceback" not in result.output

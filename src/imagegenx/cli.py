@@ -33,6 +33,21 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+@app.callback()
+def _check_settings() -> None:
+    """Before any command: a setting the environment gets wrong is one line per mistake, naming
+    its variable, not a traceback from the first place that reads the settings."""
+    from pydantic import ValidationError
+
+    try:
+        Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "IMAGEGENX_" + "__".join(str(part) for part in error["loc"]).upper()
+            err.print(f"[red]error:[/red] {name}={error.get('input')!r}: {error['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _quiet_libraries() -> None:
     """transformers and diffusers log warnings that mean nothing to a user of the CLI; so does
     torchao (the fp8 extra), which diffusers imports whenever it is installed: its kernels for other
