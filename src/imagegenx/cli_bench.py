@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import faulthandler
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -48,8 +49,7 @@ def bench(
     from imagegenx.cli import _fail, _quiet_libraries, _with
 
     if stacks_after is not None:
-        # A watchdog thread in C: it prints even while the main thread is inside a compiler or a kernel.
-        faulthandler.dump_traceback_later(stacks_after, exit=False, file=sys.__stderr__)
+        _print_stacks_after(stacks_after)
 
     _quiet_libraries()
     from imagegenx.bench.scenarios import SCENARIOS
@@ -108,3 +108,21 @@ def _merge(paths: list[Path], scenarios: list[str] | None, out: Path | None) -> 
     if out is not None:
         out.write_text(json.dumps(merged, indent=2))
     report.print_table(merged, Console(width=max(160, Console().width)))
+
+
+def _print_stacks_after(seconds: float) -> None:
+    """Every thread's Python stack to stderr once, ``seconds`` from now, from a daemon timer thread
+    (not faulthandler's watchdog, which reads other threads' frames without the GIL and crashed a
+    run mid-import)."""
+
+    def dump() -> None:
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        lines = [f"every thread's stack after {seconds:g} s:\n"]
+        for ident, frame in sys._current_frames().items():
+            lines.append(f"Thread {names.get(ident, ident)} (most recent call last):\n")
+            lines += traceback.format_stack(frame)
+        print("".join(lines), file=sys.__stderr__, flush=True)
+
+    timer = threading.Timer(seconds, dump)
+    timer.daemon = True
+    timer.start()
