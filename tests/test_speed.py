@@ -231,3 +231,29 @@ def test_attention_kernel_is_the_one_named_and_only_on_cuda():
             getattr(torch.backends.cuda, "enable_" + name.removesuffix("_enabled"))(on)
     with pytest.raises(ValidationError, match="flash"):
         ModelSettings(attention="xformers")
+
+
+def test_every_engine_thread_gets_the_cuda_graph_trees_state_when_graphs_are_on():
+    # torch 2.11 set it up only on the thread that imported cudagraph_trees: a second engine thread
+    # of one process failed its first CUDA-graphed call with a bare AssertionError (the H200 bench).
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    from imagegenx.models.speed import ready_thread_for_cuda_graphs
+
+    def state_on_a_new_thread(compile_mode: str) -> tuple[bool, bool]:
+        seen = []
+
+        def run():
+            ready_thread_for_cuda_graphs(ModelSettings(compile=compile_mode))
+            local = cudagraph_trees.local
+            seen.append((hasattr(local, "tree_manager_containers"), hasattr(local, "tree_manager_locks")))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    assert state_on_a_new_thread("reduce-overhead") == (True, True)
+    assert state_on_a_new_thread("default") == (False, False)  # nothing imported or set without graphs

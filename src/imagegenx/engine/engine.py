@@ -30,6 +30,7 @@ from imagegenx.engine.validation import validate_job
 from imagegenx.models.cache import ModelCache
 from imagegenx.models.compile_artifacts import save_compile_artifacts
 from imagegenx.models.loader import LoadedModel
+from imagegenx.models.speed import ready_thread_for_cuda_graphs
 from imagegenx.pipelines.flow import FlowRunner
 from imagegenx.pipelines.sample import to_uint8
 from imagegenx.pipelines.sd import SDRunner
@@ -171,6 +172,7 @@ class Engine:
     # Worker loop --------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        ready_thread_for_cuda_graphs(self.settings.models)
         while True:
             with self._wake:
                 batch: list[JobSpec] = []

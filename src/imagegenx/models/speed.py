@@ -35,6 +35,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +117,27 @@ def compile_module(module: torch.nn.Module, mode: str, blocks: list[str], dynami
     if not regions:
         module.forward = torch.compile(module.forward, mode=mode, dynamic=shapes)
     return bool(regions)
+
+
+def ready_thread_for_cuda_graphs(settings: ModelSettings) -> None:
+    """Give the calling thread the per-thread state of Inductor's CUDA graph trees, under
+    ``reduce-overhead``. torch 2.11 (the GPU image's) sets it up only on the thread that imported
+    ``cudagraph_trees`` and on autograd's threads, so a compiled model that a second engine thread
+    of one process called (the bench's next scenario) failed with a bare ``AssertionError``; later
+    torch sets it up on any thread, and then this does nothing."""
+    if settings.compile != "reduce-overhead":
+        return
+    from torch._inductor import cudagraph_trees  # heavy: only when CUDA graphs are on
+
+    local = cudagraph_trees.local
+    for name, fresh in (("tree_manager_containers", dict), ("tree_manager_locks", _lock_table)):
+        if not hasattr(local, name) and not torch._C._is_key_in_tls(name):
+            setattr(local, name, fresh())
+            torch._C._stash_obj_in_tls(name, getattr(local, name))
+
+
+def _lock_table() -> defaultdict[int, threading.Lock]:
+    return defaultdict(threading.Lock)
 
 
 def _dynamic_argument(dynamic: bool) -> bool | None:
