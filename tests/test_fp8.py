@@ -114,6 +114,8 @@ def test_the_fp8_unet_stays_close_to_the_bf16_unet(cpu_float8):
     unet = _denoiser("tiny-sdxl")
     quantized = copy.deepcopy(unet)
     assert speed.quantize_fp8(quantized) == 88
+    # torchao's own default would have switched Inductor's slow coordinate-descent tuning on
+    assert not torch._inductor.config.coordinate_descent_tuning
     float8 = [m for m in quantized.modules() if isinstance(getattr(m, "weight", None), Float8Tensor)]
     assert len(float8) == 88
     g = torch.Generator().manual_seed(0)
@@ -196,3 +198,14 @@ def test_fp8_with_regional_compilation_makes_the_eager_fp8_image(tmp_path_factor
     assert applied[1]["fp8"] == applied[0]["fp8"] > 0
     assert applied[1]["compile_regional"] == ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
     assert np.abs(images[1] - images[0]).mean() < 2
+
+
+def test_fp8_tunes_inductor_only_under_max_autotune(cpu_float8):
+    import torch._inductor.config as inductor
+
+    saved = inductor.get_config_copy()
+    try:
+        speed.quantize_fp8(_denoiser("tiny-sdxl"), tune=True)
+        assert inductor.coordinate_descent_tuning and inductor.coordinate_descent_check_all_directions
+    finally:
+        inductor.load_config(saved)

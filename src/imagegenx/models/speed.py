@@ -81,7 +81,7 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
     if settings.fp8 and denoiser is not None:
         # Before compile: Dynamo then traces the float8 layers and fuses their activation scaling.
         check_fp8_supported(denoiser, device)
-        applied["fp8"] = quantize_fp8(denoiser)
+        applied["fp8"] = quantize_fp8(denoiser, tune=settings.compile == "max-autotune")
     if settings.compile != "off" and denoiser is not None:
         # Inductor reads its cache folder when it compiles (the first call), not at import.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir))
@@ -217,9 +217,14 @@ def _has_float8_matmuls(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def quantize_fp8(denoiser: torch.nn.Module) -> int:
+def quantize_fp8(denoiser: torch.nn.Module, tune: bool = False) -> int:
     """Float8 dynamic activations and float8 weights, per-row scales, on the layers ``is_fp8_linear``
-    picks; returns how many were quantized."""
+    picks; returns how many were quantized.
+
+    torchao by default also switches Inductor's coordinate-descent tuning on, every direction: a
+    cubin built and timed per candidate of every kernel, more than 300 s for Flux's transformer on an
+    H200 (two device calls cut short, BENCHMARKS.md ninth session). That tuning belongs to
+    ``compile="max-autotune"`` (``tune``), not to every fp8 model."""
     try:  # an optional extra, imported only when fp8 is asked for
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError:
@@ -228,7 +233,7 @@ def quantize_fp8(denoiser: torch.nn.Module) -> int:
     picked = [name for name, module in denoiser.named_modules() if is_fp8_linear(module, name)]
     quantize_(
         denoiser,
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=tune),
         filter_fn=is_fp8_linear,
     )
     return len(picked)
