@@ -10,8 +10,9 @@ from imagegenx.cli import app
 MACHINE = {"gpu": "NVIDIA H200", "driver": "580", "torch": "2.11.0", "diffusers": "0.42.1", "smoke": False}
 
 
-def _row(runner: str, seconds: float) -> dict:
-    return {"scenario": "s", "runner": runner, "images": 1, "seconds": seconds, "images_per_s": 1 / seconds}
+def _row(runner: str, seconds: float, note: str = "") -> dict:
+    row = {"scenario": "s", "runner": runner, "images": 1, "seconds": seconds, "images_per_s": 1 / seconds}
+    return row | {"note": note}
 
 
 def _report(compile_mode: str, scenarios: dict, date: str = "2026-11-30", peak: float = 740.0) -> dict:
@@ -33,14 +34,32 @@ def test_rows_of_runs_with_different_speedups_say_which_and_keep_their_ratios():
     )
     compiled = _report(
         "reduce-overhead",
-        {"lcm4": _scenario([_row("imagegenx", 0.07)]), "esrgan": _scenario([_row("imagegenx", 0.23)])},
+        {
+            "lcm4": _scenario(
+                # the recipe compiled in default mode beside ours with CUDA graphs
+                [
+                    _row("imagegenx", 0.07),
+                    _row("diffusers-fast", 0.08, "bf16, compile default without tuning"),
+                ],
+                {"diffusers-fast": 1.14},
+            ),
+            "esrgan": _scenario([_row("imagegenx", 0.23)]),
+        },
         date="2026-12-01",
         peak=760.0,
     )
     merged = merge([eager, compiled])
     runners = [row["runner"] for row in merged["scenarios"]["lcm4"]["rows"]]
-    assert runners == ["imagegenx", "diffusers", "imagegenx (compile reduce-overhead)"]
-    assert merged["scenarios"]["lcm4"]["speedup_vs"] == {"diffusers": 1.33}
+    assert runners == [
+        "imagegenx",
+        "diffusers",
+        "imagegenx (compile reduce-overhead)",
+        "diffusers-fast (compile default)",  # its own compile, not ours
+    ]
+    assert merged["scenarios"]["lcm4"]["speedup_vs"] == {
+        "diffusers": 1.33,
+        "diffusers-fast (compile default)": 1.14,
+    }
     # A scenario one command skipped and another measured: the measurement.
     assert [row["runner"] for row in merged["scenarios"]["esrgan"]["rows"]] == [
         "imagegenx (compile reduce-overhead)"

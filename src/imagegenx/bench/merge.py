@@ -3,13 +3,15 @@ command (a lent GPU gives ten minutes a command; every scenario with its peers t
 
 The reports must come from the same GPU, driver, torch and diffusers. A scenario measured in more
 than one report keeps every row; where its rows were measured with different speed-ups (eager in
-one command, compiled in another), each runner's name says which (``imagegenx (compile default)``),
-and each report's ratios stay with their rows.
+one command, compiled in another), each runner's name says which (``imagegenx (compile default)``;
+a peer by its own compile, from its note: ``diffusers-fast (compile default)``), and each report's
+ratios stay with their rows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,11 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
             if "skipped" in result:
                 scenarios.setdefault(name, result)
                 continue
-            suffix = f" ({tag})" if tagged and tag else ""  # not [..]: rich reads brackets as markup
-            rows = [row | {"runner": row["runner"] + suffix} for row in result["rows"]]
-            ratios = {runner + suffix: ratio for runner, ratio in result.get("speedup_vs", {}).items()}
+            named = {row["runner"]: _name(row, tag if tagged else "") for row in result["rows"]}
+            rows = [row | {"runner": named[row["runner"]]} for row in result["rows"]]
+            ratios = {
+                named.get(runner, runner): ratio for runner, ratio in result.get("speedup_vs", {}).items()
+            }
             into = scenarios.get(name)
             if into is None or "skipped" in into:
                 scenarios[name] = {"what": result["what"], "rows": rows, "speedup_vs": ratios}
@@ -61,6 +65,15 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 into["speedup_vs"] |= ratios
     merged["scenarios"] = scenarios
     return merged
+
+
+def _name(row: dict[str, Any], tag: str) -> str:
+    """``row``'s runner named by the speed-ups it ran with: ours by the report's ``tag`` (empty where
+    the merged reports do not differ), a peer by its own compile mode, which its note states."""
+    if row["runner"].startswith("diffusers"):
+        mode = re.search(r"compile (default|reduce-overhead|max-autotune)", row.get("note", ""))
+        tag = f"compile {mode[1]}" if mode and tag else ""
+    return f"{row['runner']} ({tag})" if tag else row["runner"]  # not [..]: rich reads brackets as markup
 
 
 def _tag(speedups: dict[str, Any]) -> str:
