@@ -246,7 +246,7 @@ def test_every_engine_thread_gets_the_cuda_graph_trees_state_when_graphs_are_on(
         seen = []
 
         def run():
-            ready_thread_for_cuda_graphs(ModelSettings(compile=compile_mode))
+            ready_thread_for_cuda_graphs(compile_mode)
             local = cudagraph_trees.local
             seen.append((hasattr(local, "tree_manager_containers"), hasattr(local, "tree_manager_locks")))
 

@@ -228,3 +228,21 @@ def test_fused_dense_blocks_compute_the_plain_blocks(upscaler, small):
     assert unfused is not upscaler and not unfused.fused_blocks
     a, b = (np.asarray(u.upscale([small], 4)[0], np.int16) for u in (upscaler, unfused))
     assert np.abs(a - b).max() <= 1
+
+
+def test_a_cuda_graphed_upscaler_readies_each_calling_thread(monkeypatch, photo):
+    """Under reduce-overhead the upscaler runs from a portrait's or a task's thread, which torch
+    2.11's CUDA graph trees had no state for (the engine thread's AssertionError): each call readies
+    its thread first. torch.compile is left out as above."""
+    import threading
+
+    import imagegenx.postprocess.upscale as upscale
+
+    readied = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+    monkeypatch.setattr(upscale, "ready_thread_for_cuda_graphs", lambda mode: readied.append(mode))
+    graphed = RealESRGAN(load_rrdbnet(), "cpu", compile_mode="reduce-overhead")
+    thread = threading.Thread(target=lambda: graphed.network_upscale([photo.resize((16, 16))], tile=16))
+    thread.start()
+    thread.join()
+    assert readied == ["reduce-overhead"]

@@ -172,7 +172,7 @@ class Engine:
     # Worker loop --------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        ready_thread_for_cuda_graphs(self.settings.models)
+        ready_thread_for_cuda_graphs(self.settings.models.compile)
         while True:
             with self._wake:
                 batch: list[JobSpec] = []

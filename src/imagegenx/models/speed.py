@@ -119,13 +119,14 @@ def compile_module(module: torch.nn.Module, mode: str, blocks: list[str], dynami
     return bool(regions)
 
 
-def ready_thread_for_cuda_graphs(settings: ModelSettings) -> None:
+def ready_thread_for_cuda_graphs(compile_mode: str) -> None:
     """Give the calling thread the per-thread state of Inductor's CUDA graph trees, under
     ``reduce-overhead``. torch 2.11 (the GPU image's) sets it up only on the thread that imported
     ``cudagraph_trees`` and on autograd's threads, so a compiled model that a second engine thread
     of one process called (the bench's next scenario) failed with a bare ``AssertionError``; later
-    torch sets it up on any thread, and then this does nothing."""
-    if settings.compile != "reduce-overhead":
+    torch sets it up on any thread, and then this does nothing. Cheap once done: call it before
+    every call of a CUDA-graphed model from a thread that may be new (the upscaler's callers)."""
+    if compile_mode != "reduce-overhead":
         return
     from torch._inductor import cudagraph_trees  # heavy: only when CUDA graphs are on
 
