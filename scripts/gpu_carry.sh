@@ -36,11 +36,12 @@ fake_dist() { # fake_dist DIR NAME VERSION: dist-info so importlib.metadata find
 }
 
 # 1. .gpu: the service's pure-Python and small binary packages the GPU image lacks (httpx2 and the
-# versions of anyio, h11, idna and typing-extensions it needs: scripts/loadgen.py's client).
+# versions of anyio, h11, idna and typing-extensions it needs: scripts/loadgen.py's client), and
+# our Pillow: whether its WebP encoder releases the GIL decides a portrait's write stage.
 pins=()
 for name in diffusers pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
     python-dotenv fastapi starlette uvicorn python-multipart sqlalchemy alembic mako obstore \
-    opentelemetry-api importlib-metadata greenlet httpx2 httpcore2 truststore idna anyio h11 typing-extensions; do
+    opentelemetry-api importlib-metadata greenlet pillow httpx2 httpcore2 truststore idna anyio h11 typing-extensions; do
     pins+=("$name==$(version "$name")")
 done
 download .gpu "${pins[@]}"

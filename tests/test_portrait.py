@@ -85,6 +85,7 @@ def test_portrait_run_of_8_drafts(engine, selfies):
     stages = [stage for i, (stage, _, _) in enumerate(calls) if i == 0 or calls[i - 1][0] != stage]
     assert stages == list(STAGES)
     assert [done for stage, done, _ in calls if stage == "drafts"] == list(range(9))
+    assert [done for stage, done, _ in calls if stage == "upscale"] == list(range(6))  # one by one
     assert all(done <= total for _, done, total in calls)
 
     # Every draft: its seed, its QC scores; the drafts went to the engine together and shared batches.
@@ -128,6 +129,36 @@ def test_portrait_run_of_8_drafts(engine, selfies):
     assert _outlined(sheet, 8) == {entry["draft"] for entry in shortlist}
     positions = [d["shortlist_position"] for d in report["drafts"]]
     assert sorted(p for p in positions if p) == [1, 2, 3, 4, 5] and positions.count(None) == 3
+
+
+def test_finals_encode_while_the_next_ones_upscale(engine, selfies, monkeypatch):
+    """Each final goes to an encoder thread once it is upscaled: every upscale after the first finds
+    the encode of an earlier final begun (all encodes after the last upscale would time out here)."""
+    import threading
+
+    import imagegenx.engine.portrait as portrait
+
+    encoding, upscales, waited = threading.Event(), [], []
+    real_chain, real_encode = portrait.apply_chain, portrait.encode_image
+
+    def chain(images, spec, denoiser=None):
+        if spec.upscale > 1:
+            if upscales:
+                waited.append(encoding.wait(timeout=20))
+            upscales.append(len(images))
+        return real_chain(images, spec, denoiser=denoiser)
+
+    def encode(image, fmt):
+        encoding.set()
+        return real_encode(image, fmt)
+
+    monkeypatch.setattr(portrait, "apply_chain", chain)
+    monkeypatch.setattr(portrait, "encode_image", encode)
+    result = run_portrait(
+        engine, selfies[:1], _spec(n=4, shortlist=3, refine_top=0, face_fix=False, upscale=2)
+    )
+    assert upscales == [1, 1, 1] and waited == [True, True]
+    assert len([name for name in result.files if name.endswith(".webp")]) == 3 + 1  # and the sheet
 
 
 def test_strict_ssim_gate_leaves_no_shortlist(engine, selfies, tmp_path):

@@ -23,8 +23,9 @@
    ``refiner`` model, or the base model itself when none is given), then face fix where faces are
    found, then Real-ESRGAN ×``upscale`` (network strength 0.35, unsharp); refine and fix run
    without InstantID (low-strength passes keep the draft's face);
-5. write: each final encoded (WebP, or JPEG 95; A1111 parameters embedded) with a .json sidecar of
-   its metadata and scores, ``report.json`` and ``contact_sheet.webp``, all held in memory in
+5. write: each final encoded (WebP, or JPEG 95; A1111 parameters embedded) on a thread as soon as it
+   is upscaled, overlapping step 4's upscale of the next, with a .json sidecar of its metadata and
+   scores, ``report.json`` and ``contact_sheet.webp`` (``portrait_report``), all held in memory in
    ``PortraitResult.files`` (the CLI writes them to a folder, the API to blob storage).
 
 ``progress(stage, done, total)`` is called for every stage of ``STAGES``, in order, at least once, on
@@ -47,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from imagegenx.engine.portrait_report import draft_entries, draft_sheet
 from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
-from imagegenx.postprocess.contact_sheet import contact_sheet
 from imagegenx.postprocess.encode import ImageFormat, encode_image, encode_pil, image_metadata, to_pil
 from imagegenx.postprocess.qc_pool import QcPool
 from imagegenx.postprocess.shortlist import draft_pool, score_drafts
@@ -266,23 +267,32 @@ def run_portrait(
     finals = _stage("fix", finals, PostprocessSpec(face_fix=True), engine, tell, on=spec.face_fix)
     lap("fix")
     upscale = PostprocessSpec(upscale=spec.upscale, network_strength=0.35, unsharp=True)
-    finals = _stage("upscale", finals, upscale, engine, tell, on=spec.upscale > 1)
-    # The metadata describes the draft each final came from; the refined ones were decoded anew by
-    # the full VAE (the refine pass's own job).
-    finals = [
-        replace(f, job=replace(results[i].job, decoder="full") if n < top else results[i].job)
-        for n, (f, i) in enumerate(zip(finals, shortlist, strict=True))
-    ]
-    lap("upscale")
-
-    # 5. Encode the finals with their metadata, the contact sheet and the report.
-    total = len(finals) + 2
-    tell("write", 0, total)
-    fmt, files, listed = ImageFormat.parse(spec.image_format), {}, []
-    # Encoding a 4096² final takes seconds and Pillow's encoders release the GIL: one thread per image.
+    fmt = ImageFormat.parse(spec.image_format)
+    # Encoding a 4096² final takes about a second and Pillow's encoders release the GIL: each final
+    # goes to an encoder thread as soon as it is upscaled (one at a time: one batch of its tiles, as
+    # all at once ran them), so the CPU encodes while the GPU upscales the next.
     with ThreadPoolExecutor(max_workers=min(len(finals), os.cpu_count() or 1) or 1) as pool:
-        encoded = [None if "error" in f.post else pool.submit(encode_image, f, fmt) for f in finals]
-        sheet = encode_pil(_sheet(results, shortlist), ImageFormat.WEBP)  # drawn while they encode
+        encoded = []
+        upscaling = len(finals) if spec.upscale > 1 else 0
+        tell("upscale", 0, upscaling)
+        for n, i in enumerate(shortlist):
+            final = _chained([finals[n]], upscale, engine)[0] if upscaling else finals[n]
+            # The metadata describes the draft each final came from; the refined ones were decoded
+            # anew by the full VAE (the refine pass's own job).
+            finals[n] = replace(
+                final, job=replace(results[i].job, decoder="full") if n < top else results[i].job
+            )
+            encoded.append(None if "error" in finals[n].post else pool.submit(encode_image, finals[n], fmt))
+            if n + 1 < upscaling:
+                tell("upscale", n + 1, upscaling)
+        tell("upscale", upscaling, upscaling)
+        lap("upscale")
+
+        # 5. Write: the finals' files with their metadata, the contact sheet and the report.
+        total = len(finals) + 2
+        tell("write", 0, total)
+        sheet = encode_pil(draft_sheet(results, shortlist), ImageFormat.WEBP)  # drawn while the last encode
+    files, listed = {}, []
     for position, (image, i) in enumerate(zip(finals, shortlist, strict=True), start=1):
         entry = {"position": position, "seed": image.job.seed, "draft": i}
         entry["passed_ssim_gate"] = image.post["qc"]["passed_ssim_gate"]
@@ -317,7 +327,7 @@ def run_portrait(
         "selfies": [s.status() for s in faces],
         "reference": {"ssim": f"aligned face crop of {faces[0].name}", "identity": "mean dlib embedding"},
         "ssim_gate": {"tau": spec.ssim_tau, "passed": passed, "of": len(ok), "strict": spec.strict_ssim},
-        "drafts": _draft_entries(results, shortlist, spec.seed),
+        "drafts": draft_entries(results, shortlist, spec.seed),
         "shortlist": listed,
         "timings_s": timings,
         "warnings": warnings,
@@ -352,46 +362,20 @@ def _stage(
     *,
     on: bool,
 ) -> list[GeneratedImage]:
-    """One chain step over ``images``, keeping the step timings of earlier calls (the chain starts
-    each call with an empty list)."""
+    """One chain step over ``images`` (together: the engine batches their passes), with progress."""
     total = len(images) if on else 0
     tell(name, 0, total)
     if total:
-        before = [list(image.post.get("steps", [])) for image in images]
-        done = apply_chain(images, spec, denoiser=engine)
-        images = [
-            replace(d, post={**d.post, "steps": b + d.post["steps"]})
-            for d, b in zip(done, before, strict=True)
-        ]
+        images = _chained(images, spec, engine)
     tell(name, total, total)
     return images
 
 
-def _sheet(results: list[GeneratedImage | Exception], shortlist: list[int]) -> Image.Image:
-    """Every draft labelled "#rank combined score", or "gate score" when the SSIM gate dropped it
-    (score without the gate), "withheld" (NSFW) or "failed"; the shortlisted ones outlined."""
-    thumbs, labels = [], []
-    for r in results:
-        if isinstance(r, Exception):
-            thumbs.append(None)
-            labels.append("failed")
-            continue
-        qc = r.post["qc"]
-        thumbs.append(to_pil(r))
-        gated = f"gate {qc['score']:.3f}" if qc["score"] is not None else "withheld"
-        labels.append(f"#{qc['rank']} {qc['combined']:.3f}" if qc["rank"] else gated)
-    return contact_sheet(thumbs, labels, set(shortlist))
-
-
-def _draft_entries(results: list[GeneratedImage | Exception], shortlist: list[int], seed: int) -> list[dict]:
-    position = {i: p for p, i in enumerate(shortlist, start=1)}
-    entries: list[dict] = []
-    for i, r in enumerate(results):
-        if isinstance(r, Exception):
-            entries.append({"seed": seed + i, "error": str(r)})
-            continue
-        timing = {"denoise_s": round(r.timings.denoise_s, 3), "batch_size": r.batch_size}
-        entries.append(
-            {"seed": r.job.seed, "qc": r.post["qc"], "shortlist_position": position.get(i)} | timing
-        )
-    return entries
+def _chained(images: list[GeneratedImage], spec: PostprocessSpec, engine: Engine) -> list[GeneratedImage]:
+    """``apply_chain`` over ``images``, keeping the step timings of earlier calls (the chain starts
+    each call with an empty list)."""
+    before = [list(image.post.get("steps", [])) for image in images]
+    done = apply_chain(images, spec, denoiser=engine)
+    return [
+        replace(d, post={**d.post, "steps": b + d.post["steps"]}) for d, b in zip(done, before, strict=True)
+    ]
