@@ -112,11 +112,14 @@ coldload) # the 6.9-GB single file read buffered and with O_DIRECT (fast-direct)
     run python3 scripts/coldload.py /tmp/sdxl-random.safetensors --device cuda --modes fast,fast-direct --runs 2 \
         --json "$OUT/coldload-direct.json"
     ;;
+fp8blocks) # Flux's two transformer blocks at 1024², bf16 against fp8, compiled (about a minute; .gpu4's torchao)
+    run python3 scripts/fp8_blocks_gpu.py "$OUT/fp8-blocks.json"
+    ;;
 cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8 on Hopper)
     run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|fp8blocks|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
     exit 2
     ;;
 esac

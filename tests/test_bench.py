@@ -23,6 +23,7 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["device"] == "cpu" and report["matmul_peak_tflops"] > 0
+    assert report["cpus"] >= 1 and report["pillow"].count(".") >= 1  # the host side of CPU stages
     scenarios = report["scenarios"]
     assert set(scenarios) == {
         "sdxl-1024-30", "sdxl-1024-lcm4", "turbo-512-1", "esrgan-x4-1024", "vae-decode-1024",

@@ -42,7 +42,7 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
             raise UserError(f"these reports come from different machines or versions: {detail}")
     tags = [_tag(report.get("speedups", {})) for report in reports]
     tagged = len(set(tags)) > 1  # runners are named by speed-ups only where the reports differ in them
-    merged = {key: first[key] for key in (*SAME, "device", "python") if key in first}
+    merged = {key: first[key] for key in (*SAME, "device", "python", "cpus", "pillow") if key in first}
     merged["date"] = " / ".join(dict.fromkeys(report["date"] for report in reports))
     merged["matmul_peak_tflops"] = max(report.get("matmul_peak_tflops") or 0 for report in reports) or None
     merged["merged_from"] = [{"date": r["date"], "speedups": r.get("speedups", {})} for r in reports]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +30,9 @@ def machine(ctx: BenchContext) -> dict[str, Any]:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
+        # the host side of the stages that run on the CPU (a portrait's encodes, QC's processes)
+        "cpus": os.cpu_count(),
+        "pillow": PIL.__version__,
         "smoke": ctx.smoke,
         "speedups": ctx.settings.models.model_dump(
             include={
