@@ -1,6 +1,7 @@
-"""Where the engine's time goes on a GPU: torch.profiler over the turbo-512-1 and sdxl-1024-lcm4 work.
+"""Where the engine's time goes on a GPU: torch.profiler over the bench scenarios' generation work.
 
-Run on a CUDA machine:  python scripts/profile_engine_gpu.py OUT_DIR [SCENARIO ...]
+Run on a CUDA machine:  python scripts/profile_engine_gpu.py OUT_DIR [SCENARIO ...] (default: the
+four batch ones; ``sdxl-1024-30`` and ``flux-dev-1024-28`` when named)
 Writes OUT_DIR/profile-<scenario>.txt: wall time, the share of it the GPU was busy with kernels, the
 top operations by host (CPU) time and by device time (and by input shapes), a cProfile of the
 engine thread over the same work, and every place the host waited for the device (PyTorch's sync
@@ -31,6 +32,9 @@ WORK = {  # model, side, steps, CFG, sampler, images, decoder ("tiny": a random 
     "sdxl-1024-lcm4": ("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 32, "full"),
     "turbo-512-1-tiny": ("random:sd21", 512, 1, 0.0, SchedulerName.EULER, 128, "tiny"),
     "sdxl-1024-lcm4-tiny": ("random:sdxl", 1024, 4, 1.0, SchedulerName.LCM, 32, "tiny"),
+    # one image each: the latency scenarios (Flux: the share of matmuls that fp8 would speed up)
+    "sdxl-1024-30": ("random:sdxl", 1024, 30, 7.0, SchedulerName.DPMPP_2M_KARRAS, 1, "full"),
+    "flux-dev-1024-28": ("random:flux-dev", 1024, 28, 3.5, SchedulerName.EULER, 1, "full"),
 }
 
 
@@ -96,7 +100,7 @@ def main(out: Path, names: list[str]) -> None:
         models=ModelSettings(tiny_decoders={"sd21": "random", "sdxl": "random"}),
     )
     with Engine(settings) as engine:
-        for name in names or list(WORK):
+        for name in names or list(WORK)[:4]:
             engine.run(jobs(name, 0)[:32])  # load and warm up
             torch.cuda.synchronize()
             # Shapes name the kernels: which tensor a long elementwise or layout kernel worked on.
