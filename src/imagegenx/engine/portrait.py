@@ -291,7 +291,9 @@ def run_portrait(
         # 5. Write: the finals' files with their metadata, the contact sheet and the report.
         total = len(finals) + 2
         tell("write", 0, total)
-        sheet = encode_pil(draft_sheet(results, shortlist), ImageFormat.WEBP)  # drawn while the last encode
+        sheet = encode_pil(
+            draft_sheet(results, shortlist), ImageFormat.WEBP
+        )  # drawn while the last ones encode
     files, listed = {}, []
     for position, (image, i) in enumerate(zip(finals, shortlist, strict=True), start=1):
         entry = {"position": position, "seed": image.job.seed, "draft": i}
