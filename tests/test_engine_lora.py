@@ -53,3 +53,22 @@ def test_lora_sets_switch_without_reloading(settings, mode):
         assert np.abs(a - b).mean() > 0.5
     assert f'imagegenx_lora_loads_total{{model="{MODEL}"}} 2.0' in metrics  # each file read once
     assert "style" in str(failure.value)  # the error names the LoRAs that exist
+
+
+def test_a_fused_qkv_model_takes_merged_loras(settings):
+    """IMAGEGENX_MODELS__FUSE_QKV with lora_mode fused: the LoRA reaches the fused projections, so the
+    image is the unfused model's (with adapters such a job is refused: tests/test_speed.py)."""
+    job = JobSpec("a barn", MODEL, width=64, height=64, steps=4, seed=5, loras=(LoraRef("style", 1.0),))
+    images = []
+    for fuse in (False, True):
+        models = settings.models.model_copy(update={"lora_mode": "fused", "fuse_qkv": fuse})
+        with Engine(settings.model_copy(update={"models": models})) as engine:
+            _write_loras(engine, settings.models.lora_dir)
+            plain = _array(
+                engine.submit(JobSpec("a barn", MODEL, width=64, height=64, steps=4, seed=5)).result(300)
+            )
+            images.append((plain, _array(engine.submit(job).result(timeout=300))))
+    (plain, styled), (plain_fused, styled_fused) = images
+    assert np.abs(styled - styled_fused).mean() < 0.5  # the same image, up to float rounding
+    assert np.abs(plain - plain_fused).mean() < 0.5
+    assert np.abs(styled_fused - plain_fused).mean() > 0.5  # and the LoRA changed it

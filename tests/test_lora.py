@@ -433,6 +433,24 @@ def test_fused_switches_keep_a_compiled_unet_without_recompiling(lora_dir):
     assert loras.original_bytes() > 0
 
 
+def test_merged_loras_reach_fused_qkv_projections(lora_dir):
+    """With fused QKV the attention reads to_qkv (and to_kv in cross-attention), not the to_q, to_k
+    and to_v that LoRA files name: merged sets are copied into the fused projections, so a fused
+    model gives the unfused model's output for every set, and the base again after them."""
+    outputs = {}
+    sets = [refs(("style", 1.0)), refs(("kohya_film", 0.8)), refs(("style", 0.3), ("detail", 1.0)), ()]
+    for fused in (False, True):
+        pipe = StableDiffusionPipeline(**sd_components(), requires_safety_checker=False)
+        if fused:
+            pipe.unet.fuse_qkv_projections()
+        base = unet_out(pipe)
+        loras = FusedLoraSet(pipe, LoraLibrary(lora_dir))
+        outputs[fused] = [base] + [loras.activate(lora_set) and unet_out(pipe) for lora_set in sets]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs[False], outputs[True], strict=True))
+    assert torch.equal(outputs[True][-1], outputs[True][0])  # () restores the fused model exactly
+    assert not torch.allclose(outputs[True][1], outputs[True][0], atol=1e-4)  # a LoRA changes it
+
+
 def test_lora_mode_follows_the_settings_and_compile():
     from types import SimpleNamespace
 
@@ -450,6 +468,8 @@ def test_lora_mode_follows_the_settings_and_compile():
         model = SimpleNamespace(pipe=pipe, speedups=speedups)
         chosen = lora_set_for(model, library, ModelSettings(lora_mode=mode))
         assert type(chosen) is expected, (mode, speedups)
-    refusing = lora_set_for(SimpleNamespace(pipe=pipe, speedups={"fuse_qkv": True}), library, ModelSettings())
-    with pytest.raises(UserError, match="fused QKV"):
+    fused_qkv = SimpleNamespace(pipe=pipe, speedups={"fuse_qkv": True})
+    refusing = lora_set_for(fused_qkv, library, ModelSettings())  # adapters would be ignored
+    with pytest.raises(UserError, match=r"fused QKV.*LORA_MODE=fused"):
         refusing.activate(refs(("style", 1.0)))
+    assert lora_set_for(fused_qkv, library, ModelSettings(lora_mode="fused")).refusal == ""

@@ -29,8 +29,9 @@ class ModelSettings(BaseModel):
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: float16 on cuda, float32 on cpu; or float16 / bfloat16 / float32
     max_resident_models: int = 2  # least recently used models beyond this are unloaded
-    # Speed-ups (models/speed.py): None = on for CUDA; fused QKV excludes LoRAs; compile: off, default,
-    # reduce-overhead or max-autotune (the UNet, on padded batch buckets)
+    # Speed-ups (models/speed.py): None = on for CUDA; fused QKV takes LoRAs only merged (lora_mode
+    # fused, the default when compiled); compile: off, default, reduce-overhead or max-autotune (the
+    # UNet, on padded batch buckets)
     channels_last: bool | None = None
     fuse_qkv: bool = False
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"

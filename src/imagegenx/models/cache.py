@@ -97,7 +97,6 @@ def lora_set_for(model: LoadedModel, library: LoraLibrary, settings: ModelSettin
     """How ``model`` applies LoRAs (``ModelSettings.lora_mode``): merged into its weights when asked
     for, or by default when it is compiled (adapter layers would make every switch compile again)."""
     compiled = "compile" in model.speedups
-    refusal = lora_refusal(model.speedups)
     if settings.lora_mode == "fused" or (settings.lora_mode == "auto" and compiled):
-        return FusedLoraSet(model.pipe, library, refusal)
-    return LoraSet(model.pipe, library, refusal, compiled=compiled)
+        return FusedLoraSet(model.pipe, library, lora_refusal(model.speedups, merged=True))
+    return LoraSet(model.pipe, library, lora_refusal(model.speedups), compiled=compiled)

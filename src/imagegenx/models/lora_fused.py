@@ -13,7 +13,11 @@ were compiled and changes only the values of its weights:
 3. then saves the original of each weight the new set targets that was not saved before;
 4. and adds each LoRA's delta (peft's own ``get_delta_weight``: B·A times its alpha/rank) times the
    request's weight, in place: the tensors keep their storage, so compiled graphs and CUDA graphs'
-   static addresses stay valid.
+   static addresses stay valid;
+5. with fused QKV projections (``ModelSettings.fuse_qkv``: the attention reads ``to_qkv``, the
+   concatenation of ``to_q``, ``to_k`` and ``to_v``, which stay in the model), copies the changed
+   projections into their fused ones, in place as well. LoRA files name the separate projections, so
+   this is what lets a fused-QKV model take LoRAs at all.
 
 A switch costs one small matmul and add per targeted layer (a LoRA over the whole SDXL UNet has
 about 700), against ``set_adapters``' few milliseconds; jobs then run at the base model's speed. The
@@ -40,6 +44,7 @@ class FusedLoraSet(LoraSet):
         self._layers: dict[str, list[Any]] = {}  # LoRA name -> its PEFT layers, out of the model
         # id(weight) -> (weight, its original value), for every weight any set has changed.
         self._originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fused = fused_projections(pipe)
 
     def original_bytes(self) -> int:
         """Device memory held by the saved originals."""
@@ -59,6 +64,9 @@ class FusedLoraSet(LoraSet):
                     if id(weight) not in self._originals:  # 3.
                         self._originals[id(weight)] = (weight, weight.detach().clone())
                     weight.add_(layer.get_delta_weight(adapter), alpha=float(ref.weight))  # 4.
+            for fused, parts in self._fused:  # 5.
+                if any(id(part.weight) in self._originals for part in parts):
+                    fused.weight.copy_(torch.cat([part.weight for part in parts]))
         self._active = loras
 
     def _ensure_loaded(self, name: str) -> None:
@@ -85,3 +93,28 @@ class FusedLoraSet(LoraSet):
         self._layers[name] = layers
         self._adapters[name] = adapter
         self.loads += 1
+
+
+# A fused projection and the separate ones it concatenates, as diffusers' ``fuse_projections`` builds
+# them (self-attention: q, k, v; cross-attention: k, v, its q stays apart; SD3 and Flux's added ones).
+_FUSED_PARTS = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
+
+
+def fused_projections(pipe: Any) -> list[tuple[torch.nn.Linear, list[torch.nn.Linear]]]:
+    """Every fused projection in ``pipe``'s models, with its parts (none unless QKV was fused)."""
+    found = []
+    for component in _COMPONENTS:
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        for module in model.modules():
+            if not getattr(module, "fused_projections", False):
+                continue
+            for fused, parts in _FUSED_PARTS.items():
+                if isinstance(getattr(module, fused, None), torch.nn.Linear):
+                    found.append((getattr(module, fused), [getattr(module, part) for part in parts]))
+    return found

@@ -4,7 +4,8 @@
   without layout transposes (on by default on CUDA, where it helps; off on the CPU). Not for the VAE:
   its GroupNorms copy NHWC activations back and forth, and an SDXL 1024² decode was 25% slower in
   channels_last on an H200 (benchmarks/2026-11-29b-vae-layout-h200.json).
-- ``fuse_qkv``: one projection for attention's q, k and v (diffusers' ``fuse_qkv_projections``).
+- ``fuse_qkv``: one projection for attention's q, k and v (diffusers' ``fuse_qkv_projections``);
+  LoRAs only merged into the weights (``lora_fused``, which refreshes the fused projections).
   Off by default: LoRAs target ``to_q``/``to_k``/``to_v`` and a fused model cannot take them.
 - ``compile``: ``torch.compile`` of the UNet (or only its repeated blocks: ``compile_regional``)
   and, as they load, its ControlNets (``default``,
@@ -27,7 +28,7 @@
   weights, one scale per row), applied before ``torch.compile``, which fuses each activation's
   quantization into the kernel before it. Needs float8 matmuls (a CUDA GPU of compute capability
   8.9+: Ada, Hopper, Blackwell; torchao refuses other devices) and bfloat16 weights (torchao's
-  per-row scales take nothing else). Off by default, and like ``fuse_qkv`` it excludes LoRAs: PEFT's
+  per-row scales take nothing else). Off by default, and it excludes LoRAs: PEFT's
   LoRA layer over torchao weights is made for int8 ones and the adapters' hot-swap is untested over
   float8, so a job with a LoRA on such a model is refused (``lora_refusal``), never run without it.
 """
@@ -174,15 +175,19 @@ def use_cudnn_benchmark(settings: ModelSettings, device: torch.device) -> bool:
     return False
 
 
-def lora_refusal(applied: dict[str, Any]) -> str:
-    """Why a model with these speed-ups takes no LoRA ("" when it does)."""
+def lora_refusal(applied: dict[str, Any], merged: bool = False) -> str:
+    """Why a model with these speed-ups takes no LoRA ("" when it does); ``merged``: LoRAs would be
+    merged into its weights (``FusedLoraSet``), which also refreshes fused QKV projections."""
     if "fp8" in applied:
         return (
             "LoRAs are not supported on an fp8 model (IMAGEGENX_MODELS__FP8): use a model loaded without fp8"
         )
-    if "fuse_qkv" in applied:
-        # The fused attention reads to_qkv only: a LoRA on to_q/to_k/to_v would be silently ignored.
-        return "LoRAs are not supported with fused QKV projections (IMAGEGENX_MODELS__FUSE_QKV)"
+    if "fuse_qkv" in applied and not merged:
+        # The fused attention reads to_qkv only: a LoRA adapter on to_q/to_k/to_v would be ignored.
+        return (
+            "LoRAs as adapters are not supported with fused QKV projections (IMAGEGENX_MODELS__FUSE_QKV): "
+            "set IMAGEGENX_MODELS__LORA_MODE=fused"
+        )
     return ""
 
 
