@@ -209,3 +209,16 @@ def test_fp8_tunes_inductor_only_under_max_autotune(cpu_float8):
         assert inductor.coordinate_descent_tuning and inductor.coordinate_descent_check_all_directions
     finally:
         inductor.load_config(saved)
+
+
+def test_the_bench_counts_an_fp8_unets_flops_as_the_bf16_ones(cpu_float8):
+    """The bench's TFLOP/s of an fp8 run: the same work as bf16 (the FLOP counter sees torchao's
+    scaled matmuls as the matmuls they replace), so the figure compares across runs."""
+    from imagegenx.bench.measure import count_tflop
+    from imagegenx.models.fastload import example_unet_inputs
+
+    unet = _denoiser("tiny-sdxl")
+    args, kwargs = example_unet_inputs(unet, 2, 16, "sdxl")
+    bf16 = count_tflop(lambda: unet(*args, **kwargs))
+    speed.quantize_fp8(unet)
+    assert count_tflop(lambda: unet(*args, **kwargs)) == pytest.approx(bf16, rel=1e-6)

@@ -13,6 +13,7 @@ import torch
 
 from imagegenx.bench.coldstart import cold_start
 from imagegenx.bench.decode import vae_decode
+from imagegenx.bench.flops import image_tflop
 from imagegenx.bench.measure import (
     Row,
     compile_events,
@@ -28,8 +29,6 @@ from imagegenx.bench.portrait import portrait_100
 from imagegenx.config import ModelSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.engine.warmup import warm_up_sizes
-from imagegenx.models.fastload import example_unet_inputs
-from imagegenx.models.loader import LoadedModel
 from imagegenx.models.speed import use_cudnn_benchmark
 from imagegenx.models.tiny_decoder import TINY_DECODER_FAMILIES
 from imagegenx.pipelines.samplers import make_scheduler
@@ -102,24 +101,6 @@ class Workload:
             seed=seed,
             decoder=self.decoder,
         )
-
-
-def image_tflop(model: LoadedModel, work: Workload) -> float | None:
-    """TFLOP of one image: every UNet step (two rows with guidance) and the VAE decode. ``None`` for
-    the transformer families (SD 3.5, Flux): their FLOPs are not counted yet."""
-    pipe, device = model.pipe, model.device
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        return None
-    rows = 2 if work.cfg > 1 and unet.config.time_cond_proj_dim is None else 1
-    side = work.size // model.vae_scale_factor
-    args, kwargs = example_unet_inputs(unet, rows, side, model.family)
-    # The class's forward, not the instance's: a compiled forward hides its operations from the counter.
-    step = count_tflop(lambda: type(unet).forward(unet, *args, **kwargs))
-    vae = model.tiny_decoder if work.decoder == "tiny" else pipe.vae
-    latents = torch.randn(1, vae.config.latent_channels, side, side, device=device, dtype=vae.dtype)
-    decode = count_tflop(lambda: vae.decode(latents))
-    return work.steps * step + decode
 
 
 def _engine_settings(ctx: BenchContext, tiny: bool = False) -> Settings:
