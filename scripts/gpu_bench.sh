@@ -115,11 +115,15 @@ coldload) # the 6.9-GB single file read buffered and with O_DIRECT (fast-direct)
 fp8blocks) # Flux's two transformer blocks at 1024², bf16 against fp8, compiled (about a minute; .gpu4's torchao)
     run python3 scripts/fp8_blocks_gpu.py "$OUT/fp8-blocks.json"
     ;;
+continuous) # continuous batching on against off: SDXL 1024² 4-step jobs arriving at RATE a second (about 2 minutes)
+    run python3 scripts/continuous_batching.py --model random:sdxl --size 1024 --steps 4 --rate "${RATE:-5}" \
+        --jobs "${JOBS:-300}" --json "$OUT/continuous.json"
+    ;;
 cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8 on Hopper)
     run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|fp8blocks|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|fp8blocks|continuous|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
     exit 2
     ;;
 esac

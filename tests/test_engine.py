@@ -299,3 +299,26 @@ def test_overlapped_decode_delivers_every_image_after_the_next_step_is_queued(se
             assert (("step", "") in between) is overlap, (name, overlap, between)
     for a, b in zip(results[False], results[True], strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_job_arriving_mid_batch_joins_it_only_with_continuous_batching(tmp_path, continuous):
+    """A short job submitted while a long one runs: with continuous batching it joins at the next
+    step boundary and is done first; off, it waits for the long one's batch to finish."""
+    settings = make_settings(tmp_path)
+    engine_settings = settings.engine.model_copy(update={"continuous_batching": continuous})
+    finished: list[str] = []
+    with Engine(settings.model_copy(update={"engine": engine_settings})) as engine:
+        engine.run([job()])  # loaded and warm: the long job's steps take their usual time
+        started = threading.Event()
+        engine.subscribe(lambda e: started.set() if e.job_id == "long" and e.step >= 2 else None)
+        long = engine.submit(job(job_id="long", steps=40))
+        assert started.wait(timeout=120)
+        short = engine.submit(job(job_id="short", steps=2, seed=8))
+        for future in (long, short):
+            future.add_done_callback(lambda f: finished.append(f.job_id))
+        results = {name: f.result(timeout=120) for name, f in (("long", long), ("short", short))}
+    if continuous:
+        assert finished == ["short", "long"] and results["short"].batch_size == 2
+    else:
+        assert finished == ["long", "short"] and results["short"].batch_size == 1

@@ -105,6 +105,10 @@ class EngineSettings(BaseModel):
     aging_s: float = 2.0
     max_batch: int = 16
     max_pixels_per_batch: int = 8 * 1024 * 1024
+    # Continuous batching: compatible jobs that arrive while a batch runs join it at the next step
+    # boundary. Off, a batch keeps the jobs it started with and the others wait for it to finish
+    # (to measure what joining buys: scripts/continuous_batching.py).
+    continuous_batching: bool = True
     min_size: int = 256
     max_size: int = 2048
     max_steps: int = 150

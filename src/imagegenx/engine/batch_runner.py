@@ -149,10 +149,12 @@ class BatchRunner:
                     decoding.append(self._start_decode(runner, model, finished, len(finished) + len(running)))
                     if not overlap:
                         self._deliver_decoded(decoding)
-                with self._lock:
-                    free = self.scheduler.max_batch_size(key) - len(running)
-                    joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
-                    self.metrics.waiting.set(len(self.scheduler))
+                joining = []
+                if self.settings.engine.continuous_batching:
+                    with self._lock:
+                        free = self.scheduler.max_batch_size(key) - len(running)
+                        joining = self.scheduler.admit(key, free, time.monotonic()) if free > 0 else []
+                        self.metrics.waiting.set(len(self.scheduler))
         finally:
             self._deliver_decoded(decoding)
 
