@@ -40,6 +40,8 @@ def stream(engine: Engine, args: argparse.Namespace) -> dict:
         future.add_done_callback(lambda _, i=i: done.__setitem__(i, time.perf_counter()))
         futures.append(future)
     sizes = [future.result().batch_size for future in futures]
+    while len(done) < len(futures):  # a future's callbacks run just after its result is set
+        time.sleep(0.001)
     latencies = sorted(done[i] - sent for i, sent in enumerate(submitted))
     wall = max(done.values()) - start
     return {
