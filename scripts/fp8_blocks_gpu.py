@@ -15,29 +15,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
+import statistics
 from pathlib import Path
 
 import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
+from imagegenx.bench.measure import timed
 from imagegenx.models.speed import quantize_fp8
 
 
-def timed(fn, device: torch.device, runs: int) -> float:
+def median_seconds(fn, device: torch.device, runs: int) -> float:
     """Median seconds of ``fn()`` over ``runs`` calls, after two untimed ones (the compile)."""
     for _ in range(2):
         fn()
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(timed(device, fn)[0] for _ in range(runs))
 
 
 def main() -> None:
@@ -76,7 +68,7 @@ def main() -> None:
         for variant, module in variants.items():
             compiled = torch.compile(module, mode="default", dynamic=False)
             with torch.inference_mode():
-                seconds = timed(lambda m=compiled, n=name: calls[n](m), device, args.runs)
+                seconds = median_seconds(lambda m=compiled, n=name: calls[n](m), device, args.runs)
             report[f"{name}_{variant}_ms"] = round(seconds * 1000, 3)
             args.out.write_text(json.dumps(report, indent=2))  # what was measured survives a cut
             print(name, variant, f"{seconds * 1000:.3f} ms", flush=True)
