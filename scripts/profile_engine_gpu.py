@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from imagegenx.bench.hostprofile import profile_engine_thread
-from imagegenx.config import EngineSettings, ModelSettings, Settings
+from imagegenx.config import EngineSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.types import JobSpec, SchedulerName
 
@@ -95,9 +95,12 @@ def sync_points(engine: Engine, work: list[JobSpec]) -> str:
 
 def main(out: Path, names: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        engine=EngineSettings(max_batch=32, max_pixels_per_batch=16 * 1024 * 1024),
-        models=ModelSettings(tiny_decoders={"sd21": "random", "sdxl": "random"}),
+    env = Settings()  # IMAGEGENX_MODELS__* from the environment: a compiled or fp8 model profiled
+    settings = env.model_copy(
+        update={
+            "engine": EngineSettings(max_batch=32, max_pixels_per_batch=16 * 1024 * 1024),
+            "models": env.models.model_copy(update={"tiny_decoders": {"sd21": "random", "sdxl": "random"}}),
+        }
     )
     with Engine(settings) as engine:
         for name in names or list(WORK)[:4]:

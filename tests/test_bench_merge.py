@@ -68,6 +68,21 @@ def test_rows_of_runs_with_different_speedups_say_which_and_keep_their_ratios():
     assert merged["gpu"] == "NVIDIA H200" and len(merged["merged_from"]) == 2
 
 
+def test_fp8_runs_are_named_by_their_scales():
+    def fp8_report(granularity: str) -> dict:
+        report = _report("default", {"flux": _scenario([_row("imagegenx", 4.0)])})
+        report["speedups"] |= {"fp8": True, "fp8_granularity": granularity}
+        return report
+
+    eager = _report("off", {"flux": _scenario([_row("imagegenx", 5.4)])})
+    merged = merge([eager, fp8_report("row"), fp8_report("tensor")])
+    assert [row["runner"] for row in merged["scenarios"]["flux"]["rows"]] == [
+        "imagegenx",
+        "imagegenx (compile default, fp8)",
+        "imagegenx (compile default, fp8 per tensor)",
+    ]
+
+
 def test_reports_of_one_setting_keep_their_runner_names():
     a = _report("off", {"turbo": _scenario([_row("imagegenx", 0.01)])})
     b = _report("off", {"flux": _scenario([_row("imagegenx", 5.4)])})

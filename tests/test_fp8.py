@@ -104,7 +104,8 @@ def test_fp8_needs_bfloat16_weights(cpu_float8):
         check_fp8_supported(_denoiser("tiny-sd15", torch.float32), CPU)
 
 
-def test_the_fp8_unet_stays_close_to_the_bf16_unet(cpu_float8):
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_the_fp8_unet_stays_close_to_the_bf16_unet(cpu_float8, granularity):
     """Relative L2 error of one UNet call under 10%. float8 e4m3 keeps 3 mantissa bits: rounding is
     up to 2^-4 (6%) of each activation and weight, about 4% RMS, partly averaging out in the dot
     products (measured: 4.2% on this model; bf16 itself is 1.2% off float32). A wrong scale or a
@@ -113,11 +114,13 @@ def test_the_fp8_unet_stays_close_to_the_bf16_unet(cpu_float8):
 
     unet = _denoiser("tiny-sdxl")
     quantized = copy.deepcopy(unet)
-    assert speed.quantize_fp8(quantized) == 88
+    assert speed.quantize_fp8(quantized, granularity=granularity) == 88
     # torchao's own default would have switched Inductor's slow coordinate-descent tuning on
     assert not torch._inductor.config.coordinate_descent_tuning
     float8 = [m for m in quantized.modules() if isinstance(getattr(m, "weight", None), Float8Tensor)]
     assert len(float8) == 88
+    # one weight scale per output row, or one for the whole tensor
+    assert {m.weight.scale.numel() == 1 for m in float8} == {granularity == "tensor"}
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 16, 16, generator=g).bfloat16()
     text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).bfloat16()

@@ -67,6 +67,9 @@ class ModelSettings(BaseModel):
     # float8 weights and activations for the denoiser's linear layers (torchao, the fp8 extra): needs a
     # GPU of compute capability 8.9+ (Ada, Hopper) and dtype bfloat16; excludes LoRAs
     fp8: bool = False
+    # fp8 scales: one per row of activations and weights ("row", torchao's most accurate) or one per
+    # tensor ("tensor": cuBLAS's float8 matmul, where the row-scaled kernel may be slower)
+    fp8_granularity: Literal["row", "tensor"] = "row"
     # cuDNN times its convolution algorithms on the first call of each shape and keeps the fastest
     # (torch.backends.cudnn.benchmark, process-wide; CUDA only): for the VAE, ControlNets and
     # Real-ESRGAN's fixed tiles. Off by default until measured: each new shape pays the trial once.

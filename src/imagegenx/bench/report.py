@@ -44,6 +44,7 @@ def machine(ctx: BenchContext) -> dict[str, Any]:
                 "compile_regional",
                 "compile_dynamic",
                 "fp8",
+                "fp8_granularity",
             }
         ),
     }

@@ -82,7 +82,9 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
     if settings.fp8 and denoiser is not None:
         # Before compile: Dynamo then traces the float8 layers and fuses their activation scaling.
         check_fp8_supported(denoiser, device)
-        applied["fp8"] = quantize_fp8(denoiser, tune=settings.compile == "max-autotune")
+        applied["fp8"] = quantize_fp8(
+            denoiser, tune=settings.compile == "max-autotune", granularity=settings.fp8_granularity
+        )
     if settings.compile != "off" and denoiser is not None:
         # Inductor reads its cache folder when it compiles (the first call), not at import.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir))
@@ -223,23 +225,30 @@ def _has_float8_matmuls(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def quantize_fp8(denoiser: torch.nn.Module, tune: bool = False) -> int:
-    """Float8 dynamic activations and float8 weights, per-row scales, on the layers ``is_fp8_linear``
-    picks; returns how many were quantized.
+def quantize_fp8(denoiser: torch.nn.Module, tune: bool = False, granularity: str = "row") -> int:
+    """Float8 dynamic activations and float8 weights, scaled per row (or per tensor: ``granularity``),
+    on the layers ``is_fp8_linear`` picks; returns how many were quantized.
 
     torchao by default also switches Inductor's coordinate-descent tuning on, every direction: a
     cubin built and timed per candidate of every kernel, more than 300 s for Flux's transformer on an
     H200 (two device calls cut short, BENCHMARKS.md ninth session). That tuning belongs to
     ``compile="max-autotune"`` (``tune``), not to every fp8 model."""
     try:  # an optional extra, imported only when fp8 is asked for
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            PerTensor,
+            quantize_,
+        )
     except ImportError:
         raise UserError("fp8 needs torchao: pip install 'imagegenx[fp8]'") from None
 
     picked = [name for name, module in denoiser.named_modules() if is_fp8_linear(module, name)]
     quantize_(
         denoiser,
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=tune),
+        Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if granularity == "row" else PerTensor(), set_inductor_config=tune
+        ),
         filter_fn=is_fp8_linear,
     )
     return len(picked)
