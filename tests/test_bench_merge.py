@@ -83,6 +83,18 @@ def test_fp8_runs_are_named_by_their_scales():
     ]
 
 
+def test_an_attention_kernel_other_than_pytorchs_choice_is_named():
+    flash = _report("off", {"sdxl": _scenario([_row("imagegenx", 1.9)])})
+    flash["speedups"]["attention"] = "flash"
+    auto = _report("off", {"sdxl": _scenario([_row("imagegenx", 1.8)])})
+    auto["speedups"]["attention"] = "auto"
+    merged = merge([auto, flash])
+    assert [row["runner"] for row in merged["scenarios"]["sdxl"]["rows"]] == [
+        "imagegenx",
+        "imagegenx (attention flash)",
+    ]
+
+
 def test_reports_of_one_setting_keep_their_runner_names():
     a = _report("off", {"turbo": _scenario([_row("imagegenx", 0.01)])})
     b = _report("off", {"flux": _scenario([_row("imagegenx", 5.4)])})

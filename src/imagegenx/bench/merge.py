@@ -85,4 +85,6 @@ def _tag(speedups: dict[str, Any]) -> str:
     parts += [name for name in ("fp8", "fuse_qkv", "compile_dynamic") if speedups.get(name)]
     if speedups.get("fp8") and speedups.get("fp8_granularity") == "tensor":
         parts[parts.index("fp8")] = "fp8 per tensor"
+    if speedups.get("attention", "auto") != "auto":
+        parts.append(f"attention {speedups['attention']}")
     return ", ".join(parts)

@@ -45,6 +45,7 @@ def machine(ctx: BenchContext) -> dict[str, Any]:
                 "compile_dynamic",
                 "fp8",
                 "fp8_granularity",
+                "attention",
             }
         ),
     }
