@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import KeysView
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -17,15 +20,16 @@ MODEL = "random:tiny-sd15"
 
 
 @pytest.fixture
-def shapes(monkeypatch) -> set[tuple[str, int]]:
+def calls(monkeypatch) -> Counter[tuple[str, int]]:
     """torch.compile replaced by a recorder of what each compiled function is called with: (its
-    name, the batch of its first tensor). A shape not seen before is what would compile."""
-    seen: set[tuple[str, int]] = set()
+    name, the batch of its first tensor), counted. A shape not seen before is what would compile;
+    under CUDA graphs, one seen once is what would still record a graph."""
+    seen: Counter[tuple[str, int]] = Counter()
 
     def compile_recording(fn, **_):
         def run(*args, **kwargs):
             first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            seen.add((fn.__name__, first.shape[0]))
+            seen[(fn.__name__, first.shape[0])] += 1
             return fn(*args, **kwargs)
 
         return run
@@ -34,9 +38,14 @@ def shapes(monkeypatch) -> set[tuple[str, int]]:
     return seen
 
 
-def _compiled_engine(tmp_path, **engine) -> Engine:
+@pytest.fixture
+def shapes(calls) -> KeysView[tuple[str, int]]:
+    return calls.keys()
+
+
+def _compiled_engine(tmp_path, mode: str = "default", **engine) -> Engine:
     settings = make_settings(tmp_path, max_batch=4, **engine)
-    models = settings.models.model_copy(update={"compile": "default", "default_model": MODEL})
+    models = settings.models.model_copy(update={"compile": mode, "default_model": MODEL})
     return Engine(settings.model_copy(update={"models": models}))
 
 
@@ -73,6 +82,19 @@ def test_after_the_warm_up_traffic_meets_no_new_shape(tmp_path, shapes):
         for count, cfg in [(3, 7.0), (3, 0.0), (1, 7.0), (4, 5.0), (2, 0.0)]:
             assert all(not isinstance(result, Exception) for result in engine.run(_jobs(count, cfg)))
         assert shapes == warmed
+
+
+def test_under_cuda_graphs_every_shape_is_called_twice_before_traffic(tmp_path, calls):
+    """CUDA graph trees record a function on its second call: a shape the warm-up called once
+    (the decoder, once per batch) would record under traffic. Compiled default: once suffices."""
+    with _compiled_engine(tmp_path, mode="reduce-overhead") as engine:
+        assert warm_up_sizes(engine, MODEL, [(64, 64)]) == 6
+    assert {rows for name, rows in calls if name == "decode"} == {1, 2, 4}
+    assert min(calls.values()) >= 2
+    calls.clear()
+    with _compiled_engine(tmp_path) as engine:
+        warm_up_sizes(engine, MODEL, [(64, 64)])
+    assert calls[("forward", 8)] == 1  # 4 guided jobs, one step
 
 
 def test_without_the_warm_up_the_first_requests_meet_new_shapes(tmp_path, shapes):

@@ -57,6 +57,12 @@ def warm_up_sizes(
     # An eager model's batches are not padded, and its kernels choose their algorithms on the first
     # call of each shape (cuDNN's plans for the convolutions and for attention): every size, then.
     every = "compile" not in loaded.speedups
+    # CUDA graph trees run a compiled function's first call without a graph and record it on the
+    # second: a 1-step batch calls the decoder once, so under CUDA graphs each batch runs twice with
+    # 2 steps (the UNet records in the first run, the decoder in the second). Once was not enough:
+    # sdxl-1024-30's first timed image recorded a graph (1.27 s against 1.13, tenth GPU run).
+    graphs = loaded.speedups.get("compile") == "reduce-overhead"
+    runs, steps = (2, 2) if graphs else (1, 1)
     batches = 0
     for width, height in sizes:
         # As large as the engine forms at this size (max_batch, the pixel budget, any OOM shrink).
@@ -68,13 +74,14 @@ def warm_up_sizes(
                 for count in batch_sizes(largest, every):
                     started = time.monotonic()
                     jobs = [
-                        JobSpec(f"warm-up {i}", model, width=width, height=height, steps=1,
+                        JobSpec(f"warm-up {i}", model, width=width, height=height, steps=steps,
                                 guidance_scale=cfg, scheduler=SchedulerName.EULER, seed=i, decoder=decoder)
                         for i in range(count)
                     ]  # fmt: skip
-                    for outcome in engine.run(jobs):
-                        if isinstance(outcome, Exception):
-                            raise outcome
+                    for _ in range(runs):
+                        for outcome in engine.run(jobs):
+                            if isinstance(outcome, Exception):
+                                raise outcome
                     batches += 1
                     log.info(
                         "warmed %s %dx%d, %d job(s), cfg %g, %s decoder: %.1f s",
