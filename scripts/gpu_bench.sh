@@ -119,11 +119,27 @@ continuous) # continuous batching on against off: SDXL 1024² 4-step jobs arrivi
     run python3 scripts/continuous_batching.py --model random:sdxl --size 1024 --steps 4 --rate "${RATE:-5}" \
         --jobs "${JOBS:-300}" --json "$OUT/continuous.json"
     ;;
+compilecache) # compile artifacts on the GPU: command to compiled images (SDXL 1024², LCM 4 steps) with
+    # empty Inductor and Triton caches, without the artifacts file (it is written) and then with it (read)
+    rm -f "$OUT/artifacts.zip"
+    for pass in without with; do
+        caches=$(mktemp -d)
+        SECONDS=0
+        TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton IMAGEGENX_MODELS__COMPILE=default \
+            IMAGEGENX_MODELS__COMPILE_ARTIFACTS=$OUT/artifacts.zip run python3 -m imagegenx.cli generate "a fox" \
+            --model "${CACHE_MODEL:-random:sdxl}" --width "${SIZE:-1024}" --height "${SIZE:-1024}" --steps 4 --cfg 1 \
+            --scheduler lcm -n 2 --out "$caches/images"
+        echo "compile cache, $pass the artifacts file: $SECONDS s from command to images" | tee -a "$OUT/log.txt"
+        rm -rf "$caches"
+    done
+    ls -l "$OUT/artifacts.zip" | tee -a "$OUT/log.txt"
+    rm -f "$OUT/artifacts.zip" # too large to come back
+    ;;
 cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8 on Hopper)
     run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|fp8blocks|continuous|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|fp8blocks|continuous|compilecache|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
     exit 2
     ;;
 esac

@@ -170,6 +170,27 @@ def test_padded_vae_decode_gives_the_same_pixels(tmp_path):
     assert torch.allclose(as_tuple, expected, atol=1e-5)
 
 
+def test_the_padded_decode_compiles_once_for_either_latent_layout():
+    """Latents reach the decoder channels_last (from the UNet) or contiguous (other paths); a
+    compiled decode that saw both compiled twice (Dynamo guards on strides: the portrait smoke)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from imagegenx.models.speed import padded_decode
+
+    def decode(z, return_dict=True):
+        return (z * 2,)
+
+    padded = padded_decode(torch.compile(decode, backend="eager"))
+    latents = torch.randn(2, 4, 8, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    padded(latents, return_dict=False)
+    (pixels,) = padded(latents.to(memory_format=torch.channels_last), return_dict=False)
+    assert counters["frames"]["ok"] == 1
+    assert torch.equal(pixels, latents * 2)
+
+
 def test_a_lora_job_on_a_fused_qkv_model_fails_with_the_reason(tmp_path):
     """The fused attention reads to_qkv only, so a LoRA on to_q/to_k/to_v would be silently dropped:
     the job is refused instead (fp8 models likewise, tests/test_fp8.py)."""

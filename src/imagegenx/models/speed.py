@@ -288,6 +288,9 @@ def padded_decode(decode: Callable[..., Any]) -> Callable[..., Any]:
         extra = batch_bucket(rows) - rows
         if extra:
             z = torch.cat([z, z[-1:].expand(extra, *z.shape[1:])])
+        # One memory layout too: latents come channels_last from the UNet and contiguous from other
+        # paths, and each layout was a compile of its own (Dynamo guards on strides).
+        z = z.contiguous()
         pixels = decode(z, return_dict=False, **kwargs)[0][:rows]
         if not return_dict:
             return (pixels,)
