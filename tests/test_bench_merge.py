@@ -83,15 +83,18 @@ def test_fp8_runs_are_named_by_their_scales():
     ]
 
 
-def test_an_attention_kernel_other_than_pytorchs_choice_is_named():
+def test_an_attention_kernel_and_inductor_flags_are_named():
     flash = _report("off", {"sdxl": _scenario([_row("imagegenx", 1.9)])})
     flash["speedups"]["attention"] = "flash"
     auto = _report("off", {"sdxl": _scenario([_row("imagegenx", 1.8)])})
     auto["speedups"]["attention"] = "auto"
-    merged = merge([auto, flash])
+    flags = _report("default", {"sdxl": _scenario([_row("imagegenx", 1.1)])})
+    flags["speedups"]["inductor_flags"] = {"conv_1x1_as_mm": True}
+    merged = merge([auto, flash, flags])
     assert [row["runner"] for row in merged["scenarios"]["sdxl"]["rows"]] == [
         "imagegenx",
         "imagegenx (attention flash)",
+        "imagegenx (compile default, conv_1x1_as_mm=True)",
     ]
 
 

@@ -1,5 +1,6 @@
 """Speed-ups change speed, not images: channels_last, fused QKV, and the padded batches compile uses."""
 
+import json
 import os
 
 import numpy as np
@@ -8,10 +9,10 @@ import torch
 from pydantic import ValidationError
 
 from conftest import make_settings
-from imagegenx.config import ModelSettings
+from imagegenx.config import ModelSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.models.speed import batch_bucket
-from imagegenx.types import JobSpec
+from imagegenx.types import JobSpec, UserError
 
 JOBS = [JobSpec(f"a red fox {i}", "random:tiny-sdxl", width=64, height=64, steps=3, seed=i) for i in range(3)]
 
@@ -278,3 +279,36 @@ def test_every_engine_thread_gets_the_cuda_graph_trees_state_when_graphs_are_on(
 
     assert state_on_a_new_thread("reduce-overhead") == (True, True)
     assert state_on_a_new_thread("default") == (False, False)  # nothing imported or set without graphs
+
+
+@pytest.fixture
+def inductor_config():
+    """Inductor's flags restored after the test: setting them is process-wide."""
+    import torch._inductor.config as inductor
+
+    saved = inductor.get_config_copy()
+    yield inductor
+    inductor.load_config(saved)
+
+
+def test_inductor_flags_come_from_the_environment_and_are_set_when_compiling(
+    tmp_path, monkeypatch, inductor_config
+):
+    flags = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
+    monkeypatch.setenv("IMAGEGENX_MODELS__INDUCTOR_FLAGS", json.dumps(flags))
+    assert Settings().models.inductor_flags == flags
+    assert inductor_config.conv_1x1_as_mm is False  # Inductor's default, untouched until a compile
+    settings = make_settings(tmp_path)
+    models = settings.models.model_copy(update={"compile": "default", "inductor_flags": flags})
+    with Engine(settings.model_copy(update={"models": models})) as engine:
+        loaded = engine.models.get("random:tiny-sd15")
+    assert loaded.speedups["inductor_flags"] == flags
+    assert inductor_config.conv_1x1_as_mm is True and inductor_config.epilogue_fusion is False
+
+
+def test_an_unknown_inductor_flag_is_refused_and_nothing_is_set(inductor_config):
+    from imagegenx.models.speed import set_inductor_flags
+
+    with pytest.raises(UserError, match="conv_1x1_as_nn"):
+        set_inductor_flags({"epilogue_fusion": False, "conv_1x1_as_nn": True})
+    assert inductor_config.epilogue_fusion is True

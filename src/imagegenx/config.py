@@ -48,6 +48,10 @@ class ModelSettings(BaseModel):
     # reuses it: two compiles where static shapes take one per padded size (CUDA graphs still record
     # one per size). Generated kernels may be a little slower in general shapes (measure on and off).
     compile_dynamic: bool = False
+    # Inductor flags set before compiling (torch._inductor.config, process-wide), e.g.
+    # IMAGEGENX_MODELS__INDUCTOR_FLAGS='{"conv_1x1_as_mm": true, "epilogue_fusion": false}' (two of
+    # diffusers' fast recipe's): each measured against the defaults before it becomes one
+    inductor_flags: dict[str, bool | int | float | str] = Field(default_factory=dict)
     compile_upscaler: bool = True  # with compile on, Real-ESRGAN too (its tile batches padded likewise)
     # Real-ESRGAN's dense blocks as fewer, wider convolutions, the same numbers (postprocess/rrdbnet.py).
     # None: on where measured faster, which is everywhere measured so far (the CPU, an H200).

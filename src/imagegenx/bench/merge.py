@@ -87,4 +87,5 @@ def _tag(speedups: dict[str, Any]) -> str:
         parts[parts.index("fp8")] = "fp8 per tensor"
     if speedups.get("attention", "auto") != "auto":
         parts.append(f"attention {speedups['attention']}")
+    parts += [f"{name}={value}" for name, value in (speedups.get("inductor_flags") or {}).items()]
     return ", ".join(parts)

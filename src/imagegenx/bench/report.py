@@ -46,6 +46,7 @@ def machine(ctx: BenchContext) -> dict[str, Any]:
                 "fp8",
                 "fp8_granularity",
                 "attention",
+                "inductor_flags",
             }
         ),
     }

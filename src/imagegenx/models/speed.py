@@ -86,6 +86,8 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
             denoiser, tune=settings.compile == "max-autotune", granularity=settings.fp8_granularity
         )
     if settings.compile != "off" and denoiser is not None:
+        if settings.inductor_flags:
+            applied["inductor_flags"] = set_inductor_flags(settings.inductor_flags)
         # Inductor reads its cache folder when it compiles (the first call), not at import.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir))
         # Each bucket and resolution is its own graph: allow more of them than Dynamo's default 8.
@@ -166,6 +168,19 @@ def use_attention_kernel(settings: ModelSettings, device: torch.device) -> str |
     for kernel, switch in SDPA_KERNELS.items():
         getattr(torch.backends.cuda, switch)(kernel == settings.attention)
     return settings.attention
+
+
+def set_inductor_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Set Inductor's config flags (``ModelSettings.inductor_flags``), process-wide like cuDNN's;
+    returns them. A name Inductor does not have is a ``UserError``, before anything is set."""
+    import torch._inductor.config as inductor
+
+    unknown = sorted(name for name in flags if not hasattr(inductor, name))
+    if unknown:
+        raise UserError(f"unknown Inductor flag(s) in IMAGEGENX_MODELS__INDUCTOR_FLAGS: {', '.join(unknown)}")
+    for name, value in flags.items():
+        setattr(inductor, name, value)
+    return dict(flags)
 
 
 def use_cudnn_benchmark(settings: ModelSettings, device: torch.device) -> bool:
