@@ -53,7 +53,7 @@ compiled) # ours compiled (UNet and VAE; COMPILE=reduce-overhead for CUDA graphs
     ;;
 fp8) # ours compiled with fp8 matmuls (torchao, Hopper; its per-row float8 needs bf16 weights), alone
     # shellcheck disable=SC2086 # SCENARIOS is a list
-    IMAGEGENX_MODELS__COMPILE=default IMAGEGENX_MODELS__FP8=true IMAGEGENX_MODELS__DTYPE=bfloat16 bench ${SCENARIOS:-sdxl-1024-lcm4} --no-peers \
+    IMAGEGENX_MODELS__COMPILE=${COMPILE:-default} IMAGEGENX_MODELS__FP8=true IMAGEGENX_MODELS__DTYPE=bfloat16 bench ${SCENARIOS:-sdxl-1024-lcm4} --no-peers \
         --out "$OUT/bench-${TAG:-fp8}.json"
     ;;
 autotune) # ours compiled beside diffusers' recipe exactly as published: compile max-autotune
