@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -139,6 +140,17 @@ def test_compile_events_count_what_compiled_inside_the_block():
     compiled(torch.ones(7))
     assert events == {"compiles": 2, "cuda graph recordings": 0}
     assert describe_events(events) == "timed run: 2 compiles, 0 cuda graph recordings"
+    warm = Counter({"compiles": 5, "cuda graph recordings": 0})
+    assert describe_events(events, warm) == (
+        "warm-up: 5 compiles, 0 cuda graph recordings; timed run: 2 compiles, 0 cuda graph recordings"
+    )
+
+
+def test_a_compiled_run_whose_warm_up_compiled_nothing_says_it_ran_eagerly():
+    """What the tenth GPU run's fp8 Flux row would have said: Dynamo had given up on its blocks."""
+    nothing = Counter({"compiles": 0, "cuda graph recordings": 0})
+    note = describe_events(nothing, nothing)
+    assert note.startswith("warm-up compiled nothing, so the model ran eagerly;")
 
 
 def test_bench_prints_every_threads_stack_when_asked(tmp_path):

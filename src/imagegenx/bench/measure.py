@@ -130,6 +130,18 @@ def compile_events() -> Iterator[Counter[str]]:
         callback_handler.remove_start_callback(count)
 
 
-def describe_events(events: Counter[str]) -> str:
-    """``compile_events``' counts for a row's note: "timed run: 0 compiles, 0 cuda graph recordings"."""
-    return "timed run: " + ", ".join(f"{n} {name}" for name, n in events.items())
+def describe_events(events: Counter[str], warm_up: Counter[str] | None = None) -> str:
+    """``compile_events``' counts for a row's note: "timed run: 0 compiles, 0 cuda graph recordings",
+    after the warm-up's counts where given (a compiled run's). A compiled run whose warm-up compiled
+    nothing ran its model eagerly, and the note says so: the tenth GPU run timed a compiled Flux whose
+    blocks Dynamo had silently given up on (BENCHMARKS.md)."""
+
+    def counts(c: Counter[str]) -> str:
+        return ", ".join(f"{n} {name}" for name, n in c.items())
+
+    timed = f"timed run: {counts(events)}"
+    if warm_up is None:
+        return timed
+    if not warm_up["compiles"]:
+        return f"warm-up compiled nothing, so the model ran eagerly; {timed}"
+    return f"warm-up: {counts(warm_up)}; {timed}"

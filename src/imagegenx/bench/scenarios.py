@@ -6,6 +6,7 @@ Each scenario returns ``Row``s: ours first, then each peer (bench/peers.py) doin
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -151,8 +152,9 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
             tflop = image_tflop(engine.models.get(work.model), work)
             # Warm-up (and compile). CUDA graph trees record a function on its second call, and the
             # decoder runs once an image: a second image records its graph before the timing.
-            for _ in range(2 if ctx.settings.models.compile == "reduce-overhead" else 1):
-                encode_image(engine.run([work.job(0)])[0], ImageFormat.WEBP)
+            with compile_events() as warm:
+                for _ in range(2 if ctx.settings.models.compile == "reduce-overhead" else 1):
+                    encode_image(engine.run([work.job(0)])[0], ImageFormat.WEBP)
             reset_peak(device)
             with compile_events() as events:
                 seconds = [
@@ -160,7 +162,7 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
                     for seed in range(1, work.jobs + 1)
                 ]
             # Kept before the engine closes: a fault while it stops must not lose the measurement.
-            note = describe_events(events)
+            note = describe_events(events, _if_compiled(ctx, warm))
             return ctx.emit(
                 Row(name, "imagegenx", len(seconds), sum(seconds), seconds, peak_gib(device), tflop, note)
             )
@@ -192,15 +194,15 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
         with Engine(_engine_settings(ctx, work.decoder == "tiny")) as engine:
             tflop = image_tflop(engine.models.get(work.model), work)
             # Every batch shape first (a compiled engine compiles each once), then the workload itself.
-            warm_up_sizes(engine, work.model, [(work.size, work.size)], (work.cfg,), (work.decoder,))
-            engine.run([work.job(seed) for seed in range(work.peer_batch)])
+            with compile_events() as warm:
+                warm_up_sizes(engine, work.model, [(work.size, work.size)], (work.cfg,), (work.decoder,))
+                engine.run([work.job(seed) for seed in range(work.peer_batch)])
             reset_peak(device)
             with compile_events() as events:
                 seconds, _ = timed(device, lambda: engine.run([work.job(seed) for seed in range(work.jobs)]))
             # Kept before the engine closes: a fault while it stops must not lose the measurement.
-            row = Row(
-                name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop, describe_events(events)
-            )
+            note = describe_events(events, _if_compiled(ctx, warm))
+            row = Row(name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop, note)
             return ctx.emit(row)
 
     def peer_row(peer: Peer, tflop: float) -> Row:
@@ -219,6 +221,11 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
     row = ours()
     free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
+
+
+def _if_compiled(ctx: BenchContext, warm_up: Counter[str]) -> Counter[str] | None:
+    """The warm-up's compile events for the row's note when the engine compiles, else None."""
+    return warm_up if ctx.settings.models.compile != "off" else None
 
 
 def _webp(image) -> bytes:
