@@ -312,3 +312,16 @@ def test_an_unknown_inductor_flag_is_refused_and_nothing_is_set(inductor_config)
     with pytest.raises(UserError, match="conv_1x1_as_nn"):
         set_inductor_flags({"epilogue_fusion": False, "conv_1x1_as_nn": True})
     assert inductor_config.epilogue_fusion is True
+
+
+def test_the_vae_in_channels_last_decodes_the_same_images(tmp_path, reference):
+    """A layout, not a different computation: the same pixels within rounding, the VAE's weights NHWC."""
+    settings = make_settings(tmp_path)
+    models = settings.models.model_copy(update={"vae_channels_last": True})
+    settings = settings.model_copy(update={"models": models})
+    with Engine(settings) as engine:
+        model = engine.models.get("random:tiny-sdxl")
+        assert model.speedups == {"vae_channels_last": True}
+        assert model.pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for ours, ref in zip(_images(settings), reference, strict=True):
+        assert np.abs(ours - ref).max() <= 1

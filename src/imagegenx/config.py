@@ -34,6 +34,9 @@ class ModelSettings(BaseModel):
     # UNet, on padded batch buckets)
     channels_last: bool | None = None
     fuse_qkv: bool = False
+    # The VAE in channels_last too: slower eager on an H200 (its GroupNorms copy NHWC activations back
+    # and forth); diffusers' recipe compiles it so, and compiled it is still to be measured
+    vae_channels_last: bool = False
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     compile_vae: bool = True  # with compile on, the VAE decode too (padded to the same buckets)
     # With compile on, only the denoiser's repeated blocks (diffusers' regional compilation: SDXL's

@@ -82,7 +82,8 @@ def _tag(speedups: dict[str, Any]) -> str:
     parts = []
     if speedups.get("compile", "off") != "off":
         parts.append(f"compile {speedups['compile']}")
-    parts += [name for name in ("fp8", "fuse_qkv", "compile_dynamic") if speedups.get(name)]
+    named = ("fp8", "fuse_qkv", "compile_dynamic", "vae_channels_last")
+    parts += [name for name in named if speedups.get(name)]
     if speedups.get("fp8") and speedups.get("fp8_granularity") == "tensor":
         parts[parts.index("fp8")] = "fp8 per tensor"
     if speedups.get("attention", "auto") != "auto":

@@ -38,6 +38,7 @@ def machine(ctx: BenchContext) -> dict[str, Any]:
             include={
                 "dtype",
                 "channels_last",
+                "vae_channels_last",
                 "fuse_qkv",
                 "compile",
                 "compile_vae",

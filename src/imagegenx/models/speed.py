@@ -3,7 +3,9 @@
 - ``channels_last``: NHWC memory format for the UNet's convolutions; cuDNN then uses tensor cores
   without layout transposes (on by default on CUDA, where it helps; off on the CPU). Not for the VAE:
   its GroupNorms copy NHWC activations back and forth, and an SDXL 1024² decode was 25% slower in
-  channels_last on an H200 (benchmarks/2026-11-29b-vae-layout-h200.json).
+  channels_last on an H200 (benchmarks/2026-11-29b-vae-layout-h200.json). Compiled, Inductor fuses
+  those copies away, and diffusers' recipe compiles its VAE channels_last: ``vae_channels_last``
+  measures that (off by default until it is measured faster).
 - ``fuse_qkv``: one projection for attention's q, k and v (diffusers' ``fuse_qkv_projections``);
   LoRAs only merged into the weights (``lora_fused``, which refreshes the fused projections).
   Off by default: LoRAs target ``to_q``/``to_k``/``to_v`` and a fused model cannot take them.
@@ -72,6 +74,10 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         if unet is not None:
             unet.to(memory_format=torch.channels_last)
             applied["channels_last"] = True
+    vae = getattr(pipe, "vae", None)
+    if settings.vae_channels_last and vae is not None:
+        vae.to(memory_format=torch.channels_last)
+        applied["vae_channels_last"] = True
     if use_cudnn_benchmark(settings, device):
         applied["cudnn_benchmark"] = True
     if kernel := use_attention_kernel(settings, device):
@@ -103,7 +109,6 @@ def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> 
         applied["compile"] = settings.compile
         if settings.compile_dynamic:
             applied["compile_dynamic"] = True
-        vae = getattr(pipe, "vae", None)
         if settings.compile_vae and vae is not None:
             compile_decode(vae, settings)
             applied["compile_vae"] = True
