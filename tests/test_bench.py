@@ -56,6 +56,7 @@ def test_bench_smoke_reports_every_scenario_with_peers(tmp_path, monkeypatch):
         [portrait] = scenarios[name]["rows"]
         assert portrait["images"] == 8 and "drafts" in portrait["note"] and "qc" in portrait["note"]
         assert "models resident" in portrait["note"]
+        assert portrait["note"].endswith("timed run: 0 compiles, 0 cuda graph recordings")  # eager
     cold = {row["runner"]: row for row in scenarios["cold-start"]["rows"]}
     first, mixed = "imagegenx file → first image", "imagegenx 40 mixed requests"
     switches = ["imagegenx LoRA switch (adapters)", "imagegenx LoRA switch (fused)"]

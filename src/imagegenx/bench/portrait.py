@@ -16,7 +16,7 @@ from dataclasses import replace
 from PIL import Image
 from skimage import data
 
-from imagegenx.bench.measure import Row, peak_gib, reset_peak, timed
+from imagegenx.bench.measure import Row, compile_events, describe_events, peak_gib, reset_peak, timed
 from imagegenx.engine.engine import Engine
 from imagegenx.engine.portrait import PortraitSpec, run_portrait
 from imagegenx.models.controlnet import RANDOM_CONTROLNET
@@ -52,13 +52,16 @@ def portrait_100(name: str, ctx, engine_settings, draft_decoder: str = "full") -
         # nothing is compiled, the same one when the batch shapes it meets are compiles.
         small = replace(spec, n=2, shortlist=2, refine_top=1)
         warm = spec if engine_settings.models.compile != "off" else small
-        first, _ = timed(device, lambda: run_portrait(engine, selfies, warm))
+        with compile_events() as warm_events:
+            first, _ = timed(device, lambda: run_portrait(engine, selfies, warm))
         reset_peak(device)
-        seconds, result = timed(device, lambda: run_portrait(engine, selfies, spec))
+        with compile_events() as events:
+            seconds, result = timed(device, lambda: run_portrait(engine, selfies, spec))
     stages = ", ".join(f"{stage} {s:.2f} s" for stage, s in result.report["timings_s"].items())
     fixed = sum(bool(image.post.get("fixed")) for image in result.finals)
     note = (
         f"{stages}; faces fixed in {fixed} of {len(result.finals)} finals (random drafts have no faces); "
-        f"models resident (a first portrait of {warm.n} drafts, loads included, took {first:.1f} s)"
+        f"models resident (a first portrait of {warm.n} drafts, loads included, took {first:.1f} s); "
+        + describe_events(events, warm_events if engine_settings.models.compile != "off" else None)
     )
     return [Row(name, "imagegenx", n, seconds, [], peak_gib(device), None, note)]
