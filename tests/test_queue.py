@@ -410,6 +410,9 @@ def test_concurrent_leasers_never_share_a_job(backend):
                 leases = client.lease(f"w{n}", local.randint(1, 6), LONG, now=T0 + 1)
                 if leases:
                     taken[n].append(leases)
+                    # A moment's work on the batch, as a worker runs one: without it one thread could
+                    # lease the whole queue before the others were scheduled (seen once on SQLite).
+                    time.sleep(local.random() * 0.002)
                     for lease in leases[::2]:
                         assert client.ack(f"w{n}", lease.task_id)
                 elif sum(client.depth().values()) == 0:
