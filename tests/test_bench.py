@@ -142,7 +142,7 @@ def test_compile_events_count_what_compiled_inside_the_block():
     assert events == {"compiles": 2, "cuda graph recordings": 0}
     assert describe_events(events) == "timed run: 2 compiles, 0 cuda graph recordings"
     warm = Counter({"compiles": 5, "cuda graph recordings": 0})
-    assert describe_events(events, warm) == (
+    assert describe_events(events, warm, "default") == (
         "warm-up: 5 compiles, 0 cuda graph recordings; timed run: 2 compiles, 0 cuda graph recordings"
     )
 
@@ -150,7 +150,8 @@ def test_compile_events_count_what_compiled_inside_the_block():
 def test_a_compiled_run_whose_warm_up_compiled_nothing_says_it_ran_eagerly():
     """What the tenth GPU run's fp8 Flux row would have said: Dynamo had given up on its blocks."""
     nothing = Counter({"compiles": 0, "cuda graph recordings": 0})
-    note = describe_events(nothing, nothing)
+    note = describe_events(nothing, nothing, "reduce-overhead")
+    assert describe_events(nothing, nothing, "off") == "timed run: 0 compiles, 0 cuda graph recordings"
     assert note.startswith("warm-up compiled nothing, so the model ran eagerly;")
 
 

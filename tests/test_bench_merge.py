@@ -68,15 +68,26 @@ def test_rows_of_runs_with_different_speedups_say_which_and_keep_their_ratios():
     assert merged["gpu"] == "NVIDIA H200" and len(merged["merged_from"]) == 2
 
 
-def test_fp8_runs_are_named_by_their_scales():
-    def fp8_report(granularity: str) -> dict:
-        report = _report("default", {"flux": _scenario([_row("imagegenx", 4.0)])})
-        report["speedups"] |= {"fp8": True, "fp8_granularity": granularity}
-        return report
+def _one_row(scenario: str, compile_mode: str, seconds: float, **speedups) -> dict:
+    """A report of ``scenario`` with our one row, run with ``speedups`` beside the compile mode."""
+    report = _report(compile_mode, {scenario: _scenario([_row("imagegenx", seconds)])})
+    report["speedups"] |= speedups
+    return report
 
-    eager = _report("off", {"flux": _scenario([_row("imagegenx", 5.4)])})
-    merged = merge([eager, fp8_report("row"), fp8_report("tensor")])
-    assert [row["runner"] for row in merged["scenarios"]["flux"]["rows"]] == [
+
+def _runners(merged: dict, scenario: str) -> list[str]:
+    return [row["runner"] for row in merged["scenarios"][scenario]["rows"]]
+
+
+def test_fp8_runs_are_named_by_their_scales():
+    merged = merge(
+        [
+            _one_row("flux", "off", 5.4),
+            _one_row("flux", "default", 4.0, fp8=True, fp8_granularity="row"),
+            _one_row("flux", "default", 4.0, fp8=True, fp8_granularity="tensor"),
+        ]
+    )
+    assert _runners(merged, "flux") == [
         "imagegenx",
         "imagegenx (compile default, fp8)",
         "imagegenx (compile default, fp8 per tensor)",
@@ -84,14 +95,14 @@ def test_fp8_runs_are_named_by_their_scales():
 
 
 def test_an_attention_kernel_and_inductor_flags_are_named():
-    flash = _report("off", {"sdxl": _scenario([_row("imagegenx", 1.9)])})
-    flash["speedups"]["attention"] = "flash"
-    auto = _report("off", {"sdxl": _scenario([_row("imagegenx", 1.8)])})
-    auto["speedups"]["attention"] = "auto"
-    flags = _report("default", {"sdxl": _scenario([_row("imagegenx", 1.1)])})
-    flags["speedups"]["inductor_flags"] = {"conv_1x1_as_mm": True}
-    merged = merge([auto, flash, flags])
-    assert [row["runner"] for row in merged["scenarios"]["sdxl"]["rows"]] == [
+    merged = merge(
+        [
+            _one_row("sdxl", "off", 1.8, attention="auto"),
+            _one_row("sdxl", "off", 1.9, attention="flash"),
+            _one_row("sdxl", "default", 1.1, inductor_flags={"conv_1x1_as_mm": True}),
+        ]
+    )
+    assert _runners(merged, "sdxl") == [
         "imagegenx",
         "imagegenx (attention flash)",
         "imagegenx (compile default, conv_1x1_as_mm=True)",

@@ -130,9 +130,11 @@ def compile_events() -> Iterator[Counter[str]]:
         callback_handler.remove_start_callback(count)
 
 
-def describe_events(events: Counter[str], warm_up: Counter[str] | None = None) -> str:
+def describe_events(
+    events: Counter[str], warm_up: Counter[str] | None = None, compile_mode: str = "off"
+) -> str:
     """``compile_events``' counts for a row's note: "timed run: 0 compiles, 0 cuda graph recordings",
-    after the warm-up's counts where given (a compiled run's). A compiled run whose warm-up compiled
+    after the warm-up's counts when the run compiles (``compile_mode``). A compiled run whose warm-up compiled
     nothing ran its model eagerly, and the note says so: the tenth GPU run timed a compiled Flux whose
     blocks Dynamo had silently given up on (BENCHMARKS.md)."""
 
@@ -140,7 +142,7 @@ def describe_events(events: Counter[str], warm_up: Counter[str] | None = None) -
         return ", ".join(f"{n} {name}" for name, n in c.items())
 
     timed = f"timed run: {counts(events)}"
-    if warm_up is None:
+    if warm_up is None or compile_mode == "off":
         return timed
     if not warm_up["compiles"]:
         return f"warm-up compiled nothing, so the model ran eagerly; {timed}"

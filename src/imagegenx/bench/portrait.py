@@ -62,6 +62,6 @@ def portrait_100(name: str, ctx, engine_settings, draft_decoder: str = "full") -
     note = (
         f"{stages}; faces fixed in {fixed} of {len(result.finals)} finals (random drafts have no faces); "
         f"models resident (a first portrait of {warm.n} drafts, loads included, took {first:.1f} s); "
-        + describe_events(events, warm_events if engine_settings.models.compile != "off" else None)
+        + describe_events(events, warm_events, engine_settings.models.compile)
     )
     return [Row(name, "imagegenx", n, seconds, [], peak_gib(device), None, note)]

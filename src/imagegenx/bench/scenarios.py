@@ -6,7 +6,6 @@ Each scenario returns ``Row``s: ours first, then each peer (bench/peers.py) doin
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -162,7 +161,7 @@ def latency(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
                     for seed in range(1, work.jobs + 1)
                 ]
             # Kept before the engine closes: a fault while it stops must not lose the measurement.
-            note = describe_events(events, _if_compiled(ctx, warm))
+            note = describe_events(events, warm, ctx.settings.models.compile)
             return ctx.emit(
                 Row(name, "imagegenx", len(seconds), sum(seconds), seconds, peak_gib(device), tflop, note)
             )
@@ -201,7 +200,7 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
             with compile_events() as events:
                 seconds, _ = timed(device, lambda: engine.run([work.job(seed) for seed in range(work.jobs)]))
             # Kept before the engine closes: a fault while it stops must not lose the measurement.
-            note = describe_events(events, _if_compiled(ctx, warm))
+            note = describe_events(events, warm, ctx.settings.models.compile)
             row = Row(name, "imagegenx", work.jobs, seconds, [], peak_gib(device), tflop, note)
             return ctx.emit(row)
 
@@ -221,11 +220,6 @@ def throughput(name: str, work: Workload, ctx: BenchContext) -> list[Row]:
     row = ours()
     free_device()
     return [row, *_run_peers(ctx, name, work, lambda peer: peer_row(peer, row.tflop_per_image))]
-
-
-def _if_compiled(ctx: BenchContext, warm_up: Counter[str]) -> Counter[str] | None:
-    """The warm-up's compile events for the row's note when the engine compiles, else None."""
-    return warm_up if ctx.settings.models.compile != "off" else None
 
 
 def _webp(image) -> bytes:
