@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from conftest import make_settings
 from imagegenx.config import ModelSettings, Settings
 from imagegenx.engine.engine import Engine
-from imagegenx.models.speed import batch_bucket
+from imagegenx.models.speed import batch_bucket, decode_chunks
 from imagegenx.types import JobSpec, UserError
 
 JOBS = [JobSpec(f"a red fox {i}", "random:tiny-sdxl", width=64, height=64, steps=3, seed=i) for i in range(3)]
@@ -34,6 +34,38 @@ def reference(tmp_path_factory):
 
 def test_batch_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 6, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
+    # A regionally compiled UNet: powers of two up to 8 rows, then multiples of 8 (20 rows: 24, not 32).
+    rows = (1, 3, 5, 8, 9, 16, 17, 20, 25, 33)
+    assert [batch_bucket(n, 8) for n in rows] == [1, 4, 8, 8, 16, 16, 24, 24, 32, 40]
+
+
+def test_decode_chunks_are_warmed_shapes_that_waste_little():
+    assert decode_chunks(10) == [8, 2]  # not 16: 6 wasted decodes
+    assert decode_chunks(7) == [7]  # padded to 8: one wasted of 7
+    assert decode_chunks(20) == [16, 4]
+    for rows in range(1, 70):
+        chunks = decode_chunks(rows)
+        assert sum(chunks) == rows
+        padded = [batch_bucket(c) for c in chunks]
+        assert all(p & (p - 1) == 0 for p in padded)  # every shape a power of two
+        assert sum(padded) - rows <= rows / 4
+
+
+def test_a_regional_compile_pads_the_unet_batch_to_finer_buckets(tmp_path):
+    """9 guided jobs are 18 UNet rows: a whole-UNet compile runs them as 32 rows, a regional one as
+    24 (its compiles are cheap, padding is not). The compile itself is not what is tested here."""
+    jobs = [JobSpec(f"a fox {i}", "random:tiny-sdxl", width=64, height=64, steps=1, seed=i) for i in range(9)]
+    seen = {}
+    for step in (0, 8):
+        with Engine(make_settings(tmp_path, batch_window_ms=1000)) as engine:
+            runner = engine._runner(engine.models.get("random:tiny-sdxl"))
+            runner.compiled, runner.bucket_step = True, step
+            rows: list[int] = []
+            runner.before_unet = rows.append
+            results = engine.run(jobs)
+        assert [r.batch_size for r in results] == [9] * 9
+        seen[step] = rows
+    assert seen == {0: [32], 8: [24]}
 
 
 def test_padded_batches_give_the_same_images(tmp_path, reference):
@@ -145,15 +177,15 @@ def test_uint8_pixels_made_on_the_device_equal_the_float_path(tmp_path):
 
 
 def test_padded_vae_decode_gives_the_same_pixels(tmp_path):
-    """The compiled VAE decode pads its batch to a bucket (3 latents → 4 rows); the caller sees
-    exactly the plain decode's pixels, in either return form."""
+    """The compiled VAE decode pads its batch to a bucket (7 latents → 8 rows) or splits it (10
+    latents → 8 + 2); the caller sees exactly the plain decode's pixels, in either return form."""
     import torch
 
     from imagegenx.models.speed import padded_decode
 
     with Engine(make_settings(tmp_path)) as engine:
         vae = engine.models.get("random:tiny-sdxl").pipe.vae
-        latents = torch.randn(3, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        latents = torch.randn(7, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
         seen_rows = []
 
         def plain(z, return_dict=True):
@@ -165,10 +197,18 @@ def test_padded_vae_decode_gives_the_same_pixels(tmp_path):
             padded = padded_decode(plain)
             as_tuple = padded(latents, return_dict=False)[0]
             as_output = padded(latents).sample
-    assert seen_rows == [4, 4]
+            padded_rows = list(seen_rows)
+            seen_rows.clear()
+            many = torch.randn(10, *latents.shape[1:], generator=torch.Generator().manual_seed(1))
+            split = padded(many, return_dict=False)[0]
+            expected_many = vae.decode(many).sample
+    assert padded_rows == [8, 8]  # 7 latents padded to 8, in each return form
+    assert seen_rows == [8, 2]  # 10 latents in two chunks, not padded to 16
     assert as_tuple.shape == expected.shape == as_output.shape
     assert torch.equal(as_tuple, as_output)
     assert torch.allclose(as_tuple, expected, atol=1e-5)
+    assert split.shape == expected_many.shape
+    assert torch.allclose(split, expected_many, atol=1e-5)
 
 
 def test_the_padded_decode_compiles_once_for_either_latent_layout():

@@ -65,6 +65,20 @@ def test_batch_sizes_reach_every_bucket():
     assert batch_sizes(5, every=True) == [1, 2, 3, 4, 5]  # eager: no padding, every shape its own
 
 
+def test_batch_sizes_reach_every_regional_bucket_with_and_without_guidance():
+    """A regionally compiled UNet's buckets are multiples of 8 rows above 8 (batch_bucket): the sizes
+    warmed must reach each of them whether a job is one row or two (guided)."""
+    from imagegenx.models.speed import batch_bucket
+
+    for largest in (1, 3, 5, 16, 24, 32):
+        sizes = batch_sizes(largest, step=8)
+        for rows_per_job in (1, 2):
+            needed = {batch_bucket(n * rows_per_job, 8) for n in range(1, largest + 1)}
+            warmed = {batch_bucket(n * rows_per_job, 8) for n in sizes}
+            assert warmed == needed, (largest, rows_per_job)
+    assert batch_sizes(16, step=8) == [1, 2, 4, 8, 12, 16]
+
+
 def test_an_eager_engine_warms_every_batch_size(tmp_path, shapes):
     """Unpadded batches: each size is a shape of its own for the eager kernels' first calls."""
     settings = make_settings(tmp_path, max_batch=4)

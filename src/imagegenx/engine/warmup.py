@@ -1,7 +1,8 @@
 """Warm every batch shape of a resolution before traffic: with compile on, a new shape is a compile.
 
 A compiled UNet and decoder run on static shapes: the engine pads each batch to the next power of two
-of its rows (``batch_bucket``), so a resolution has a handful of shapes, and the first batch of each
+of its rows (a regionally compiled UNet: above 8 rows, the next multiple of 8; ``batch_bucket``), so a
+resolution has a handful of shapes, and the first batch of each
 one compiles it (tens of seconds for an SDXL UNet on an H200; with CUDA graphs, a capture too). A
 service that meets them under traffic stalls its queue once per shape, and a benchmark that meets
 them while timing measures compiles (turbo-512-1 under CUDA graphs: 5 images/s instead of dozens).
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from imagegenx.engine.engine import Engine
+from imagegenx.models.speed import REGIONAL_BUCKET_STEP
 from imagegenx.types import JobSpec, SchedulerName
 
 __all__ = ["batch_sizes", "warm_up_sizes"]
@@ -26,11 +28,17 @@ __all__ = ["batch_sizes", "warm_up_sizes"]
 log = logging.getLogger(__name__)
 
 
-def batch_sizes(largest: int, every: bool = False) -> list[int]:
+def batch_sizes(largest: int, every: bool = False, step: int = 0) -> list[int]:
     """The batch sizes that reach every padded shape up to ``largest`` jobs: 1, 2, 4, ... and
-    ``largest`` itself (padded to its own bucket); ``every``: each size from 1 to ``largest``."""
+    ``largest`` itself (padded to its own bucket); ``every``: each size from 1 to ``largest``;
+    ``step`` (the UNet's bucket step in rows, ``batch_bucket``): 1, 2, 4 and each multiple of half
+    of it, so that guided jobs (two rows each) reach every bucket too."""
     if every:
         return list(range(1, max(1, largest) + 1))
+    if step:
+        jobs = max(1, step // 2)
+        sizes = {size for size in (1, 2, 4) if size < min(jobs, largest)} | set(range(jobs, largest, jobs))
+        return sorted(sizes | {max(1, largest)})
     sizes, size = [], 1
     while size < largest:
         sizes.append(size)
@@ -57,6 +65,7 @@ def warm_up_sizes(
     # An eager model's batches are not padded, and its kernels choose their algorithms on the first
     # call of each shape (cuDNN's plans for the convolutions and for attention): every size, then.
     every = "compile" not in loaded.speedups
+    step = REGIONAL_BUCKET_STEP if loaded.speedups.get("compile_regional") else 0
     # CUDA graph trees run a compiled function's first call without a graph and record it on the
     # second: a 1-step batch calls the decoder once, so under CUDA graphs each batch runs twice with
     # 2 steps (the UNet records in the first run, the decoder in the second). Once was not enough:
@@ -71,7 +80,7 @@ def warm_up_sizes(
         )
         for cfg in guidance_scales:
             for decoder in decoders:
-                for count in batch_sizes(largest, every):
+                for count in batch_sizes(largest, every, step):
                     started = time.monotonic()
                     jobs = [
                         JobSpec(f"warm-up {i}", model, width=width, height=height, steps=steps,

@@ -59,9 +59,34 @@ _PER_IMAGE_PARTS = frozenset(
 _FP8_FEATURE_MULTIPLE = 16  # float8 matmuls (torch._scaled_mm) need both dimensions a multiple of 16
 
 
-def batch_bucket(rows: int) -> int:
-    """The padded UNet batch for ``rows`` rows when the UNet is compiled: the next power of two."""
-    return 1 << max(0, rows - 1).bit_length()
+REGIONAL_BUCKET_STEP = 8  # rows: a regionally compiled UNet's buckets above 8 rows (see batch_bucket)
+
+
+def batch_bucket(rows: int, step: int = 0) -> int:
+    """The padded UNet batch for ``rows`` rows when the UNet is compiled: the next power of two, or
+    with ``step``, above ``step`` rows the next multiple of it. A whole-UNet compile takes minutes
+    a shape, so its shapes are few and padding pays for that (20 rows run as 32); a regionally
+    compiled one compiles a new shape in seconds, so its buckets are finer (20 rows run as 24)."""
+    power = 1 << max(0, rows - 1).bit_length()
+    if step and rows > step:
+        return min(power, -(-rows // step) * step)
+    return power
+
+
+def decode_chunks(rows: int) -> list[int]:
+    """How a compiled decoder splits a batch of ``rows`` latents: one padded bucket where padding
+    wastes at most a quarter of the rows (7 run as 8), else the largest power of two that fits and
+    the rest the same way (10 run as 8 + 2, not as 16). Every chunk is a power of two, so the shapes
+    are the warm-up's; the decode of a latent is independent of its batch, so nothing changes."""
+    chunks = []
+    while rows:
+        bucket = batch_bucket(rows)
+        if 4 * (bucket - rows) <= rows:
+            chunks.append(rows)
+            break
+        chunks.append(bucket // 2)
+        rows -= bucket // 2
+    return chunks
 
 
 def apply_speedups(pipe: Any, device: torch.device, settings: ModelSettings) -> dict[str, Any]:
@@ -292,26 +317,33 @@ def decode_dtype(vae: Any, device: torch.device) -> torch.dtype:
 
 
 def compile_decode(decoder: Any, settings: ModelSettings) -> None:
-    """Compile ``decoder.decode`` (a VAE or a tiny decoder) in the settings' mode, its batch padded
-    to the UNet's buckets so a few static shapes serve every batch."""
+    """Compile ``decoder.decode`` (a VAE or a tiny decoder) in the settings' mode, its batch split
+    and padded to power-of-two buckets so a few static shapes serve every batch."""
     dynamic = _dynamic_argument(settings.compile_dynamic)
     compiled = torch.compile(decoder.decode, mode=settings.compile, dynamic=dynamic)
     decoder.decode = padded_decode(compiled)
 
 
 def padded_decode(decode: Callable[..., Any]) -> Callable[..., Any]:
-    """``vae.decode`` with the batch padded to its bucket (copies of the last latent), so a compiled
-    decode sees a few static shapes; the padding rows are cut off the result."""
+    """``vae.decode`` in chunks of static shapes (``decode_chunks``), each padded to its bucket with
+    copies of its last latent, so a compiled decode sees a few shapes; the padding rows are cut off."""
 
     def decode_padded(z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
-        rows = z.shape[0]
-        extra = batch_bucket(rows) - rows
-        if extra:
-            z = torch.cat([z, z[-1:].expand(extra, *z.shape[1:])])
         # One memory layout too: latents come channels_last from the UNet and contiguous from other
         # paths, and each layout was a compile of its own (Dynamo guards on strides).
         z = z.contiguous()
-        pixels = decode(z, return_dict=False, **kwargs)[0][:rows]
+        chunks = decode_chunks(z.shape[0])
+        parts, start = [], 0
+        for rows in chunks:
+            part = z[start : start + rows]
+            start += rows
+            if extra := batch_bucket(rows) - rows:
+                part = torch.cat([part, part[-1:].expand(extra, *part.shape[1:])])
+            pixels = decode(part, return_dict=False, **kwargs)[0][:rows]
+            # Under CUDA graphs an output lives in the graph's memory, which the next chunk's graph
+            # may write over: a copy keeps it.
+            parts.append(pixels.clone() if len(chunks) > 1 else pixels)
+        pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
         if not return_dict:
             return (pixels,)
         from diffusers.models.autoencoders.vae import DecoderOutput

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from imagegenx.models.instantid import IdentityAdapter
 from imagegenx.models.loader import LoadedModel
-from imagegenx.models.speed import batch_bucket, decode_dtype, parameter_dtype
+from imagegenx.models.speed import REGIONAL_BUCKET_STEP, batch_bucket, decode_dtype, parameter_dtype
 from imagegenx.pipelines import decoding
 from imagegenx.pipelines.batched import Run, guide, make_runs, scale_inputs, step_run
 from imagegenx.pipelines.conditioning import ConditioningCache
@@ -64,6 +64,8 @@ class SDRunner:
         self.nine_channel = self.unet.config.in_channels == 9
         self.distilled_guidance = self.unet.config.time_cond_proj_dim is not None
         self.compiled = "compile" in model.speedups
+        # A regionally compiled UNet compiles a new batch shape in seconds: finer buckets, less padding.
+        self.bucket_step = REGIONAL_BUCKET_STEP if model.speedups.get("compile_regional") else 0
         self.identity: IdentityAdapter | None = None  # InstantID adapter of the current batch
         # The SD VAEs overflow in fp16: bf16 or fp32 (the fast loader has cast it already, to warm it up)
         if (vae_dtype := decode_dtype(self.vae, self.device)) != self.vae.dtype:
@@ -283,7 +285,7 @@ class SDRunner:
         rows = sum(len(x) for x in inputs)
         controls = [s.controls for s in samples for _ in range(s.rows)]
         # compiled: a few static shapes, so the batch is padded to its bucket with copies of the last row
-        padded = batch_bucket(rows) if self.compiled else rows
+        padded = batch_bucket(rows, self.bucket_step) if self.compiled else rows
         cond = self.conditioning.get(samples, padded, self.identity)
         if padded > rows:
             inputs.append(inputs[-1][-1:].expand(padded - rows, *inputs[-1].shape[1:]))
