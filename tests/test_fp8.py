@@ -225,3 +225,27 @@ def test_the_bench_counts_an_fp8_unets_flops_as_the_bf16_ones(cpu_float8):
     bf16 = count_tflop(lambda: unet(*args, **kwargs))
     speed.quantize_fp8(unet)
     assert count_tflop(lambda: unet(*args, **kwargs)) == pytest.approx(bf16, rel=1e-6)
+
+
+def test_an_fp8_engine_quantizes_its_controlnets_too(tmp_path, cpu_float8):
+    """A ControlNet (InstantID's IdentityNet among them) is about a third of its step's work: an fp8
+    model's ControlNets get float8 layers too, and a controlled job still makes its image."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+    from torchao.quantization import Float8Tensor
+
+    from imagegenx.models.controlnet import RANDOM_CONTROLNET
+    from imagegenx.types import ControlRef
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((64, 64)).save(buffer, "PNG")
+    control = ControlRef(RANDOM_CONTROLNET, buffer.getvalue(), 0.8)
+    job = JobSpec("a fox", "random:tiny-sdxl", width=64, height=64, steps=2, seed=1, controls=(control,))
+    with Engine(_settings(tmp_path, dtype="bfloat16", fp8=True)) as engine:
+        (result,) = engine.run([job])
+        net = engine.models.get("random:tiny-sdxl").extras["controlnets"][RANDOM_CONTROLNET]
+    assert not isinstance(result, Exception), result
+    float8 = [m for m in net.modules() if isinstance(getattr(m, "weight", None), Float8Tensor)]
+    assert float8 and len(float8) == sum(speed.is_fp8_linear(m, name) for name, m in net.named_modules())
