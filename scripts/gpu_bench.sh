@@ -28,8 +28,12 @@ bench() { run python3 -m imagegenx.cli bench ${BENCH_ARGS:-} --stacks-after $((L
 case "${1:-}" in
 setup)
     for dir in .gpu .gpu2 .gpu3 .gpu4 .gpu6; do # .gpu4: a few extra wheels (torchao, py-spy) when a call has room; .gpu6: a lean mix
-        [ -d "$dir/whl" ] && ls "$dir"/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index \
-            --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
+        # Into a folder of its own, then merged: pip's --target --upgrade replaces the top-level folders
+        # a wheel brings (bin/), and a later call's wheel took py-spy's bin/ away (eleventh run).
+        if [ -d "$dir/whl" ] && ls "$dir"/whl/*.whl >/dev/null 2>&1; then
+            rm -rf /tmp/site-new && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --target /tmp/site-new "$dir"/whl/*.whl && mkdir -p /tmp/site && cp -r /tmp/site-new/. /tmp/site/
+        fi
         [ -d "$dir/site" ] && cp -r "$dir"/site/. /tmp/site/
     done
     [ -f .gpu5/compile-artifacts.zip ] && cp .gpu5/compile-artifacts.zip "$OUT/"
@@ -103,6 +107,9 @@ benchspy) # SCENARIOS (default cold-start) under py-spy at 50 Hz, every thread; 
     python3 scripts/spy_summary.py "$OUT/spy-bench.raw" --top 25 >"$OUT/spy-bench-summary.txt" 2>&1
     gzip -f "$OUT/spy-bench.raw"
     ;;
+portraitprofile) # portrait-100 stage by stage: the GPU's busy share in each, the top kernels, both threads' Python
+    run python3 scripts/profile_portrait_gpu.py "$OUT"
+    ;;
 profile)
     # shellcheck disable=SC2086 # PROFILE_SCENARIOS is a list (empty: all four)
     run python3 scripts/profile_engine_gpu.py "$OUT" ${PROFILE_SCENARIOS:-}
@@ -139,7 +146,7 @@ cudatests) # the tests CI skips for want of a GPU (pinned copies and events, fp8
     run python3 -m pytest -q -p no:cacheprovider tests/test_preview.py tests/test_fp8.py tests/test_cuda_paths.py -k "cuda or hopper or timesteps"
     ;;
 *)
-    echo "usage: $0 setup|eager|plain|compiled|fp8|fp8blocks|continuous|compilecache|autotune|http|httpspy|benchspy|profile|coldload|cudatests" >&2
+    echo "usage: $0 setup|eager|plain|compiled|fp8|fp8blocks|continuous|compilecache|autotune|http|httpspy|benchspy|profile|portraitprofile|coldload|cudatests" >&2
     exit 2
     ;;
 esac

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from imagegenx.bench.busy import busy_within, kernel_spans
 from imagegenx.bench.hostprofile import profile_engine_thread
 from imagegenx.config import EngineSettings, Settings
 from imagegenx.engine.engine import Engine
@@ -49,20 +50,7 @@ def jobs(name: str, first_seed: int) -> list[JobSpec]:
 
 def device_busy_seconds(prof) -> float:
     """Kernel time on the device, merged where kernels overlap (several streams)."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
-    busy, end = 0.0, -1.0
-    for start, stop in spans:
-        if start > end:
-            busy += stop - start
-            end = stop
-        elif stop > end:
-            busy += stop - end
-            end = stop
-    return busy / 1e6  # microseconds
+    return busy_within(kernel_spans(prof.events())) / 1e6  # microseconds
 
 
 def sync_points(engine: Engine, work: list[JobSpec]) -> str:

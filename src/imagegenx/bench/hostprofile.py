@@ -9,15 +9,17 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from imagegenx.engine.engine import Engine
 from imagegenx.types import JobSpec
 
 
-def profile_engine_thread(engine: Engine, jobs: Sequence[JobSpec], top: int = 25) -> str:
-    """Run ``jobs`` with the engine thread's batches under cProfile; the top entries by own time and
-    by cumulative time. (cProfile must be enabled on the thread it profiles, so it wraps the batch.)"""
+@contextmanager
+def engine_thread_profiled(engine: Engine) -> Iterator[cProfile.Profile]:
+    """The engine thread's batches under cProfile while the block runs (cProfile must be enabled on
+    the thread it profiles, so it wraps each batch)."""
     profiler = cProfile.Profile()
     run_batch = engine._run_batch
 
@@ -30,11 +32,23 @@ def profile_engine_thread(engine: Engine, jobs: Sequence[JobSpec], top: int = 25
 
     engine._run_batch = profiled  # type: ignore[method-assign]
     try:
-        engine.run(list(jobs))
+        yield profiler
     finally:
         engine._run_batch = run_batch  # type: ignore[method-assign]
+
+
+def stats_text(profiler: cProfile.Profile, top: int = 25) -> str:
+    """The top entries by own time and by cumulative time."""
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text).strip_dirs()
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     return text.getvalue()
+
+
+def profile_engine_thread(engine: Engine, jobs: Sequence[JobSpec], top: int = 25) -> str:
+    """Run ``jobs`` with the engine thread's batches under cProfile; the top entries by own time and
+    by cumulative time."""
+    with engine_thread_profiled(engine) as profiler:
+        engine.run(list(jobs))
+    return stats_text(profiler, top)

@@ -30,21 +30,29 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def portrait_100(name: str, ctx, engine_settings, draft_decoder: str = "full") -> list[Row]:
+def portrait_workload(
+    smoke: bool, draft_decoder: str = "full"
+) -> tuple[list[tuple[str, bytes]], PortraitSpec]:
+    """The selfies and the spec of seed 000's job (smoke: 8 tiny drafts, no upscale)."""
     photo = Image.fromarray(data.astronaut())
     selfies = [("astronaut.png", _png(photo)), ("crop.png", _png(photo.crop((90, 0, 346, 256))))]
-    n = 8 if ctx.smoke else 100
     spec = PortraitSpec(
         "a portrait photo of a woman, studio light",
-        n=n,
+        n=8 if smoke else 100,
         seed=1,
-        model="random:tiny-sdxl" if ctx.smoke else "random:sdxl",
-        upscale=1 if ctx.smoke else 4,
+        model="random:tiny-sdxl" if smoke else "random:sdxl",
+        upscale=1 if smoke else 4,
         instantid=RANDOM_INSTANTID,
         identitynet=RANDOM_CONTROLNET,
         arcface=RANDOM_ARCFACE,
         draft_decoder=draft_decoder,
     )
+    return selfies, spec
+
+
+def portrait_100(name: str, ctx, engine_settings, draft_decoder: str = "full") -> list[Row]:
+    selfies, spec = portrait_workload(ctx.smoke, draft_decoder)
+    n = spec.n
     device = ctx.device
     with Engine(engine_settings) as engine:
         # A service keeps its models resident (the cold-start scenario measures loads): a first
