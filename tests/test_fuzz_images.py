@@ -57,6 +57,26 @@ def test_other_formats_are_refused(fmt):
         decode_image(_encoded(fmt, size=(16, 16)), "the image")
 
 
+def test_the_engines_own_raw_images_round_trip_and_stay_out_of_uploads():
+    """The passes hand the engine raw PPM/PGM (encode_in_process): lossless, read where the engine
+    reads a job's images (IN_PROCESS_FORMATS), and still refused where uploads are checked."""
+    import numpy as np
+
+    from imagegenx.pipelines.sample import decode_input_image
+    from imagegenx.vision.imagefile import encode_in_process
+
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    for image, mode in ((Image.fromarray(pixels), "RGB"), (Image.fromarray(pixels[..., 0]), "L")):
+        data = encode_in_process(image)
+        assert data[:2] in (b"P6", b"P5")
+        back = decode_input_image(data, "the input image", mode=mode)
+        assert back.mode == mode and np.array_equal(np.asarray(back), np.asarray(image))
+        with pytest.raises(ImageRejected, match="not a readable image"):
+            decode_image(data, "an upload")
+    with pytest.raises(ImageRejected, match="larger than|too large"):  # the caps hold for them too
+        decode_input_image(encode_in_process(Image.new("RGB", (4097, 4097))), "the input image")
+
+
 def test_truncated_and_corrupt_files_are_refused():
     png, jpeg = _encoded("PNG", size=(256, 256)), _encoded("JPEG", size=(256, 256))
     noisy = io.BytesIO()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from imagegenx.types import JobSpec
-from imagegenx.vision.imagefile import decode_image
+from imagegenx.vision.imagefile import IN_PROCESS_FORMATS, decode_image
 
 
 @dataclass
@@ -63,8 +63,9 @@ class Sample:
 
 
 def decode_input_image(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
-    """An uploaded image through the one hardened decoder (caps, formats); bad bytes are a UserError."""
-    return decode_image(data, what, mode=mode)
+    """A job's image through the one hardened decoder (caps, formats); bad bytes are a UserError.
+    Uploads were held to PNG, JPEG and WebP at the API; the passes' own images come as raw PPM."""
+    return decode_image(data, what, mode=mode, formats=IN_PROCESS_FORMATS)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

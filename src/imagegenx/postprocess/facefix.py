@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFilter
 
 from imagegenx.postprocess.encode import to_pil
-from imagegenx.postprocess.hires import png_bytes
 from imagegenx.types import GeneratedImage, Task
+from imagegenx.vision.imagefile import encode_in_process
 
 if TYPE_CHECKING:
     from imagegenx.postprocess.chain import Denoiser, PostprocessSpec
@@ -107,8 +107,8 @@ def fix_regions(
                 width=side,
                 height=side,
                 strength=spec.fix_strength,
-                init_image=png_bytes(crop),
-                mask_image=png_bytes(mask),
+                init_image=encode_in_process(crop),
+                mask_image=encode_in_process(mask),
                 job_id=f"{job.job_id}:fix{n}" if job.job_id else "",
             )
         )

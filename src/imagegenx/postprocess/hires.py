@@ -12,7 +12,6 @@ so N = ceil(steps / s). Each pass's jobs go to the engine together and share its
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,15 +21,10 @@ from PIL import Image
 
 from imagegenx.postprocess.encode import to_pil
 from imagegenx.types import GeneratedImage, JobSpec, SchedulerName, Task
+from imagegenx.vision.imagefile import encode_in_process
 
 if TYPE_CHECKING:
     from imagegenx.postprocess.chain import Denoiser, PostprocessSpec
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)  # lossless; speed over size, it never leaves the process
-    return buffer.getvalue()
 
 
 def img2img_job(
@@ -46,7 +40,7 @@ def img2img_job(
         height=pil.height,
         strength=strength,
         steps=max(1, math.ceil(steps_run / strength)),
-        init_image=png_bytes(pil),
+        init_image=encode_in_process(pil),
         mask_image=None,
         job_id=f"{job.job_id}:{suffix}" if job.job_id else "",
         **({"decoder": "full"} | changes),
