@@ -133,19 +133,24 @@ def test_portrait_run_of_8_drafts(engine, selfies):
 
 def test_finals_encode_while_the_next_ones_upscale(engine, selfies, monkeypatch):
     """Each final goes to an encoder thread once it is upscaled: every upscale after the first finds
-    the encode of an earlier final begun (all encodes after the last upscale would time out here)."""
+    the encode of an earlier final begun (all encodes after the last upscale would time out here);
+    and two finals upscale at once, so one's host work overlaps the other's device work."""
     import threading
 
     import imagegenx.engine.portrait as portrait
 
-    encoding, upscales, waited = threading.Event(), [], []
+    encoding, upscales, waited, threads = threading.Event(), [], [], set()
     real_chain, real_encode = portrait.apply_chain, portrait.encode_image
+    lock = threading.Lock()
 
     def chain(images, spec, denoiser=None):
         if spec.upscale > 1:
-            if upscales:
+            with lock:  # two finals upscale at once, on two threads
+                first = not upscales
+                upscales.append(len(images))
+                threads.add(threading.get_ident())
+            if not first:
                 waited.append(encoding.wait(timeout=20))
-            upscales.append(len(images))
         return real_chain(images, spec, denoiser=denoiser)
 
     def encode(image, fmt):
@@ -158,6 +163,7 @@ def test_finals_encode_while_the_next_ones_upscale(engine, selfies, monkeypatch)
         engine, selfies[:1], _spec(n=4, shortlist=3, refine_top=0, face_fix=False, upscale=2)
     )
     assert upscales == [1, 1, 1] and waited == [True, True]
+    assert len(threads) == 2  # the second final's upscale began while the first's was under way
     assert len([name for name in result.files if name.endswith(".webp")]) == 3 + 1  # and the sheet
 
 

@@ -246,3 +246,41 @@ def test_a_cuda_graphed_upscaler_readies_each_calling_thread(monkeypatch, photo)
     thread.start()
     thread.join()
     assert readied == ["reduce-overhead"]
+
+
+def test_two_callers_take_turns_on_the_device_and_get_their_own_images(photo):
+    """A portrait upscales two finals at once on two threads: the upscaler lets one caller's tiles
+    run at a time (a CUDA graph is not for two threads), the rest of each call runs beside it, and
+    each caller gets the image it would have got alone."""
+    import threading
+
+    upscaler = RealESRGAN(load_rrdbnet(), "cpu")
+    a, b = photo.crop((0, 0, 48, 48)), photo.crop((64, 64, 112, 112))
+    alone = [upscaler.upscale([image], 4, network_strength=0.35, sharpen=True)[0] for image in (a, b)]
+    inside, most = [0], [0]
+    real = upscaler.network_upscale
+
+    def counted(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            return real(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    upscaler.network_upscale = counted
+    results: dict[int, Image.Image] = {}
+    barrier = threading.Barrier(2)
+
+    def run(index, image):
+        barrier.wait()  # both callers arrive together
+        results[index] = upscaler.upscale([image], 4, network_strength=0.35, sharpen=True)[0]
+
+    threads = [threading.Thread(target=run, args=(i, image)) for i, image in enumerate((a, b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert most[0] == 1  # never two callers in the network at once
+    for index, expected in enumerate(alone):
+        assert np.array_equal(np.asarray(results[index]), np.asarray(expected))

@@ -142,8 +142,8 @@ def _tiles(size: int, tile: int) -> list[tuple[int, int]]:
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    """CHW uint8: the tiles go to the device as bytes, a quarter of float32's, and become floats there."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 def _to_image(array: np.ndarray) -> Image.Image:
@@ -189,6 +189,9 @@ class RealESRGAN:
         self.compiled = compile_mode != "off"
         if self.compiled:
             self.net.forward = torch.compile(self.net.forward, mode=compile_mode, dynamic=False)
+        # One caller on the device at a time (a CUDA graph is not for two threads at once); what a
+        # caller does with its pixels on the host after that overlaps the next caller's device work.
+        self._device_lock = threading.Lock()
 
     @classmethod
     def from_package(
@@ -205,12 +208,13 @@ class RealESRGAN:
 
     @torch.inference_mode()
     def _run(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        """Network output of equally sized CHW 0-1 tiles, as uint8 NHWC on the device (rounded there)."""
+        """Network output of equally sized CHW uint8 tiles, as uint8 NHWC on the device (rounded there)."""
         rows = len(batch)
         if self.compiled:  # padded to the bucket (copies of the last tile), cut back below
             batch = batch + batch[-1:] * (batch_bucket(rows) - rows)
             ready_thread_for_cuda_graphs(self.compile_mode)  # a portrait's or a task's thread
-        x = torch.stack(batch).to(device=self.device, dtype=self.dtype, memory_format=self._memory_format)
+        x = torch.stack(batch).to(self.device).float().div_(255.0)  # as float32 0-1 always was
+        x = x.to(dtype=self.dtype, memory_format=self._memory_format)
         y = self.net(x)[:rows].float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
         return y.permute(0, 2, 3, 1)
 
@@ -279,11 +283,21 @@ class RealESRGAN:
         if network_strength == 0.0:
             results = [lanczos(image, size) for image, size in zip(rgb, sizes, strict=True)]
             results = [unsharp(image) for image in results] if sharpen else results
+        elif self.device.type == "cuda":
+            # The device's part under the lock, ending with the pixels on the host; Pillow's copies
+            # of them (tens of ms a 4096² image) after it, while the next caller's tiles run.
+            with self._device_lock:
+                net = self.network_upscale(rgb, tile=tile, overlap=overlap, batch_size=batch_size)
+                pixels = [
+                    self._finish_on_device(image, out, size, network_strength, sharpen)
+                    for image, size, out in zip(rgb, sizes, net, strict=True)
+                ]
+            results = [Image.fromarray(array) for array in pixels]
         else:
-            net = self.network_upscale(rgb, tile=tile, overlap=overlap, batch_size=batch_size)
-            finish = self._finish_on_device if self.device.type == "cuda" else _finish_with_pillow
+            with self._device_lock:
+                net = self.network_upscale(rgb, tile=tile, overlap=overlap, batch_size=batch_size)
             results = [
-                finish(image, out, size, network_strength, sharpen)
+                _finish_with_pillow(image, out, size, network_strength, sharpen)
                 for image, size, out in zip(rgb, sizes, net, strict=True)
             ]
         for i, alpha in enumerate(alphas):
@@ -294,11 +308,12 @@ class RealESRGAN:
 
     def _finish_on_device(
         self, image: Image.Image, net: torch.Tensor, size: tuple[int, int], strength: float, sharpen: bool
-    ) -> Image.Image:
+    ) -> np.ndarray:
+        """The finished HxWx3 uint8 pixels, brought to the host."""
         from imagegenx.postprocess.finish import finish
 
         original = torch.from_numpy(np.array(image)).to(self.device)
-        return Image.fromarray(finish(net, original, size, strength, sharpen).cpu().numpy())
+        return finish(net, original, size, strength, sharpen).cpu().numpy()
 
 
 def _finish_with_pillow(
