@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from imagegenx.postprocess.upscale import load_rrdbnet
+from imagegenx.postprocess.esrgan_weights import load_rrdbnet
 
 photo = Image.fromarray(data.astronaut()).resize((128, 128), Image.Resampling.LANCZOS)
 x = torch.from_numpy(np.asarray(photo, np.float32) / 255).permute(2, 0, 1)[None]

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from imagegenx.postprocess.upscale import RealESRGAN, load_rrdbnet
+from imagegenx.postprocess.esrgan_weights import load_rrdbnet
+from imagegenx.postprocess.upscale import RealESRGAN
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,20 +13,22 @@ from PIL import Image
 from skimage.data import astronaut
 
 from imagegenx.config import ModelSettings, Settings
+from imagegenx.postprocess.esrgan_weights import (
+    DISTRIBUTION,
+    MODEL_DIR,
+    convs_to_state_dict,
+    load_rrdbnet,
+    model_files,
+)
 from imagegenx.postprocess.ncnn_weights import parse_param, read_convolutions
 from imagegenx.postprocess.rrdbnet import FusedDenseBlock, ResidualDenseBlock
 from imagegenx.postprocess.upscale import (
-    DISTRIBUTION,
-    MODEL_DIR,
     RealESRGAN,
     RRDBNet,
     Upscale,
     _finish_with_pillow,
-    convs_to_state_dict,
     get_upscaler,
     lanczos,
-    load_rrdbnet,
-    model_files,
     unsharp,
     upscaler_options,
 )
