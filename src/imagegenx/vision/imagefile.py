@@ -36,8 +36,9 @@ __all__ = [
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # JPEG also opens phones' multi-picture (MPO) files
 # What the engine also reads: the raw pixels (PPM/PGM) that the post-processing passes hand it (a
-# refine, a hires or a face-fix job of an image just made). A 1024² image encodes in 1 ms where a
-# PNG took 50-150 ms, ten of them in a row before a portrait's refine batch could start. Uploads are
+# refine, a hires or a face-fix job of an image just made). A 1024² image encodes in under 1 ms where
+# a PNG took 45-100 ms (scripts/pass_images_cpu.py), ten of them in a row before a portrait's refine
+# batch could start. Uploads are
 # checked against ALLOWED_FORMATS at the API before they reach the engine.
 IN_PROCESS_FORMATS = (*ALLOWED_FORMATS, "PPM")
 MAX_PIXELS = 4096 * 4096
