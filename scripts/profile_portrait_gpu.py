@@ -70,6 +70,15 @@ def main(out: Path) -> None:
         f"{busy_within(spans) / 1e6:.2f} s. Stages (wall from the report; busy within each stage's span, "
         "from its first progress call to the next stage's):",
     ]
+    if spans:  # the clocks' agreement, visible: kernels should fall inside the portrait's marks
+        first_kernel = (trace_start_ns + spans[0][0] * 1e3 - marks[0][1]) / 1e9
+        last_kernel = (trace_start_ns + spans[-1][1] * 1e3 - ended) / 1e9
+        lines.append(
+            f"  (kernels from {first_kernel:+.3f} s after the first mark to {last_kernel:+.3f} s after "
+            "the end mark: both near 0 or inside means the spans below are aligned)"
+        )
+    elif gpu:
+        lines.append("  (no kernel events came back: the busy shares below are empty)")
     for (stage, start), (_, stop) in itertools.pairwise(marks):
         span = (stop - start) / 1e9
         busy = busy_within(spans, (start - trace_start_ns) / 1e3, (stop - trace_start_ns) / 1e3) / 1e6
@@ -91,7 +100,7 @@ def main(out: Path) -> None:
         stats_text(worker, 30),
     ]
     (out / "profile-portrait-100.txt").write_text("\n".join(lines))
-    print("\n".join(lines[: len(marks) + 1]), flush=True)
+    print("\n".join(lines[: len(marks) + 2]), flush=True)
 
 
 if __name__ == "__main__":
