@@ -138,9 +138,10 @@ def test_finals_encode_while_the_next_ones_upscale(engine, selfies, monkeypatch)
     import threading
 
     import imagegenx.engine.portrait as portrait
+    import imagegenx.engine.portrait_steps as steps
 
     encoding, upscales, waited, threads = threading.Event(), [], [], set()
-    real_chain, real_encode = portrait.apply_chain, portrait.encode_image
+    real_chain, real_encode = steps.apply_chain, portrait.encode_image
     lock = threading.Lock()
 
     def chain(images, spec, denoiser=None):
@@ -157,7 +158,7 @@ def test_finals_encode_while_the_next_ones_upscale(engine, selfies, monkeypatch)
         encoding.set()
         return real_encode(image, fmt)
 
-    monkeypatch.setattr(portrait, "apply_chain", chain)
+    monkeypatch.setattr(steps, "apply_chain", chain)
     monkeypatch.setattr(portrait, "encode_image", encode)
     result = run_portrait(
         engine, selfies[:1], _spec(n=4, shortlist=3, refine_top=0, face_fix=False, upscale=2)
@@ -371,3 +372,39 @@ def test_portrait_over_http_with_progress_events(tmp_path, selfies):
             assert view["status"] == "failed" and "selfie1: not a readable image" in view["error"]
     finally:
         server.stop()
+
+
+def test_upscales_run_two_at_a_time_except_under_cuda_graphs(monkeypatch):
+    """Two finals upscale at once on two threads, results in order; a CUDA-graphed upscaler stays on
+    the caller's thread, where its graphs were recorded (graph trees are per thread)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import imagegenx.engine.portrait_steps as steps
+
+    seen: list[int] = []
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def chained(images, spec, engine):
+        with lock:
+            seen.append(threading.get_ident())
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)  # long enough for the next final's call to begin beside this one
+        with lock:
+            inside[0] -= 1
+        return [images[0] * 10]
+
+    monkeypatch.setattr(steps, "chained", chained)
+    for mode, overlapped in (("default", True), ("reduce-overhead", False)):
+        seen.clear()
+        most[0] = 0
+        engine = SimpleNamespace(settings=SimpleNamespace(models=SimpleNamespace(upscaler_compile=mode)))
+        assert list(steps.upscaled([1, 2, 3, 4], None, engine)) == [10, 20, 30, 40]
+        caller = threading.get_ident()
+        if overlapped:
+            assert most[0] == 2 and caller not in seen and len(set(seen)) == 2
+        else:
+            assert most[0] == 1 and set(seen) == {caller}

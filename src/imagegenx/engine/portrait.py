@@ -39,7 +39,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +49,8 @@ import numpy as np
 from PIL import Image
 
 from imagegenx.engine.portrait_report import draft_entries, draft_sheet
-from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
+from imagegenx.engine.portrait_steps import plain, stage, upscaled
+from imagegenx.postprocess.chain import PostprocessSpec
 from imagegenx.postprocess.encode import ImageFormat, encode_image, encode_pil, image_metadata, to_pil
 from imagegenx.postprocess.qc_pool import QcPool
 from imagegenx.postprocess.shortlist import draft_pool, score_drafts
@@ -255,41 +256,28 @@ def run_portrait(
     lap("qc")
 
     # 4. Refine the top, fix faces, upscale: the chain, one step per call so progress follows it.
-    finals = [_plain(results[i]) for i in shortlist]
+    finals = [plain(results[i]) for i in shortlist]
     top = min(spec.refine_top, len(finals))
     refine = PostprocessSpec(
         refiner=spec.refiner or model,
         refiner_steps=spec.refiner_steps,
         refiner_strength=spec.refiner_strength,
     )
-    finals[:top] = _stage("refine", finals[:top], refine, engine, tell, on=top > 0)
+    finals[:top] = stage("refine", finals[:top], refine, engine, tell, on=top > 0)
     lap("refine")
-    finals = _stage("fix", finals, PostprocessSpec(face_fix=True), engine, tell, on=spec.face_fix)
+    finals = stage("fix", finals, PostprocessSpec(face_fix=True), engine, tell, on=spec.face_fix)
     lap("fix")
     upscale = PostprocessSpec(upscale=spec.upscale, network_strength=0.35, unsharp=True)
     fmt = ImageFormat.parse(spec.image_format)
     # Encoding a 4096² final takes about a second and Pillow's encoders release the GIL: each final
-    # goes to an encoder thread as soon as it is upscaled (one at a time: one batch of its tiles, as
-    # all at once ran them), so the CPU encodes while the GPU upscales the next. Two finals upscale at
-    # once: the upscaler lets one on the device at a time, so one's host copies (about 0.1 s a 4096²
-    # final) overlap the other's tiles on the device.
+    # goes to an encoder thread as soon as it is upscaled, so the CPU encodes while the GPU upscales
+    # the next ones (``upscaled``: two at a time).
     upscaling = len(finals) if spec.upscale > 1 else 0
-    with (
-        ThreadPoolExecutor(max_workers=min(len(finals), os.cpu_count() or 1) or 1) as pool,
-        ThreadPoolExecutor(max_workers=2) as upscalers,
-    ):
+    with ThreadPoolExecutor(max_workers=min(len(finals), os.cpu_count() or 1) or 1) as pool:
         encoded = []
         tell("upscale", 0, upscaling)
-        pending: dict[int, Future] = {}
-
-        def start(n: int) -> None:  # at most two in flight: a cancel or a failure waits for one more
-            if n < upscaling:
-                pending[n] = upscalers.submit(_chained, [finals[n]], upscale, engine)
-
-        start(0)
-        for n, i in enumerate(shortlist):
-            start(n + 1)
-            final = pending.pop(n).result()[0] if upscaling else finals[n]
+        done = upscaled(list(finals), upscale, engine) if upscaling else iter(list(finals))
+        for n, (i, final) in enumerate(zip(shortlist, done, strict=True)):
             # The metadata describes the draft each final came from; the refined ones were decoded
             # anew by the full VAE (the refine pass's own job).
             finals[n] = replace(
@@ -361,36 +349,3 @@ def _qc_pool(
     if n * width * height < _POOL_MIN_PIXELS:
         return nullcontext()
     return draft_pool(reference, embedding, width, height)
-
-
-def _plain(image: GeneratedImage) -> GeneratedImage:
-    """The image with a job that has no InstantID: refine and fix passes derive their jobs from it."""
-    return replace(image, job=replace(image.job, identity=None, controls=()))
-
-
-def _stage(
-    name: str,
-    images: list[GeneratedImage],
-    spec: PostprocessSpec,
-    engine: Engine,
-    tell: Progress,
-    *,
-    on: bool,
-) -> list[GeneratedImage]:
-    """One chain step over ``images`` (together: the engine batches their passes), with progress."""
-    total = len(images) if on else 0
-    tell(name, 0, total)
-    if total:
-        images = _chained(images, spec, engine)
-    tell(name, total, total)
-    return images
-
-
-def _chained(images: list[GeneratedImage], spec: PostprocessSpec, engine: Engine) -> list[GeneratedImage]:
-    """``apply_chain`` over ``images``, keeping the step timings of earlier calls (the chain starts
-    each call with an empty list)."""
-    before = [list(image.post.get("steps", [])) for image in images]
-    done = apply_chain(images, spec, denoiser=engine)
-    return [
-        replace(d, post={**d.post, "steps": b + d.post["steps"]}) for d, b in zip(done, before, strict=True)
-    ]
