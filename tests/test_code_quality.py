@@ -25,8 +25,12 @@ def test_tool_passes(command):
 
 
 def test_importing_the_package_loads_nothing_heavy():
-    code = "import sys, imagegenx, imagegenx.types, imagegenx.config, imagegenx.cli, "
-    code += "imagegenx.engine.scheduler; "
+    # Every HTTP module too: an API node serves without torch (tests/test_scaleout.py checks its
+    # memory map; this finds an import that would bring it, as a portrait module's once did, in a second).
+    code = "import sys, importlib, pkgutil, imagegenx, imagegenx.types, imagegenx.config, imagegenx.cli, "
+    code += "imagegenx.engine.scheduler, imagegenx.api; "
+    code += "[importlib.import_module('imagegenx.api.' + m.name) "
+    code += "for m in pkgutil.iter_modules(imagegenx.api.__path__)]; "
     code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr

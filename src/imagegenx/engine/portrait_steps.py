@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from imagegenx.engine.engine import Engine
 from imagegenx.postprocess.chain import PostprocessSpec, apply_chain
 from imagegenx.types import GeneratedImage
+
+if TYPE_CHECKING:  # the engine module loads torch; the API's nodes import portraits without it
+    from imagegenx.engine.engine import Engine
 
 __all__ = ["chained", "plain", "stage", "upscaled"]
 
