@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from imagegenx.bench.busy import busy_within, kernel_spans
 from imagegenx.bench.hostprofile import profile_engine_thread
+from imagegenx.bench.scenarios import BENCH_BATCH_LIMITS
 from imagegenx.config import EngineSettings, Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.types import JobSpec, SchedulerName
@@ -86,7 +87,7 @@ def main(out: Path, names: list[str]) -> None:
     env = Settings()  # IMAGEGENX_MODELS__* from the environment: a compiled or fp8 model profiled
     settings = env.model_copy(
         update={
-            "engine": EngineSettings(max_batch=32, max_pixels_per_batch=16 * 1024 * 1024),
+            "engine": EngineSettings(**BENCH_BATCH_LIMITS),
             "models": env.models.model_copy(update={"tiny_decoders": {"sd21": "random", "sdxl": "random"}}),
         }
     )

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from imagegenx.bench.busy import busy_within, kernel_spans
 from imagegenx.bench.hostprofile import engine_thread_profiled, stats_text
 from imagegenx.bench.portrait import portrait_workload
+from imagegenx.bench.scenarios import BENCH_BATCH_LIMITS
 from imagegenx.config import Settings
 from imagegenx.engine.engine import Engine
 from imagegenx.engine.portrait import STAGES, run_portrait
@@ -33,9 +34,7 @@ from imagegenx.engine.portrait import STAGES, run_portrait
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = Settings()
-    # The bench's batches: 16 images of 1024² in one UNet batch.
-    limits = {"max_batch": 32, "max_pixels_per_batch": 16 * 1024 * 1024}
-    settings = env.model_copy(update={"engine": env.engine.model_copy(update=limits)})
+    settings = env.model_copy(update={"engine": env.engine.model_copy(update=BENCH_BATCH_LIMITS)})
     gpu = torch.cuda.is_available()
     selfies, spec = portrait_workload(smoke=not gpu)
     activity = ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU

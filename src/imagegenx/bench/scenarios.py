@@ -103,11 +103,15 @@ class Workload:
         )
 
 
+# The engine's batches in the bench (and its profile scripts): as large as the peers', 32 images of
+# 512² or 16 of 1024² in one UNet batch.
+BENCH_BATCH_LIMITS = {"max_batch": 32, "max_pixels_per_batch": 16 * 1024 * 1024}
+
+
 def _engine_settings(ctx: BenchContext, tiny: bool = False) -> Settings:
     """Batches as large as the peers': 32 images of 512², 16 of 1024² in one UNet batch; and the
     random tiny decoders a tiny workload decodes with."""
-    limits = {"max_batch": 32, "max_pixels_per_batch": 16 * 1024 * 1024}
-    engine = ctx.settings.engine.model_copy(update=limits)
+    engine = ctx.settings.engine.model_copy(update=BENCH_BATCH_LIMITS)
     return ctx.settings.model_copy(update={"engine": engine, "models": _model_settings(ctx, tiny)})
 
 
